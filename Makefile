@@ -1,0 +1,27 @@
+# Two entry points: `make train` (the default main job) and `make test`.
+# Both create .venv when missing and install the CPU build of torch first,
+# so a CPU machine never pulls the multi-GB CUDA wheel.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+ARGS ?=
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+.PHONY: setup train test lint bench
+setup: $(BIN)/.installed
+
+train: setup
+	$(BIN)/python train.py $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check .

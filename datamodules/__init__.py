@@ -1,0 +1,1 @@
+"""LightningDataModules: CIFAR (+ZCA), swiss roll, user points, and the readers behind them."""

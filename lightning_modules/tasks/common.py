@@ -1,0 +1,79 @@
+"""Pieces every task runner shares: data, nets, logger and trainer built from the config."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_modules.errors import UserError
+
+
+def build_datamodule(cfg: DictConfig, **overrides) -> L.LightningDataModule:
+    return instantiate(cfg.dataset, **overrides)
+
+
+def require_images(dm, task: str) -> None:
+    if not hasattr(dm, "num_classes"):
+        raise UserError(f"task={task} needs an image dataset (dataset=cifar10 or cifar100)")
+
+
+def build_net(net_cfg: DictConfig, dm):
+    """Instantiate a classifier config for the datamodule's channels, size and classes."""
+    return instantiate(net_cfg, channels=dm.channels, num_classes=dm.num_classes, im_size=dm.im_size)
+
+
+def build_logger(cfg: DictConfig):
+    """The configured Lightning logger, or False for ``logger=none``."""
+    if cfg.get("logger") is None or cfg.logger.get("_target_") is None:
+        return False
+    logger = instantiate(cfg.logger)
+    Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
+    return logger
+
+
+def log_config(logger, cfg: DictConfig) -> None:
+    """Hyperparameters as one plain dict (W&B shows nested keys as a.b.c)."""
+    if logger:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+
+def build_trainer(cfg: DictConfig, logger=None, callbacks=(), **overrides) -> L.Trainer:
+    """A Trainer from ``cfg.trainer`` with a rich progress bar and the run dir as root."""
+    callbacks = list(callbacks)
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(RichProgressBar(leave=True))
+    return instantiate(
+        cfg.trainer,
+        default_root_dir=cfg.paths.output_dir,
+        logger=logger if logger is not None else False,
+        callbacks=callbacks,
+        **overrides,
+    )
+
+
+def finite_metrics(metrics: dict) -> dict:
+    """Plain floats for JSON; non-finite values become strings so json stays valid."""
+    out = {}
+    for k, v in metrics.items():
+        if hasattr(v, "item"):
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            v = str(v)
+        out[k] = v
+    return out
+
+
+@rank_zero_only
+def write_json(path: str | Path, payload) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)

@@ -1,0 +1,108 @@
+"""One entry point for every task: ``python train.py task=<name> [overrides...]``.
+
+``run(cfg)`` does the work and is what tests call; ``main`` is the thin Hydra wrapper that turns
+bad input (``UserError``) into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from lightning_modules.errors import UserError
+
+log = logging.getLogger("train")
+
+# keys that may differ between a run and its resumption
+_VOLATILE = ("resume", "paths")
+
+
+def _comparable(cfg: DictConfig) -> dict:
+    data = OmegaConf.to_container(cfg, resolve=False)
+    for key in _VOLATILE:
+        data.pop(key, None)
+    return data
+
+
+def find_resumable(cfg: DictConfig) -> Path | None:
+    """The newest earlier run of the same task with the same config (paths and resume aside)."""
+    task_dir = Path(cfg.paths.runs_dir) / cfg.task.name
+    if not task_dir.is_dir():
+        return None
+    want = _comparable(cfg)
+    here = Path(cfg.paths.output_dir).resolve()
+    for run_dir in sorted(task_dir.iterdir(), reverse=True):
+        saved = run_dir / "config.yaml"
+        if run_dir.resolve() == here or not saved.exists():
+            continue
+        if _comparable(OmegaConf.load(saved)) == want:
+            return run_dir
+    return None
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run ``cfg.task`` and return its final metrics (also written to ``summary.json``)."""
+    import lightning as L
+
+    from lightning_modules.tasks.common import finite_metrics, write_json
+
+    if cfg.resume:
+        previous = find_resumable(cfg)
+        if previous is None:
+            log.warning("resume=true but no earlier %s run with this config: starting fresh", cfg.task.name)
+        else:
+            log.info("resuming %s", previous)
+            with open_dict(cfg):
+                cfg.paths.output_dir = str(previous)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # rank zero writes the config; other DDP ranks share the directory
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:
+        OmegaConf.save(cfg, out_dir / "config.yaml", resolve=False)
+        OmegaConf.save(cfg, out_dir / "config_resolved.yaml", resolve=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    try:
+        task = importlib.import_module(f"lightning_modules.tasks.{cfg.task.name}")
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("lightning_modules.tasks"):
+            raise UserError(f"unknown task {cfg.task.name!r}") from None
+        raise
+    start = time.perf_counter()
+    metrics = task.run(cfg, out_dir)
+    summary = {"task": cfg.task.name, **finite_metrics(metrics), "wall_s": time.perf_counter() - start}
+    write_json(out_dir / "summary.json", summary)
+    _finish_wandb()
+    return summary
+
+
+def _finish_wandb() -> None:
+    """Close the W&B run so that the next job of a multirun gets its own."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig):
+    from hydra.core.hydra_config import HydraConfig
+
+    with open_dict(cfg):
+        cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
+    try:
+        summary = run(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    log.info("summary: %s", summary)
+    return summary.get("objective")
+
+
+if __name__ == "__main__":
+    main()
