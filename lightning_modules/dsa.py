@@ -49,14 +49,14 @@ GROUP_DRAWS = {
 
 #: range parameters and their reference values (``DSA(strategy, **ranges)`` overrides them)
 DEFAULT_RANGES = {
-    "scale": 1.2,        # factors in [1/scale, scale], x and y independently
-    "rotate": 15.0,      # degrees, angle in [-rotate, rotate]
-    "flip": 0.5,         # probability of a horizontal flip
-    "brightness": 1.0,   # added offset in [-brightness/2, brightness/2)
-    "saturation": 2.0,   # factor in [0, saturation)
-    "contrast": 0.5,     # factor in [1 - contrast, 1 + contrast)
-    "crop": 0.125,       # largest shift as a fraction of the image size (4 px at 32 px)
-    "cutout": 0.5,       # side of the zeroed square as a fraction of the size (16 px at 32 px)
+    "scale": 1.2,  # factors in [1/scale, scale], x and y independently
+    "rotate": 15.0,  # degrees, angle in [-rotate, rotate]
+    "flip": 0.5,  # probability of a horizontal flip
+    "brightness": 1.0,  # added offset in [-brightness/2, brightness/2)
+    "saturation": 2.0,  # factor in [0, saturation)
+    "contrast": 0.5,  # factor in [1 - contrast, 1 + contrast)
+    "crop": 0.125,  # largest shift as a fraction of the image size (4 px at 32 px)
+    "cutout": 0.5,  # side of the zeroed square as a fraction of the size (16 px at 32 px)
 }
 
 _IDENTITY = ("", "none")
@@ -89,7 +89,9 @@ class DSAParams:
         return len(next(iter(self.values.values()))) if self.values else None
 
     def to(self, device) -> DSAParams:
-        return DSAParams(self.group, {k: v.to(device) for k, v in self.values.items()}, self.per_sample)
+        return DSAParams(
+            self.group, {k: v.to(device) for k, v in self.values.items()}, self.per_sample
+        )
 
 
 class DSA:
@@ -137,7 +139,9 @@ class DSA:
         }
         return DSAParams(group, values, per_sample)
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator, per_sample: bool = True) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, generator: torch.Generator, per_sample: bool = True
+    ) -> torch.Tensor:
         """Draw and apply in one go (per-sample parameters by default)."""
         if not self.groups:
             return x
@@ -152,8 +156,13 @@ class DSA:
             raise ValueError(f"DSA expects images [N, C, H, W], got shape {tuple(x.shape)}")
         size = params.size
         if params.per_sample and size != len(x):
-            raise ValueError(f"DSA parameters were drawn for {size} samples, the batch has {len(x)}")
-        v = {k: t.to(device=x.device, dtype=x.dtype if t.is_floating_point() else t.dtype) for k, t in params.values.items()}
+            raise ValueError(
+                f"DSA parameters were drawn for {size} samples, the batch has {len(x)}"
+            )
+        v = {
+            k: t.to(device=x.device, dtype=x.dtype if t.is_floating_point() else t.dtype)
+            for k, t in params.values.items()
+        }
         r = self.ranges
         g = params.group
         if g in ("color", "brightness", "saturation", "contrast"):
@@ -164,7 +173,9 @@ class DSA:
                 x = (x - mean) * _b(v["saturation"] * r["saturation"]) + mean
             if g in ("color", "contrast"):
                 mean = x.mean(dim=(1, 2, 3), keepdim=True)
-                x = (x - mean) * _b(1.0 - r["contrast"] + 2.0 * r["contrast"] * v["contrast"]) + mean
+                x = (x - mean) * _b(
+                    1.0 - r["contrast"] + 2.0 * r["contrast"] * v["contrast"]
+                ) + mean
             return x
         if g == "flip":
             flip = _b(v["flip"] < r["flip"]).expand(len(x), 1, 1, 1)
@@ -177,12 +188,16 @@ class DSA:
             lo, hi = 1.0 / r["scale"], r["scale"]
             sx, sy = lo + (hi - lo) * v["scale_x"], lo + (hi - lo) * v["scale_y"]
             zero = torch.zeros_like(sx)
-            theta = torch.stack([torch.stack([sx, zero, zero], -1), torch.stack([zero, sy, zero], -1)], 1)
+            theta = torch.stack(
+                [torch.stack([sx, zero, zero], -1), torch.stack([zero, sy, zero], -1)], 1
+            )
             return _warp(x, theta)
         if g == "rotate":
             angle = (2.0 * v["angle"] - 1.0) * math.radians(r["rotate"])
             cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle)
-            theta = torch.stack([torch.stack([cos, sin, zero], -1), torch.stack([-sin, cos, zero], -1)], 1)
+            theta = torch.stack(
+                [torch.stack([cos, sin, zero], -1), torch.stack([-sin, cos, zero], -1)], 1
+            )
             return _warp(x, theta)
         raise ValueError(f"unknown DSA group {g!r}")
 
@@ -208,7 +223,11 @@ def _shift(x: torch.Tensor, u_x: torch.Tensor, u_y: torch.Tensor, ratio: float) 
     padded = F.pad(x, (sw, sw, sh, sh))
     rows = torch.arange(h, device=x.device)[None, :] + (dy + sh)[:, None]  # [N, H] in padded rows
     cols = torch.arange(w, device=x.device)[None, :] + (dx + sw)[:, None]  # [N, W]
-    index = (rows[:, :, None] * (w + 2 * sw) + cols[:, None, :]).reshape(n, 1, h * w).expand(n, c, h * w)
+    index = (
+        (rows[:, :, None] * (w + 2 * sw) + cols[:, None, :])
+        .reshape(n, 1, h * w)
+        .expand(n, c, h * w)
+    )
     return padded.flatten(2).gather(2, index).view(n, c, h, w)
 
 
@@ -240,7 +259,13 @@ class DSAAugment(nn.Module):
         **ranges: overrides of the DSA ranges.
     """
 
-    def __init__(self, strategy: str | None = DEFAULT_STRATEGY, seed: int = 0, per_sample: bool = True, **ranges):
+    def __init__(
+        self,
+        strategy: str | None = DEFAULT_STRATEGY,
+        seed: int = 0,
+        per_sample: bool = True,
+        **ranges,
+    ):
         super().__init__()
         self.dsa = DSA(strategy, **ranges)
         self.per_sample = per_sample
