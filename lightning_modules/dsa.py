@@ -247,7 +247,7 @@ def _cutout(x: torch.Tensor, u_x: torch.Tensor, u_y: torch.Tensor, ratio: float)
 
 
 class DSAAugment(nn.Module):
-    """DSA as a batch-augmentation callable that owns its generator (e.g. ClassifierModule's ``augment``).
+    """DSA as a batch augmentation that owns its generator (e.g. ClassifierModule's ``augment``).
 
     The generator state travels in the module's ``state_dict`` (extra state), so a checkpointed
     run resumes with the same augmentation stream.
