@@ -22,6 +22,7 @@ maps pixels differently.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,7 +125,9 @@ class SyntheticSet:
                 "task=coreset (evaluate.set=<file>), or evaluate.set=full for the real train set"
             )
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # foreign pickles warn before they fail
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated zip, pickle of other objects, random bytes: all unusable
             raise UserError(
                 f"set file {path} is truncated or corrupt ({type(e).__name__}); re-create it"
