@@ -1,0 +1,262 @@
+"""``task=teacher``: train expert trajectories into a store (one file per expert).
+
+Each expert is a fresh ``net`` (init drawn from ``expert_seed(seed, index)``) trained with the
+MTT expert recipe (plain SGD, lr 0.01, batch 256, DSA on); its parameters at epoch 0 and after
+every epoch, and its test accuracy per epoch, go to ``<store>/expert_<index>.pt``. Experts
+already on disk are skipped and indices another process is training are left to it, so
+reruns resume and several processes fill one store without clobbering.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules.trajectories import ExpertStore, default_store_dir
+from lightning_modules.errors import UserError
+from lightning_modules.expert_training import build_seeded, expert_seed, resolve_device, train_expert
+from lightning_modules.nets.functional import FlatParams
+from lightning_modules.tasks.common import build_datamodule, build_logger, build_net, log_config, require_images
+
+log = logging.getLogger(__name__)
+
+# settings that make two experts different trajectories: a store must not mix them
+RECIPE_KEYS = ("epochs", "lr", "momentum", "weight_decay", "batch_size", "dsa_strategy")
+
+
+def net_options(net_cfg: DictConfig) -> dict:
+    """The net config as a plain dict (name + options) for metadata, without ``_target_``."""
+    options = OmegaConf.to_container(net_cfg, resolve=True)
+    options.pop("_target_", None)
+    return options
+
+
+def make_augment(enabled: bool, strategy: str | None):
+    """A ``DSA(strategy)`` (callable as ``dsa(x, generator)``), or None when off."""
+    if not enabled or strategy in (None, "", "none"):
+        return None
+    from lightning_modules.dsa import DSA
+
+    return DSA(strategy)
+
+
+def store_for(cfg: DictConfig, dm, out: str | None) -> ExpertStore:
+    """``out``, or the default store of this dataset / ZCA setting / net."""
+    return ExpertStore(out if out else default_store_dir(dm.name, bool(dm.zca), cfg.net.name))
+
+
+def _check_devices(cfg: DictConfig) -> None:
+    devices = cfg.trainer.get("devices", 1)
+    many = (isinstance(devices, int) and devices > 1) or (not isinstance(devices, (int, str)) and len(devices) > 1)
+    if many or int(cfg.trainer.get("num_nodes", 1)) > 1 or devices == -1:
+        raise UserError(
+            "task=teacher trains one expert per process; for several GPUs start one process per GPU "
+            "(CUDA_VISIBLE_DEVICES=k python train.py task=teacher ...) with trainer.devices=1: "
+            "they share the store"
+        )
+
+
+def _check_recipe(store: ExpertStore, recipe: dict) -> None:
+    """Refuse to add experts of another recipe to a store that already holds some."""
+    for index in store.indices():
+        meta = store.load(index).meta
+        for key in RECIPE_KEYS:
+            if meta.get(key) != recipe[key]:
+                raise UserError(
+                    f"store {store.root} holds expert {index} trained with {key}={meta.get(key)}, "
+                    f"this run has teacher.{key if key != 'dsa_strategy' else 'dsa/dsa_strategy'}="
+                    f"{recipe[key]}; use another teacher.out or the same settings"
+                )
+
+
+def _validate(t: DictConfig) -> None:
+    for key in ("num_experts", "epochs", "batch_size"):
+        if int(t[key]) < 1:
+            raise UserError(f"teacher.{key} must be at least 1, got {t[key]}")
+    if int(t.first_index) < 0:
+        raise UserError(f"teacher.first_index must be >= 0, got {t.first_index}")
+    if float(t.lr) <= 0:
+        raise UserError(f"teacher.lr must be positive, got {t.lr}")
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    t = cfg.teacher
+    _validate(t)
+    _check_devices(cfg)
+    dm = build_datamodule(cfg)
+    require_images(dm, "teacher")
+    dm.prepare_data()
+    dm.setup()
+    store = store_for(cfg, dm, t.out)
+    net_cfg = net_options(cfg.net)
+    layout = FlatParams(build_net(cfg.net, dm))
+    augment = make_augment(t.dsa, t.dsa_strategy)
+    recipe = {
+        "epochs": int(t.epochs),
+        "lr": float(t.lr),
+        "momentum": float(t.momentum),
+        "weight_decay": float(t.weight_decay),
+        "batch_size": int(t.batch_size),
+        "dsa_strategy": t.dsa_strategy if augment is not None else "",
+    }
+    if store.indices():
+        store.check(net=net_cfg, dataset=dm.name, zca=bool(dm.zca), num_params=layout.numel)
+        _check_recipe(store, recipe)
+    device = resolve_device(cfg.trainer.get("accelerator", "auto"))
+    logger = build_logger(cfg)
+    log_config(logger, cfg)
+
+    wanted = list(range(int(t.first_index), int(t.first_index) + int(t.num_experts)))
+    skipped = [i for i in wanted if store.exists(i)]
+    trained, busy = [], []
+    log.info(
+        "teacher: %d experts wanted in %s (%d already there), %d params, on %s",
+        len(wanted), store.root, len(skipped), layout.numel, device,
+    )  # fmt: skip
+    steps_per_epoch = -(-len(dm.train_x) // int(t.batch_size))
+    with _progress(cfg) as bar:
+        total = (len(wanted) - len(skipped)) * int(t.epochs) * steps_per_epoch
+        job = bar.add_task("experts", total=total, status="")
+        for index in wanted:
+            if index in skipped:
+                continue
+            claim = store.claim(index)
+            if not claim.held:
+                busy.append(index)  # another process is training it
+                bar.advance(job, int(t.epochs) * steps_per_epoch)
+                continue
+            with claim:
+                if store.exists(index):  # finished by another process since we listed
+                    skipped.append(index)
+                    bar.advance(job, int(t.epochs) * steps_per_epoch)
+                    continue
+                store.remove_partial(index)
+                meta = _train_one(cfg, dm, layout, net_cfg, recipe, augment, index, device, bar, job, logger)
+                store.write(index, meta.pop("snapshots"), meta)
+                trained.append(index)
+    if logger:
+        logger.finalize("success")
+    done = [i for i in wanted if store.exists(i)]
+    final_acc = [store.load(i).meta["test_acc"][-1] for i in done]
+    plot_path = plot_test_accuracy(store, done, out_dir / "expert_test_acc.png", logger)
+    return {
+        "store": str(store.root),
+        "experts_trained": len(trained),
+        "experts_skipped": len(skipped),
+        "experts_busy_elsewhere": len(busy),
+        "experts_in_store": len(store.indices()),
+        "trained_indices": trained,
+        "num_params": layout.numel,
+        "final_test_acc_mean": sum(final_acc) / len(final_acc) if final_acc else float("nan"),
+        "plot": str(plot_path) if plot_path else None,
+    }
+
+
+def _train_one(cfg, dm, layout, net_cfg, recipe, augment, index, device, bar, job, logger) -> dict:
+    """Train expert ``index``; its snapshots and metadata as one dict."""
+    seed = expert_seed(cfg.seed, index)
+    net = build_seeded(lambda: build_net(cfg.net, dm), seed).to(device)
+    start = time.perf_counter()
+
+    def on_epoch(epoch: int, acc: float) -> None:
+        bar.update(job, status=f"expert {index} epoch {epoch}: test {acc:.1f}%")
+        if logger:
+            logger.log_metrics({f"expert_{index:04d}/test_acc": acc}, step=epoch)
+
+    bar.update(job, status=f"expert {index}")
+    snapshots, test_acc = train_expert(
+        net,
+        dm.train_x,
+        dm.train_y,
+        dm.test_x,
+        dm.test_y,
+        epochs=recipe["epochs"],
+        seed=seed,
+        lr=recipe["lr"],
+        momentum=recipe["momentum"],
+        weight_decay=recipe["weight_decay"],
+        batch_size=recipe["batch_size"],
+        augment=augment,
+        on_step=lambda: bar.advance(job),
+        on_epoch=on_epoch,
+    )
+    log.info("expert %d: test accuracy %.2f%% after %d epochs", index, test_acc[-1], recipe["epochs"])
+    return {
+        "snapshots": snapshots,
+        **recipe,
+        "net": net_cfg,
+        "param_names": list(layout.names),
+        "param_shapes": [list(s) for s in layout.shapes],
+        "num_params": layout.numel,
+        "dataset": dm.name,
+        "zca": bool(dm.zca),
+        "zca_eps": float(dm.zca_eps) if dm.zca else None,
+        "seed": seed,
+        "run_seed": int(cfg.seed),
+        "index": index,
+        "test_acc": [float(a) for a in test_acc],
+        "num_classes": int(dm.num_classes),
+        "channels": int(dm.channels),
+        "im_size": int(dm.im_size),
+        "train_per_class": dm.train_per_class,
+        "test_per_class": dm.test_per_class,
+        "train_images": len(dm.train_x),
+        "test_images": len(dm.test_x),
+        "device": str(device),
+        "wall_s": time.perf_counter() - start,
+    }
+
+
+def _progress(cfg: DictConfig):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        disable=not cfg.trainer.get("enable_progress_bar", True),
+    )
+
+
+def plot_test_accuracy(store: ExpertStore, indices: list[int], path: Path, logger=None) -> Path | None:
+    """Test accuracy per epoch of the experts ``indices`` as a PNG (and to W&B when active)."""
+    if not indices:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for index in indices:
+        acc = store.load(index).meta["test_acc"]
+        ax.plot(range(len(acc)), acc, lw=1, alpha=0.8, label=f"expert {index}" if len(indices) <= 10 else None)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{len(indices)} experts in {store.root}", fontsize=9)
+    ax.grid(alpha=0.3)
+    if len(indices) <= 10:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    log_png(logger, "expert_test_acc", path)
+    return path
+
+
+def log_png(logger, key: str, path: Path) -> None:
+    """Log a PNG to W&B when the logger is a WandbLogger (other loggers keep it in the run dir)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        logger.log_image(key=key, images=[str(path)])
+
