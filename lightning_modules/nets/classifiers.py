@@ -102,13 +102,15 @@ class VGG11(nn.Module):
 
     def __init__(self, channels: int = 3, num_classes: int = 10, im_size: int = 32, norm: str = "instancenorm"):
         super().__init__()
-        layers, c, size = [], channels, im_size
+        # small images (e.g. 28px) are padded up to 32px by the first conv, as DC/MTT do for MNIST
+        pad0 = 1 + max(0, (32 - im_size) // 2)
+        layers, c, size = [], channels, im_size + 2 * (pad0 - 1)
         for v in self.plan:
             if v == "M":
                 layers.append(nn.MaxPool2d(2))
                 size //= 2
             else:
-                layers += [nn.Conv2d(c, v, 3, padding=1), make_norm(norm, v, size), nn.ReLU()]
+                layers += [nn.Conv2d(c, v, 3, padding=pad0 if not layers else 1), make_norm(norm, v, size), nn.ReLU()]
                 c = v
         if size < 1:
             raise UserError(f"VGG11 needs images of at least 32px, got {im_size}")
