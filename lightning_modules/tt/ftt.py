@@ -1,0 +1,360 @@
+"""The functional tensor train (FTT) noise model of the draft's eq. 9 (plain torch).
+
+``y = Σ G_1[:, i_1, :] ... G_K[:, i_K, :] φ_{i_1}(u_1) ... φ_{i_K}(u_K)``: one TT core per input
+coordinate, each contracted with a degree-``q`` B-spline basis (:mod:`.bspline`) of its input.
+
+The cores are laid out along a chain of *sites*:
+
+* ``("x", c)``: coordinate ``c`` of ``u = x_t + posenc(t)`` (``time="additive"``, the draft) or of
+  ``x_t`` itself (``time="core"``), ``num_basis`` splines on the coordinate's support;
+* ``("t", -1)`` (``time="core"``): the time step on its own core, ``time_basis`` splines over the
+  normalised time ``t / (T - 1)`` in ``[0, 1]`` (what the authors' prototypes do: a 2-D
+  sinusoidal encoding cannot tell t = 15 from t = 725);
+* ``("out", -1)`` (``output="core"``): the output index ``j`` in ``0..D-1``, one slice per output
+  coordinate, no basis.
+
+Order: the first ``ceil(D / 2)`` coordinates, then the time core, then the output core, then the
+remaining coordinates. Putting the time and output cores in the middle lets them meet a rank-r
+interface on both sides, so the output is bilinear in r left and r right features
+(``y_j = L^T G_out[:, j, :] R``) instead of linear in r features, which is what an output core
+at either end would give. With ``output="per_coordinate"`` there are ``P = D`` independent TTs,
+one per output coordinate (the authors' choice for 2-D/3-D), stored stacked: ``cores[k]`` has
+shape ``[P, r_{k-1}, n_k, r_k]`` with ``P = D`` (per_coordinate) or ``P = 1`` (output core).
+
+Interfaces. For core ``k`` and a batch, :meth:`FunctionalTT.interfaces` returns
+``left [P, N, J, r_{k-1}]``, ``values [N, J, s]``, ``index [N, J, s]`` and
+``right [P, N, J, r_k]`` (``J`` outputs per TT, 1 or ``D``; ``s`` active basis functions), and
+the model output is linear in ``G_k``::
+
+    y[p, n, j] = Σ_{a, s, b} left[p, n, j, a] * values[n, j, s]
+                            * G_k[p, a, index[n, j, s], b] * right[p, n, j, b]
+
+(:func:`contract_core`), with ``y[n]`` in data layout ``y.permute(1, 0, 2).reshape(N, P * J)``.
+ALS solves for ``G_k`` from this; the Riemannian optimiser uses it for the projected gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lightning_modules.errors import UserError
+from lightning_modules.tt.bspline import BSplineBasis
+
+
+def sinusoidal_encoding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Transformer position encoding of integer steps ``t`` in ``dim`` dimensions (sin, cos pairs).
+
+    In 2-D this is ``(sin t, cos t)``, the draft's ``posenc(t)``.
+    """
+    half = (dim + 1) // 2
+    freqs = torch.exp(
+        -math.log(10000.0) * torch.arange(half, dtype=torch.float64, device=t.device) * 2 / dim
+    )
+    angles = t.to(torch.float64)[:, None] * freqs[None, :]
+    enc = torch.stack([angles.sin(), angles.cos()], dim=-1).reshape(t.shape[0], 2 * half)
+    return enc[:, :dim]
+
+
+@dataclass
+class CoreInterfaces:
+    """Everything but core ``k`` of a batch's contraction (see the module docstring's formula)."""
+
+    left: torch.Tensor  # [P, N, J, r_{k-1}]
+    values: torch.Tensor  # [N, J, s]  (J may be 1: broadcast)
+    index: torch.Tensor  # [N, J, s]  int64 slice of core k each value multiplies
+    right: torch.Tensor  # [P, N, J, r_k]
+
+
+def contract_core(core: torch.Tensor, iface: CoreInterfaces) -> torch.Tensor:
+    """``y[p, n, j]`` of the model whose core ``k`` is ``core`` (``[P, r, n_k, r']``)."""
+    slices = core.permute(0, 2, 1, 3)[:, iface.index]  # [P, N, J, s, r, r']
+    matrix = (iface.values[None, ..., None, None] * slices).sum(3)  # [P, N, J, r, r']
+    return torch.einsum("pnja,pnjab,pnjb->pnj", iface.left, matrix, iface.right)
+
+
+class FunctionalTT(nn.Module):
+    """Functional tensor train ``ε_θ(x_t, t)`` with B-spline bases (eq. 9 of the draft).
+
+    Args:
+        data_shape: shape of one sample (``(D,)`` for vectors, ``(C, H, W)`` for images).
+        timesteps: ``T``, the number of diffusion steps (``t`` in ``0..T-1``).
+        data_bounds: ``(lo, hi)``, per-coordinate min/max of the training data (shape
+            ``data_shape``); ``None`` means ``[-1, 1]``. The support of each coordinate's splines is
+            widened to cover the forward process: ``x_t = a x_0 + b ε`` with ``a² + b² = 1`` and
+            ``|ε| <= margin`` stays within ``±sqrt(max(|lo|, |hi|)² + margin²)``.
+        degree: B-spline degree ``q`` (2 in the draft).
+        num_basis: splines per coordinate ``m``.
+        rank: TT rank ``r`` of every inner bond.
+        time: ``"additive"`` (``u = x_t + posenc(t)``, the draft) or ``"core"`` (t on its own core).
+        output: ``"per_coordinate"`` (one TT per output coordinate) or ``"core"`` (an
+            output-index core).
+        init: ``"identity"``: every core slice the identity, boundary cores ones-vectors, scaled so
+            the output is exactly 1 everywhere (splines sum to one), for any ``D``; or ``"random"``.
+        init_noise: standard deviation of Gaussian noise added to the identity slices. Pure
+            identity slices make all rank components equal and gradient descent keeps them equal
+            (the TT stays rank 1 in effect); a little noise breaks that symmetry.
+        margin: half-width of the noise range in standard deviations of ε.
+        time_basis: splines over the time core (``time="core"``); ``None`` means ``num_basis``.
+        seed: seed of the initialisation noise.
+        name: the config's name (ignored).
+    """
+
+    def __init__(
+        self,
+        data_shape: tuple[int, ...] = (2,),
+        timesteps: int = 1000,
+        data_bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+        degree: int = 2,
+        num_basis: int = 16,
+        rank: int = 8,
+        time: str = "core",
+        output: str = "per_coordinate",
+        init: str = "identity",
+        init_noise: float = 1e-2,
+        margin: float = 4.0,
+        time_basis: int | None = None,
+        seed: int = 0,
+        name: str = "ftt",
+    ):
+        super().__init__()
+        if time not in ("additive", "core"):
+            raise UserError(f"eps_net.time={time!r}: use additive (u = x_t + posenc(t)) or core")
+        if output not in ("per_coordinate", "core"):
+            raise UserError(f"eps_net.output={output!r}: use per_coordinate or core")
+        if init not in ("identity", "random"):
+            raise UserError(f"eps_net.init={init!r}: use identity or random")
+        if rank < 1:
+            raise UserError(f"eps_net.rank={rank}: the TT rank must be >= 1")
+        self.data_shape = tuple(int(s) for s in data_shape)
+        self.dim = math.prod(self.data_shape)
+        self.timesteps = int(timesteps)
+        self.degree, self.num_basis, self.rank = int(degree), int(num_basis), int(rank)
+        self.time_mode, self.output_mode, self.margin = time, output, float(margin)
+        self.time_basis_size = int(time_basis or num_basis)
+        if output == "per_coordinate" and len(self.data_shape) > 1:
+            per_tt = self.dim * self.num_basis * self.rank**2
+            raise UserError(
+                f"eps_net.output=per_coordinate on {self.data_shape} data needs {self.dim} TTs "
+                f"of ~{per_tt:,} parameters each ({self.dim * per_tt:,} in all); "
+                "use eps_net.output=core"
+            )
+        self.num_tts = self.dim if output == "per_coordinate" else 1  # P
+        self.num_outputs = 1 if output == "per_coordinate" else self.dim  # J
+
+        lo, hi = _bounds(data_bounds, self.dim)
+        reach_lo = torch.sqrt(torch.clamp(-lo, min=0) ** 2 + self.margin**2)
+        reach_hi = torch.sqrt(torch.clamp(hi, min=0) ** 2 + self.margin**2)
+        if time == "additive":
+            # posenc(t) lies in [-1, 1]
+            reach_lo, reach_hi = reach_lo + 1.0, reach_hi + 1.0
+        self.x_basis = BSplineBasis(-reach_lo, reach_hi, self.num_basis, self.degree)
+        self.t_basis = BSplineBasis(
+            torch.zeros(1), torch.ones(1), self.time_basis_size, self.degree
+        )
+
+        half = (self.dim + 1) // 2
+        sites = [("x", c) for c in range(half)]
+        sites += [("t", -1)] if time == "core" else []
+        sites += [("out", -1)] if output == "core" else []
+        sites += [("x", c) for c in range(half, self.dim)]
+        self.sites = sites
+        self.mode_sizes = [self._mode_size(kind) for kind, _ in sites]
+        self.ranks = [1] + [self.rank] * (len(sites) - 1) + [1]
+        check_ranks(self.mode_sizes, self.ranks, what="eps_net.rank")
+
+        g = torch.Generator().manual_seed(int(seed))
+        self.cores = nn.ParameterList(
+            nn.Parameter(self._initial_core(k, init, init_noise, g)) for k in range(len(sites))
+        )
+
+    # ----------------------------------------------------------------------------------- layout
+    def _mode_size(self, kind: str) -> int:
+        return {"x": self.num_basis, "t": self.time_basis_size, "out": self.num_outputs}[kind]
+
+    def _initial_core(self, k: int, init: str, noise: float, g: torch.Generator) -> torch.Tensor:
+        P, n, r0, r1 = self.num_tts, self.mode_sizes[k], self.ranks[k], self.ranks[k + 1]
+        if init == "random":
+            return torch.randn(P, r0, n, r1, generator=g) / math.sqrt(r0)
+        # identity slices; a boundary core is a ones-vector, the first one scaled by 1/r so the
+        # chain 1/r·1ᵀ I ... I 1 is exactly 1
+        eye = torch.eye(r0, r1)
+        if r0 == 1:
+            eye = torch.ones(1, r1) / r1
+        elif r1 == 1:
+            eye = torch.ones(r0, 1)
+        core = eye[None, :, None, :].expand(P, r0, n, r1).clone()
+        if noise > 0:
+            core += noise * torch.randn(core.shape, generator=g) * eye.abs().max()
+        return core
+
+    @property
+    def num_cores(self) -> int:
+        return len(self.sites)
+
+    def tt(self, p: int) -> list[torch.Tensor]:
+        """The cores ``[r_{k-1}, n_k, r_k]`` of TT ``p`` (output ``p`` for per_coordinate)."""
+        return [core[p] for core in self.cores]
+
+    def num_parameters(self) -> int:
+        return sum(c.numel() for c in self.cores)
+
+    # ------------------------------------------------------------------------------------ basis
+    def site_basis(
+        self, x_t: torch.Tensor, t: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Active spline values and indices ``([N, s], [N, s])`` per site (``None``: out core)."""
+        dtype = self.cores[0].dtype
+        x = x_t.reshape(x_t.shape[0], -1).to(dtype)
+        if self.time_mode == "additive":
+            x = x + sinusoidal_encoding(t, self.dim).to(device=x.device, dtype=dtype)
+        x_values, x_first = self.x_basis.sparse(x)  # [N, D, s], [N, D]
+        tau = (t.to(dtype) / max(self.timesteps - 1, 1))[:, None]
+        t_values, t_first = self.t_basis.sparse(tau)
+        arange = torch.arange(self.degree + 1, device=x.device)
+        out = []
+        for kind, c in self.sites:
+            if kind == "x":
+                out.append((x_values[:, c], x_first[:, c, None] + arange))
+            elif kind == "t":
+                out.append((t_values[:, 0], t_first[:, 0, None] + arange))
+            else:
+                out.append(None)
+        return out
+
+    # ------------------------------------------------------------------------------ contraction
+    def _slice_matrix(
+        self, core: torch.Tensor, basis: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """``Σ_s values[n, s] G[:, :, index[n, s], :]``: ``[P, N, r, r']``."""
+        values, index = basis
+        slices = core.permute(0, 2, 1, 3)[:, index]  # [P, N, s, r, r']
+        return torch.einsum("ns,pnsab->pnab", values, slices)
+
+    def _left_vectors(self, cores, bases, stop: int, N: int) -> torch.Tensor:
+        """Product of sites ``0..stop-1``: ``[P, N, J', r_stop]`` (``J' = J`` past the out core)."""
+        P = self.num_tts
+        state = torch.ones(P, N, 1, 1, dtype=cores[0].dtype, device=cores[0].device)
+        for k in range(stop):
+            if bases[k] is None:
+                state = torch.einsum("pnxa,pajb->pnjb", state, cores[k])
+            else:
+                state = torch.einsum(
+                    "pnja,pnab->pnjb", state, self._slice_matrix(cores[k], bases[k])
+                )
+        return state
+
+    def _right_vectors(self, cores, bases, start: int, N: int) -> torch.Tensor:
+        """Product of sites ``start..K-1`` as ``[P, N, J', r_start]``."""
+        P = self.num_tts
+        state = torch.ones(P, N, 1, 1, dtype=cores[0].dtype, device=cores[0].device)
+        for k in range(self.num_cores - 1, start - 1, -1):
+            if bases[k] is None:
+                state = torch.einsum("pajb,pnxb->pnja", cores[k], state)
+            else:
+                state = torch.einsum(
+                    "pnab,pnjb->pnja", self._slice_matrix(cores[k], bases[k]), state
+                )
+        return state
+
+    def interfaces(
+        self, k: int, x_t: torch.Tensor, t: torch.Tensor, cores: list[torch.Tensor] | None = None
+    ) -> CoreInterfaces:
+        """Left and right interface matrices of core ``k`` for a batch (formula: module docstring).
+
+        Args:
+            k: core index in ``0..num_cores-1``.
+            x_t: ``[N, *data_shape]`` noisy inputs.
+            t: ``[N]`` int64 time steps.
+            cores: cores to contract instead of the model's own (all but core ``k`` are used).
+        """
+        cores = list(self.cores) if cores is None else cores
+        N, J = x_t.shape[0], self.num_outputs
+        bases = self.site_basis(x_t, t)
+        left = self._left_vectors(cores, bases, k, N)
+        right = self._right_vectors(cores, bases, k + 1, N)
+        if bases[k] is None:
+            values = torch.ones(N, J, 1, dtype=left.dtype, device=left.device)
+            index = torch.arange(J, device=left.device)[None, :, None].expand(N, J, 1)
+        else:
+            values, index = bases[k][0][:, None, :], bases[k][1][:, None, :]
+        shape = (self.num_tts, N, J)
+        return CoreInterfaces(left.expand(*shape, -1), values, index, right.expand(*shape, -1))
+
+    def evaluate(
+        self, x_t: torch.Tensor, t: torch.Tensor, cores: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """``y[p, n, j]`` for the given cores (the model's own by default)."""
+        cores = list(self.cores) if cores is None else cores
+        N = x_t.shape[0]
+        bases = self.site_basis(x_t, t)
+        # meet at the output core (or at the end): both chains then stay J-free until the last step
+        split = next((k for k, b in enumerate(bases) if b is None), self.num_cores)
+        left = self._left_vectors(cores, bases, split, N)  # [P, N, 1, r]
+        if split == self.num_cores:
+            return left[..., 0]
+        right = self._right_vectors(cores, bases, split + 1, N)  # [P, N, 1, r']
+        return torch.einsum("pnxa,pajb,pnxb->pnj", left, cores[split], right)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``ε_θ(x_t, t)``: ``[N, *data_shape]`` from ``x_t [N, *data_shape]`` and ``t [N]``."""
+        y = self.evaluate(x_t, t)
+        return y.permute(1, 0, 2).reshape(x_t.shape).to(x_t.dtype)
+
+    def to_data_layout(self, y: torch.Tensor) -> torch.Tensor:
+        """``y[p, n, j]`` → ``[N, P * J]``."""
+        return y.permute(1, 0, 2).reshape(y.shape[1], -1)
+
+    def from_data_layout(self, eps: torch.Tensor) -> torch.Tensor:
+        """``eps [N, *data_shape]`` → ``[P, N, J]``, the layout of :meth:`evaluate`."""
+        N = eps.shape[0]
+        return eps.reshape(N, self.num_tts, self.num_outputs).permute(1, 0, 2)
+
+    def flops_per_sample(self) -> int:
+        """Analytic forward FLOPs for one sample (see :mod:`.flops`)."""
+        from lightning_modules.tt.flops import ftt_forward_flops
+
+        return ftt_forward_flops(self)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, cores={self.num_cores} ({', '.join(k for k, _ in self.sites)}), "
+            f"num_basis={self.num_basis}, rank={self.rank}, degree={self.degree}, "
+            f"time={self.time_mode}, "
+            f"output={self.output_mode}, tts={self.num_tts}, params={self.num_parameters():,}"
+        )
+
+
+def _bounds(data_bounds, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if data_bounds is None:
+        return -torch.ones(dim, dtype=torch.float64), torch.ones(dim, dtype=torch.float64)
+    lo, hi = data_bounds
+    lo = torch.as_tensor(lo, dtype=torch.float64).reshape(-1).cpu()
+    hi = torch.as_tensor(hi, dtype=torch.float64).reshape(-1).cpu()
+    if lo.numel() == 1:
+        lo, hi = lo.expand(dim), hi.expand(dim)
+    if lo.numel() != dim or hi.numel() != dim:
+        raise UserError(f"data_bounds have {lo.numel()} entries; the data has {dim} coordinates")
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise UserError("data_bounds are not finite: the training data has NaN or inf values")
+    return lo, hi
+
+
+def check_ranks(mode_sizes: list[int], ranks: list[int], what: str = "rank") -> None:
+    """UserError if a bond rank exceeds what the modes on either side of it can carry."""
+    left = 1
+    right = [1] * (len(mode_sizes) + 1)
+    for k in range(len(mode_sizes) - 1, -1, -1):
+        right[k] = min(right[k + 1] * mode_sizes[k], 1 << 62)
+    for k in range(1, len(mode_sizes)):
+        left = min(left * mode_sizes[k - 1], 1 << 62)
+        cap = min(left, right[k])
+        if ranks[k] > cap:
+            raise UserError(
+                f"{what}={ranks[k]} is larger than the TT allows at bond {k} (at most {cap}: the "
+                f"product of the mode sizes on its smaller side); lower {what} or raise "
+                "eps_net.num_basis"
+            )
