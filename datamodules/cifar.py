@@ -263,6 +263,11 @@ class CIFARDataModule(L.LightningDataModule):
         parts = [self.transform(images_u8[i : i + chunk].float() / 255.0) for i in range(0, len(images_u8), chunk)]
         return torch.cat(parts) if parts else torch.empty(0, 3, 32, 32)
 
+    @property
+    def data_shape(self) -> tuple[int, int, int]:
+        """Shape of one image, ``(C, H, W)`` = (3, 32, 32)."""
+        return (self.channels, self.im_size, self.im_size)
+
     # -- loaders ------------------------------------------------------------------------------
     def train_dataloader(self):
         return batch_loader(self.train_x, self.train_y, batch_size=self.batch_size, shuffle=True, seed=self.subset_seed)

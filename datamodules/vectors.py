@@ -33,6 +33,11 @@ class VectorDataModule(L.LightningDataModule):
         self.setup()
         return self.train_x.shape[1]
 
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        """Shape of one sample, ``(D,)`` (what the DDPM eps-networks are built for)."""
+        return (self.dim,)
+
     def _standardise(self, train: np.ndarray, reference: np.ndarray) -> None:
         train_t = torch.as_tensor(train, dtype=torch.float32)
         self.shift = train_t.mean(0)

@@ -15,6 +15,22 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_modules.errors import UserError
 
 
+def instantiate_checked(node: DictConfig, **kwargs):
+    """``hydra.utils.instantiate`` that lets a ``UserError`` raised by the target through as is.
+
+    Hydra wraps every exception of a target in an ``InstantiationException``; unwrapped, a bad
+    option still reaches ``train.py`` as one clear line instead of a traceback.
+    """
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise
+
+
 def build_datamodule(cfg: DictConfig, **overrides) -> L.LightningDataModule:
     return instantiate(cfg.dataset, **overrides)
 
