@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lightning_modules.errors import UserError
-from lightning_modules.tasks.common import build_logger
+from lightning_modules.tasks.common import build_logger, instantiate_checked
 from tests.conftest import ROOT
 
 HYDRA_GROUPS = sorted(d.name for d in (ROOT / "conf").iterdir() if d.is_dir() and d.name != "sweep")
@@ -71,7 +71,7 @@ def _check_eps_net(cfg):
     """Vector data first; a noise model that only takes images says so with a UserError."""
     for shape in ((2,), (3, 32, 32)):
         try:
-            net = instantiate(
+            net = instantiate_checked(
                 cfg.eps_net,
                 data_shape=shape,
                 timesteps=10,
