@@ -45,7 +45,8 @@ def default_store_dir(dataset: str, zca: bool, net: str, root: str | Path = "tra
 
 def teacher_command(dataset: str, zca: bool, net: str, store: str | Path | None = None) -> str:
     """The command line that fills a store with experts (quoted in error messages)."""
-    cmd = f"python train.py task=teacher dataset={dataset} dataset.zca={str(bool(zca)).lower()} net={net}"
+    zca_flag = str(bool(zca)).lower()
+    cmd = f"python train.py task=teacher dataset={dataset} dataset.zca={zca_flag} net={net}"
     if store is not None and Path(store) != default_store_dir(dataset, zca, net):
         cmd += f" teacher.out={store}"
     return cmd
@@ -70,7 +71,9 @@ class Expert:
     def params(self, epoch: int) -> torch.Tensor:
         """The flat parameters after ``epoch`` epochs (0 = the initialisation)."""
         if not 0 <= epoch <= self.epochs:
-            raise UserError(f"expert {self.index} has epochs 0..{self.epochs}; asked for epoch {epoch}")
+            raise UserError(
+                f"expert {self.index} has epochs 0..{self.epochs}; asked for epoch {epoch}"
+            )
         return self.snapshots[epoch]
 
 
@@ -158,7 +161,7 @@ class ExpertStore:
         return claim
 
     def remove_partial(self, index: int) -> None:
-        """Delete temporary files of ``index`` left by killed writers (call while holding its claim)."""
+        """Delete temporary files of ``index`` left by killed writers (hold its claim first)."""
         prefix = f".{self.path(index).name}.tmp"
         if self.root.is_dir():
             for p in self.root.iterdir():
@@ -169,7 +172,9 @@ class ExpertStore:
     def write(self, index: int, snapshots: torch.Tensor, meta: dict) -> None:
         """Write expert ``index`` atomically (temporary file in the same folder, then rename)."""
         if snapshots.ndim != 2:
-            raise ValueError(f"snapshots must be [epochs + 1, P], got shape {tuple(snapshots.shape)}")
+            raise ValueError(
+                f"snapshots must be [epochs + 1, P], got shape {tuple(snapshots.shape)}"
+            )
         missing = [k for k in REQUIRED_META if k not in meta]
         if missing:
             raise ValueError(f"expert metadata lacks {missing}")
@@ -210,7 +215,8 @@ class ExpertStore:
         problem = _format_problem(payload)
         if problem:
             raise UserError(
-                f"expert file {path} is not a valid expert ({problem}); delete it and rerun task=teacher"
+                f"expert file {path} is not a valid expert ({problem}); "
+                "delete it and rerun task=teacher"
             )
         return Expert(index=index, snapshots=payload["snapshots"], meta=payload["meta"])
 
@@ -238,7 +244,9 @@ class ExpertStore:
             where = f"expert {self.path(index)}"
             theirs = meta["net"] if isinstance(meta["net"], Mapping) else {"name": meta["net"]}
             if str(theirs.get("name")) != net_name:
-                raise UserError(f"{where} was trained with net={theirs.get('name')}, not net={net_name}")
+                raise UserError(
+                    f"{where} was trained with net={theirs.get('name')}, not net={net_name}"
+                )
             if not isinstance(net, str):
                 for key, want in net.items():
                     if key in theirs and key != "_target_" and theirs[key] != want:

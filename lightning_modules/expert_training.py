@@ -66,7 +66,10 @@ def embed(net: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tens
     device = next(net.parameters()).device
     was_training = net.training
     net.eval()
-    parts = [net.embed(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+    parts = [
+        net.embed(x[i : i + batch_size].to(device)).float().cpu()
+        for i in range(0, len(x), batch_size)
+    ]
     net.train(was_training)
     return torch.cat(parts)
 

@@ -55,8 +55,12 @@ def store_with_two(tmp_path):
 
 
 def test_default_store_dir_separates_zca():
-    assert default_store_dir("cifar10", False, "convnet").as_posix() == "trajectories/cifar10/convnet"
-    assert default_store_dir("cifar100", True, "vgg11", root="x").as_posix() == "x/cifar100-zca/vgg11"
+    assert (
+        default_store_dir("cifar10", False, "convnet").as_posix() == "trajectories/cifar10/convnet"
+    )
+    assert (
+        default_store_dir("cifar100", True, "vgg11", root="x").as_posix() == "x/cifar100-zca/vgg11"
+    )
 
 
 def test_store_writes_lists_and_loads_lazily(store_with_two):
@@ -159,7 +163,9 @@ def test_claim_of_a_killed_process_is_not_stale(tmp_path):
         "from datamodules.trajectories import ExpertStore;"
         "c = ExpertStore(sys.argv[1]).claim(0); print(c.held, flush=True); time.sleep(60)"
     )
-    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(ROOT)], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path), str(ROOT)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert child.stdout.readline().strip() == "True"
         assert not ExpertStore(tmp_path).claim(0).held
@@ -186,13 +192,24 @@ def test_train_expert_records_every_epoch():
     init = FlatParams(net).flatten(net)
     seen = []
     snaps, acc = train_expert(
-        net, x, y, x[:20], y[:20], epochs=3, seed=7, lr=0.1, batch_size=16, on_epoch=lambda e, a: seen.append(e)
+        net,
+        x,
+        y,
+        x[:20],
+        y[:20],
+        epochs=3,
+        seed=7,
+        lr=0.1,
+        batch_size=16,
+        on_epoch=lambda e, a: seen.append(e),
     )
     assert snaps.shape == (4, FlatParams(net).numel) and snaps.dtype == torch.float32
     assert torch.equal(snaps[0], init) and torch.equal(snaps[-1], FlatParams(net).flatten(net))
     assert all(not torch.equal(snaps[e], snaps[e + 1]) for e in range(3))
     assert len(acc) == 4 and seen == [0, 1, 2, 3]
-    snaps2, _ = train_expert(build_seeded(small_net, 7), x, y, x[:20], y[:20], epochs=3, seed=7, lr=0.1, batch_size=16)
+    snaps2, _ = train_expert(
+        build_seeded(small_net, 7), x, y, x[:20], y[:20], epochs=3, seed=7, lr=0.1, batch_size=16
+    )
     assert torch.equal(snaps, snaps2)  # same seed, same trajectory
 
 
@@ -223,7 +240,11 @@ def test_teacher_task_in_process(tiny_data, tmp_path, compose):
     expert = store.load(1)
     meta = expert.meta
     assert expert.snapshots.shape == (3, summary["num_params"])
-    assert meta["net"]["name"] == "convnet" and meta["net"]["width"] == 16 and "_target_" not in meta["net"]
+    assert (
+        meta["net"]["name"] == "convnet"
+        and meta["net"]["width"] == 16
+        and "_target_" not in meta["net"]
+    )
     assert meta["dataset"] == "cifar10" and meta["zca"] is False and len(meta["test_acc"]) == 3
     assert meta["lr"] == 0.01 and meta["momentum"] == 0 and meta["batch_size"] == 256
     assert meta["seed"] == expert_seed(cfg.seed, 1) and meta["index"] == 1
@@ -277,15 +298,19 @@ def test_teacher_cli_writes_two_experts_and_rerun_skips(tiny_data, tmp_path):
     last = json.loads(summaries[-1].read_text())
     assert last["experts_trained"] == 0 and last["experts_skipped"] == 2
     assert [p.stat().st_mtime_ns for p in sorted(store_dir.iterdir())] == mtimes
-    assert ExpertStore(store_dir).load(0).meta["dsa_strategy"] == ("" if not dsa_available else
-                                                                   "color_crop_cutout_flip_scale_rotate")
+    assert ExpertStore(store_dir).load(0).meta["dsa_strategy"] == (
+        "" if not dsa_available else "color_crop_cutout_flip_scale_rotate"
+    )
 
 
 def test_teacher_cli_bad_store_is_one_line(tiny_data, tmp_path):
     store_dir = tmp_path / "store"
     store_dir.mkdir()
     (store_dir / "expert_0000.pt").write_bytes(b"not a zip")
-    result = run_train(*teacher_overrides(tiny_data, store_dir, f"paths.runs_dir={tmp_path / 'runs'}"), cwd=tmp_path)
+    result = run_train(
+        *teacher_overrides(tiny_data, store_dir, f"paths.runs_dir={tmp_path / 'runs'}"),
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "expert_0000.pt is truncated or corrupt" in lines[0]

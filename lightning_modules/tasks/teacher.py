@@ -17,9 +17,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.trajectories import ExpertStore, default_store_dir
 from lightning_modules.errors import UserError
-from lightning_modules.expert_training import build_seeded, expert_seed, resolve_device, train_expert
+from lightning_modules.expert_training import (
+    build_seeded,
+    expert_seed,
+    resolve_device,
+    train_expert,
+)
 from lightning_modules.nets.functional import FlatParams
-from lightning_modules.tasks.common import build_datamodule, build_logger, build_net, log_config, require_images
+from lightning_modules.tasks.common import (
+    build_datamodule,
+    build_logger,
+    build_net,
+    log_config,
+    require_images,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +61,13 @@ def store_for(cfg: DictConfig, dm, out: str | None) -> ExpertStore:
 
 def _check_devices(cfg: DictConfig) -> None:
     devices = cfg.trainer.get("devices", 1)
-    many = (isinstance(devices, int) and devices > 1) or (not isinstance(devices, (int, str)) and len(devices) > 1)
+    many = (isinstance(devices, int) and devices > 1) or (
+        not isinstance(devices, (int, str)) and len(devices) > 1
+    )
     if many or int(cfg.trainer.get("num_nodes", 1)) > 1 or devices == -1:
         raise UserError(
-            "task=teacher trains one expert per process; for several GPUs start one process per GPU "
+            "task=teacher trains one expert per process; for several GPUs start one process "
+            "per GPU "
             "(CUDA_VISIBLE_DEVICES=k python train.py task=teacher ...) with trainer.devices=1: "
             "they share the store"
         )
@@ -117,7 +131,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         len(wanted), store.root, len(skipped), layout.numel, device,
     )  # fmt: skip
     steps_per_epoch = -(-len(dm.train_x) // int(t.batch_size))
-    with _progress(cfg) as bar:
+    with progress_bar(cfg) as bar:
         total = (len(wanted) - len(skipped)) * int(t.epochs) * steps_per_epoch
         job = bar.add_task("experts", total=total, status="")
         for index in wanted:
@@ -134,7 +148,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
                     bar.advance(job, int(t.epochs) * steps_per_epoch)
                     continue
                 store.remove_partial(index)
-                meta = _train_one(cfg, dm, layout, net_cfg, recipe, augment, index, device, bar, job, logger)
+                meta = _train_one(
+                    cfg, dm, layout, net_cfg, recipe, augment, index, device, bar, job, logger
+                )
                 store.write(index, meta.pop("snapshots"), meta)
                 trained.append(index)
     if logger:
@@ -183,7 +199,9 @@ def _train_one(cfg, dm, layout, net_cfg, recipe, augment, index, device, bar, jo
         on_step=lambda: bar.advance(job),
         on_epoch=on_epoch,
     )
-    log.info("expert %d: test accuracy %.2f%% after %d epochs", index, test_acc[-1], recipe["epochs"])
+    log.info(
+        "expert %d: test accuracy %.2f%% after %d epochs", index, test_acc[-1], recipe["epochs"]
+    )
     return {
         "snapshots": snapshots,
         **recipe,
@@ -210,8 +228,16 @@ def _train_one(cfg, dm, layout, net_cfg, recipe, augment, index, device, bar, jo
     }
 
 
-def _progress(cfg: DictConfig):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+def progress_bar(cfg: DictConfig):
+    """A rich progress bar with a ``status`` field; off with trainer.enable_progress_bar=false."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         TextColumn("[progress.description]{task.description}"),
@@ -224,7 +250,9 @@ def _progress(cfg: DictConfig):
     )
 
 
-def plot_test_accuracy(store: ExpertStore, indices: list[int], path: Path, logger=None) -> Path | None:
+def plot_test_accuracy(
+    store: ExpertStore, indices: list[int], path: Path, logger=None
+) -> Path | None:
     """Test accuracy per epoch of the experts ``indices`` as a PNG (and to W&B when active)."""
     if not indices:
         return None
@@ -237,7 +265,13 @@ def plot_test_accuracy(store: ExpertStore, indices: list[int], path: Path, logge
     fig, ax = plt.subplots(figsize=(6, 4))
     for index in indices:
         acc = store.load(index).meta["test_acc"]
-        ax.plot(range(len(acc)), acc, lw=1, alpha=0.8, label=f"expert {index}" if len(indices) <= 10 else None)
+        ax.plot(
+            range(len(acc)),
+            acc,
+            lw=1,
+            alpha=0.8,
+            label=f"expert {index}" if len(indices) <= 10 else None,
+        )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%)")
@@ -259,4 +293,3 @@ def log_png(logger, key: str, path: Path) -> None:
 
     if isinstance(logger, WandbLogger):
         logger.log_image(key=key, images=[str(path)])
-
