@@ -204,10 +204,10 @@ class FunctionalTT(nn.Module):
 
     # ------------------------------------------------------------------------------------ basis
     def site_basis(
-        self, x_t: torch.Tensor, t: torch.Tensor
+        self, x_t: torch.Tensor, t: torch.Tensor, dtype: torch.dtype | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Active spline values and indices ``([N, s], [N, s])`` per site (``None``: out core)."""
-        dtype = self.cores[0].dtype
+        dtype = dtype or self.cores[0].dtype
         x = x_t.reshape(x_t.shape[0], -1).to(dtype)
         if self.time_mode == "additive":
             x = x + sinusoidal_encoding(t, self.dim).to(device=x.device, dtype=dtype)
@@ -273,7 +273,7 @@ class FunctionalTT(nn.Module):
         """
         cores = list(self.cores) if cores is None else cores
         N, J = x_t.shape[0], self.num_outputs
-        bases = self.site_basis(x_t, t)
+        bases = self.site_basis(x_t, t, cores[0].dtype)
         left = self._left_vectors(cores, bases, k, N)
         right = self._right_vectors(cores, bases, k + 1, N)
         if bases[k] is None:
@@ -290,7 +290,7 @@ class FunctionalTT(nn.Module):
         """``y[p, n, j]`` for the given cores (the model's own by default)."""
         cores = list(self.cores) if cores is None else cores
         N = x_t.shape[0]
-        bases = self.site_basis(x_t, t)
+        bases = self.site_basis(x_t, t, cores[0].dtype)
         # meet at the output core (or at the end): both chains then stay J-free until the last step
         split = next((k for k, b in enumerate(bases) if b is None), self.num_cores)
         left = self._left_vectors(cores, bases, split, N)  # [P, N, 1, r]

@@ -1,0 +1,196 @@
+"""Tensor-train algebra shared by ALS and Riemannian optimisation (plain torch).
+
+Every function works on a list of cores ``[P, r_{k-1}, n_k, r_k]``: ``P`` independent TTs of the
+same shape, processed as a batch (the per-coordinate FTT has one TT per output coordinate).
+Left unfolding of a core: ``[P, r_{k-1} n_k, r_k]``; right unfolding: ``[P, r_{k-1}, n_k r_k]``.
+A core is left-orthogonal when its left unfolding has orthonormal columns, right-orthogonal when
+its right unfolding has orthonormal rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_modules.errors import UserError
+from lightning_modules.tt.ftt import CoreInterfaces
+
+Cores = list[torch.Tensor]
+
+
+# ------------------------------------------------------------------------------ orthogonality
+def shift_right(cores: Cores, k: int) -> None:
+    """QR core ``k``'s left unfolding in place: core ``k`` left-orthogonal, R into core ``k+1``."""
+    P, r0, n, r1 = cores[k].shape
+    q, r = torch.linalg.qr(cores[k].reshape(P, r0 * n, r1))
+    cores[k] = q.reshape(P, r0, n, q.shape[-1])
+    cores[k + 1] = torch.einsum("pab,pbic->paic", r, cores[k + 1])
+
+
+def shift_left(cores: Cores, k: int) -> None:
+    """LQ core ``k``'s right unfolding in place: core ``k`` right-orthogonal, L into ``k-1``."""
+    P, r0, n, r1 = cores[k].shape
+    q, r = torch.linalg.qr(cores[k].reshape(P, r0, n * r1).transpose(1, 2))
+    cores[k] = q.transpose(1, 2).reshape(P, q.shape[-1], n, r1)
+    cores[k - 1] = torch.einsum("paib,pcb->paic", cores[k - 1], r)
+
+
+def orthogonalize(cores: Cores, center: int) -> Cores:
+    """A copy in mixed canonical form: left of ``center`` left-, right of it right-orthogonal."""
+    cores = list(cores)
+    for k in range(center):
+        shift_right(cores, k)
+    for k in range(len(cores) - 1, center, -1):
+        shift_left(cores, k)
+    return cores
+
+
+def is_left_orthogonal(core: torch.Tensor, tol: float = 1e-8) -> bool:
+    P, r0, n, r1 = core.shape
+    m = core.reshape(P, r0 * n, r1)
+    eye = torch.eye(r1, dtype=core.dtype, device=core.device)
+    return bool((m.transpose(1, 2) @ m - eye).abs().max() < tol)
+
+
+def is_right_orthogonal(core: torch.Tensor, tol: float = 1e-8) -> bool:
+    P, r0, n, r1 = core.shape
+    m = core.reshape(P, r0, n * r1)
+    eye = torch.eye(r0, dtype=core.dtype, device=core.device)
+    return bool((m @ m.transpose(1, 2) - eye).abs().max() < tol)
+
+
+# ------------------------------------------------------------------------------------ rounding
+def round_tt(cores: Cores, rank: int) -> tuple[Cores, list[torch.Tensor]]:
+    """TT-SVD rounding to bond ranks ``min(rank, what the modes allow)``.
+
+    Right-orthogonalise, then sweep left to right with truncated SVDs. Returns the cores (all but
+    the last left-orthogonal) and the singular values kept at each bond (``[P, r_k]``).
+    """
+    cores = list(cores)
+    for k in range(len(cores) - 1, 0, -1):
+        shift_left(cores, k)
+    kept = []
+    for k in range(len(cores) - 1):
+        P, r0, n, r1 = cores[k].shape
+        u, s, vh = torch.linalg.svd(cores[k].reshape(P, r0 * n, r1), full_matrices=False)
+        r = min(rank, s.shape[-1])
+        cores[k] = u[..., :r].reshape(P, r0, n, r)
+        cores[k + 1] = torch.einsum("pa,pab,pbic->paic", s[:, :r], vh[:, :r], cores[k + 1])
+        kept.append(s[:, :r])
+    return cores, kept
+
+
+def bond_singular_values(cores: Cores) -> list[torch.Tensor]:
+    """Singular values ``[P, r_k]`` of every bond's unfolding (the TT's numerical ranks)."""
+    _, kept = round_tt(cores, rank=max(c.shape[-1] for c in cores) + max(c.shape[1] for c in cores))
+    return kept
+
+
+def full_tensor(cores: Cores) -> torch.Tensor:
+    """The dense tensor ``[P, n_1, ..., n_K]`` (tests only: exponential in ``K``)."""
+    out = cores[0][:, 0]  # [P, n_1, r_1]
+    for core in cores[1:]:
+        out = torch.einsum("p...a,paib->p...ib", out, core)
+    return out[..., 0]
+
+
+def tt_inner(a: Cores, b: Cores) -> torch.Tensor:
+    """``<A, B>`` per TT (``[P]``) without forming either tensor."""
+    state = torch.ones(a[0].shape[0], 1, 1, dtype=a[0].dtype, device=a[0].device)
+    for ca, cb in zip(a, b):
+        state = torch.einsum("pxy,pxia,pyib->pab", state, ca, cb)
+    return state[:, 0, 0]
+
+
+# ----------------------------------------------------------------- gradients, normal equations
+def core_gradient(iface: CoreInterfaces, weights: torch.Tensor, mode_size: int) -> torch.Tensor:
+    """``Σ_{n,j} weights[p,n,j] · left ⊗ φ ⊗ right``: the gradient of ``Σ weights · y`` in core k.
+
+    Args:
+        iface: the interfaces of core ``k`` for a batch.
+        weights: ``[P, N, J]`` (e.g. ``dLoss/dy``, or the targets for a least-squares right side).
+        mode_size: ``n_k``.
+
+    Returns:
+        ``[P, r_{k-1}, n_k, r_k]``.
+    """
+    left, right = iface.left, iface.right
+    P, N, J, r0 = left.shape
+    r1 = right.shape[-1]
+    outer = (weights[..., None, None] * left[..., :, None] * right[..., None, :]).reshape(
+        P, -1, r0 * r1
+    )
+    values = iface.values.expand(N, J, -1).reshape(N * J, -1)
+    index = iface.index.expand(N, J, -1).reshape(N * J, -1)
+    grad = torch.zeros(P, mode_size, r0 * r1, dtype=left.dtype, device=left.device)
+    for s in range(values.shape[1]):
+        grad.index_add_(1, index[:, s], values[:, s, None] * outer)
+    return grad.reshape(P, mode_size, r0, r1).permute(0, 2, 1, 3)
+
+
+def gram(iface: CoreInterfaces, mode_size: int) -> torch.Tensor:
+    """``Σ_rows z zᵀ``, ``z = vec(left ⊗ φ ⊗ right)`` in core order ``(a, i, b)``: ``[P, F, F]``.
+
+    A row touches only its ``s`` active basis functions, so rows are grouped by their first active
+    index and each group adds one dense ``(s r r')²`` block: ``O(N s² r² r'²)`` instead of the
+    ``O(N n² r² r'²)`` of dense features.
+    """
+    left, right = iface.left, iface.right
+    P, N, J, r0 = left.shape
+    r1 = right.shape[-1]
+    values = iface.values.expand(N, J, -1).reshape(N * J, -1)
+    index = iface.index.expand(N, J, -1).reshape(N * J, -1)
+    s = values.shape[1]
+    local = values[None, :, :, None, None] * (left[..., :, None] * right[..., None, :]).reshape(
+        P, N * J, 1, r0, r1
+    )  # [P, rows, s, r0, r1]
+    first = index[:, 0]
+    order = torch.argsort(first, stable=True)
+    counts = torch.bincount(first, minlength=mode_size).tolist()
+    local = local[:, order].reshape(P, N * J, s * r0 * r1)
+    groups = torch.split(local, counts, dim=1)
+    size = r0 * mode_size * r1
+    out = torch.zeros(P, size, size, dtype=left.dtype, device=left.device)
+    a = torch.arange(r0, device=left.device)[None, :, None]
+    b = torch.arange(r1, device=left.device)[None, None, :]
+    offsets = torch.arange(s, device=left.device)[:, None, None]
+    for c, block in enumerate(groups):
+        if block.shape[1] == 0:
+            continue
+        # rows of group c use basis functions c .. c+s-1 (the output core: s = 1, c = j)
+        position = ((a * mode_size + (c + offsets)) * r1 + b).reshape(-1)
+        out[:, position[:, None], position[None, :]] += torch.einsum("pnx,pny->pxy", block, block)
+    return out
+
+
+def solve_ridge(
+    lhs: torch.Tensor,
+    rhs: torch.Tensor,
+    ridge: float,
+    *,
+    what: str = "ALS",
+    cond_limit: float = 1e12,
+) -> torch.Tensor:
+    """Solve ``(lhs + ridge I) g = rhs`` per TT by Cholesky (float64).
+
+    Raises:
+        UserError: the system is singular or its condition number (estimated from the Cholesky
+            diagonal) exceeds ``cond_limit``: too few samples or a redundant basis; a ridge
+            fixes it.
+    """
+    lhs = lhs.to(torch.float64)
+    eye = torch.eye(lhs.shape[-1], dtype=lhs.dtype, device=lhs.device)
+    system = lhs + ridge * eye
+    chol, info = torch.linalg.cholesky_ex(system)
+    diag = torch.diagonal(chol, dim1=-2, dim2=-1)
+    if bool((info > 0).any()) or not torch.isfinite(diag).all():
+        raise UserError(
+            f"{what}: the least-squares system is singular (als.ridge={ridge:g}); set als.ridge to "
+            "a positive value such as 1e-6, or draw more samples (als.samples)"
+        )
+    cond = float(((diag.max(-1).values / diag.min(-1).values) ** 2).max())
+    if cond > cond_limit:
+        raise UserError(
+            f"{what}: the least-squares system is ill-conditioned (condition ~{cond:.1e} with "
+            f"als.ridge={ridge:g}); raise als.ridge (e.g. 1e-6) or draw more samples (als.samples)"
+        )
+    return torch.cholesky_solve(rhs.to(torch.float64)[..., None], chol)[..., 0]

@@ -1,0 +1,210 @@
+"""Riemannian gradient descent on the manifold of fixed-rank TTs, for the FTT noise model.
+
+At a TT ``X`` with left-orthogonal cores ``U_1..U_{K-1}`` (last core ``C``) and right-orthogonal
+cores ``V_2..V_K``, the tangent space is ``{Σ_k U_<k δ_k V_>k}`` with the gauge conditions
+``U_kᵀ δ_k = 0`` (left unfoldings) for ``k < K``. The orthogonal projection of a tensor ``Z`` onto
+it has components
+
+    δ_k = (I - U_k U_kᵀ) E_k  (k < K),   δ_K = E_K,   E_k = <Z, U_<k ⊗ · ⊗ V_>k>,
+
+and for the Euclidean gradient ``Z = Σ_n w_n φ(u_n)`` of the loss (``w = dLoss/dy``), ``E_k`` is
+the gradient in core ``k`` at the mixed canonical form: :func:`~.algebra.core_gradient` with
+interfaces built from ``U`` on the left and ``V`` on the right. The components are mutually
+orthogonal, so ``||grad||² = Σ_k ||δ_k||²``. A step ``X - α ξ`` is a TT of rank ``2r`` (block
+cores) and TT-SVD rounding retracts it back to rank ``r``. Computations run in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lightning_modules.errors import UserError
+from lightning_modules.tt.algebra import Cores, core_gradient, full_tensor, orthogonalize, round_tt
+from lightning_modules.tt.ftt import FunctionalTT
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def project_gradients(left_cores: Cores, gradients: Cores) -> Cores:
+    """Tangent components ``δ_k`` from the mixed-form gradients ``E_k`` (gauge ``U_kᵀ δ_k = 0``)."""
+    deltas = []
+    K = len(gradients)
+    for k, (u, e) in enumerate(zip(left_cores, gradients)):
+        if k == K - 1:
+            deltas.append(e)
+            continue
+        P, r0, n, r1 = u.shape
+        u2, e2 = u.reshape(P, r0 * n, r1), e.reshape(P, r0 * n, r1)
+        deltas.append((e2 - u2 @ (u2.transpose(1, 2) @ e2)).reshape(P, r0, n, r1))
+    return deltas
+
+
+def _open_left(cores: Cores) -> torch.Tensor:
+    """Product of ``cores`` with the left bond closed: ``[P, Π n, r]``."""
+    out = cores[0][:, 0]
+    for core in cores[1:]:
+        out = torch.einsum("pxa,paib->pxib", out, core).flatten(1, 2)
+    return out
+
+
+def _open_right(cores: Cores) -> torch.Tensor:
+    """Product of ``cores`` with the right bond closed: ``[P, r, Π n]``."""
+    out = cores[-1][..., 0]
+    for core in reversed(cores[:-1]):
+        out = torch.einsum("paib,pbx->paix", core, out).flatten(2, 3)
+    return out
+
+
+def mixed_gradients(left_cores: Cores, right_cores: Cores, dense: torch.Tensor) -> Cores:
+    """``E_k = <Z, U_<k ⊗ · ⊗ V_>k>`` for a dense ``Z [P, n_1, ..., n_K]`` (tests only)."""
+    K, P = len(left_cores), dense.shape[0]
+    out = []
+    for k in range(K):
+        n = dense.shape[1 + k]
+        z = dense.reshape(P, math.prod(dense.shape[1 : 1 + k]), n, -1)
+        one = torch.ones(P, 1, 1, dtype=dense.dtype, device=dense.device)
+        lm = _open_left(left_cores[:k]) if k > 0 else one
+        rm = _open_right(right_cores[k + 1 :]) if k < K - 1 else one
+        out.append(torch.einsum("pxa,pxiy,pby->paib", lm, z, rm))
+    return out
+
+
+def tangent_dense(left_cores: Cores, right_cores: Cores, deltas: Cores) -> torch.Tensor:
+    """``Σ_k U_<k δ_k V_>k`` as a dense tensor (tests only)."""
+    K = len(deltas)
+    return sum(full_tensor(left_cores[:k] + [deltas[k]] + right_cores[k + 1 :]) for k in range(K))
+
+
+def tangent_to_cores(left_cores: Cores, right_cores: Cores, deltas: Cores, scale: float) -> Cores:
+    """``X + scale · Σ_k U_<k δ_k V_>k`` as a TT of rank ``2r`` (block cores).
+
+    ``left_cores`` is the left-orthogonal form of ``X`` (its last core carries ``X``'s norm), and
+    ``right_cores`` the right-orthogonal one (its first core is not used).
+    """
+    K = len(deltas)
+    if K == 1:
+        return [left_cores[0] + scale * deltas[0]]
+    cores = []
+    for k in range(K):
+        u, d = left_cores[k], scale * deltas[k]
+        if k == 0:
+            cores.append(torch.cat([d, u], dim=-1))
+        elif k == K - 1:
+            cores.append(torch.cat([right_cores[k], u + d], dim=1))
+        else:
+            v = right_cores[k]
+            top = torch.cat([v, torch.zeros_like(u)], dim=-1)
+            bottom = torch.cat([d, u], dim=-1)
+            cores.append(torch.cat([top, bottom], dim=1))
+    return cores
+
+
+class RiemannianGD:
+    """Riemannian gradient descent with Armijo backtracking for a :class:`FunctionalTT`.
+
+    Args:
+        net: the FTT; its cores are overwritten in place by each accepted step.
+        lr: the step size ``α`` (``riemannian.lr``): fixed without Armijo, the first trial step
+            with it.
+        armijo: backtrack until ``f(R(X - α ξ)) <= f(X) - c α ||ξ||²`` (``riemannian.armijo``);
+            ``False`` takes the fixed step ``lr``. Each step's first trial is the previous
+            accepted step, grown by ``1 / shrink`` when it was accepted without backtracking
+            (as Manopt's adaptive line search), so a too small ``lr`` costs only a few steps.
+        shrink: factor applied to ``α`` per backtrack (``riemannian.shrink``).
+        max_backtracks: backtracks before giving up (``riemannian.max_backtracks``): a
+            :class:`UserError` (one line: lower ``riemannian.lr``), since no descent from a nonzero
+            gradient means the step size or the data are wrong, not that training converged.
+        armijo_c: sufficient-decrease constant ``c``.
+    """
+
+    def __init__(
+        self,
+        net: FunctionalTT,
+        *,
+        lr: float = 0.5,
+        armijo: bool = True,
+        shrink: float = 0.5,
+        max_backtracks: int = 20,
+        armijo_c: float = 1e-4,
+    ):
+        if lr <= 0:
+            raise UserError(f"riemannian.lr={lr}: the step size must be > 0")
+        if not 0 < shrink < 1:
+            raise UserError(f"riemannian.shrink={shrink}: use a factor in (0, 1), e.g. 0.5")
+        if max_backtracks < 0:
+            raise UserError(f"riemannian.max_backtracks={max_backtracks}: must be >= 0")
+        self.net = net
+        self.lr, self.armijo, self.shrink = float(lr), bool(armijo), float(shrink)
+        self.max_backtracks, self.armijo_c = int(max_backtracks), float(armijo_c)
+        self.rank = net.rank
+        self._initial_step = self.lr
+
+    def _loss(self, cores, x_t, t, target, reduce_sum) -> float:
+        y = self.net.evaluate(x_t, t, cores=cores)
+        sse = reduce_sum(((y - target) ** 2).sum())
+        count = reduce_sum(
+            torch.tensor(float(target.numel()), dtype=torch.float64, device=y.device)
+        )
+        return float(sse / count)
+
+    def riemannian_gradient(self, cores, x_t, t, target, reduce_sum=_identity):
+        """``(U, V, δ, f)``: orthogonal forms, tangent components of the gradient, and the loss."""
+        net = self.net
+        K = len(cores)
+        left = orthogonalize(cores, center=K - 1)
+        right = orthogonalize(cores, center=0)
+        y = net.evaluate(x_t, t, cores=left)
+        count = reduce_sum(
+            torch.tensor(float(target.numel()), dtype=torch.float64, device=y.device)
+        )
+        residual = y - target
+        loss = float(reduce_sum((residual**2).sum()) / count)
+        weights = 2 * residual / count  # dLoss/dy
+        gradients = []
+        for k in range(K):
+            mixed = left[:k] + [cores[k]] + right[k + 1 :]
+            iface = net.interfaces(k, x_t, t, cores=mixed)
+            gradients.append(reduce_sum(core_gradient(iface, weights, net.mode_sizes[k])))
+        return left, right, project_gradients(left, gradients), loss
+
+    def step(
+        self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, reduce_sum=_identity
+    ) -> dict:
+        """One Riemannian step on the batch.
+
+        Returns:
+            ``loss`` (before the step), ``loss_after``, ``step_size``, ``grad_norm`` and
+            ``backtracks``.
+        """
+        net = self.net
+        cores = [c.detach().to(torch.float64) for c in net.cores]
+        x_t = x_t.to(torch.float64)
+        target = net.from_data_layout(eps.to(torch.float64))
+        left, right, deltas, loss = self.riemannian_gradient(cores, x_t, t, target, reduce_sum)
+        grad_sq = float(sum((d**2).sum() for d in deltas))
+        stats = {"loss": loss, "grad_norm": grad_sq**0.5, "backtracks": 0.0, "step_size": 0.0}
+        if grad_sq == 0.0:
+            stats["loss_after"] = loss
+            return stats  # a stationary point: nothing to do
+        alpha = self._initial_step if self.armijo else self.lr
+        for attempt in range(self.max_backtracks + 1):
+            candidate, _ = round_tt(tangent_to_cores(left, right, deltas, -alpha), self.rank)
+            new_loss = self._loss(candidate, x_t, t, target, reduce_sum)
+            if not self.armijo or new_loss <= loss - self.armijo_c * alpha * grad_sq:
+                with torch.no_grad():
+                    for param, core in zip(net.cores, candidate):
+                        param.copy_(core.to(param.dtype))
+                stats.update(loss_after=new_loss, step_size=alpha, backtracks=float(attempt))
+                # next trial step: grow after a first-try success, else start from what worked
+                self._initial_step = alpha / self.shrink if attempt == 0 else alpha
+                return stats
+            alpha *= self.shrink
+        raise UserError(
+            f"riemannian: no descent after {self.max_backtracks} backtracks from riemannian.lr="
+            f"{self.lr:g} (loss {loss:.4g}, gradient norm {grad_sq**0.5:.3g}); lower riemannian.lr "
+            "or raise riemannian.max_backtracks"
+        )
