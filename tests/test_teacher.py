@@ -259,6 +259,25 @@ def test_teacher_task_in_process(tiny_data, tmp_path, compose):
         train.run(compose(*teacher_overrides(tiny_data, store_dir, "net.width=8")))
 
 
+def test_teacher_leaves_an_index_claimed_elsewhere(tiny_data, tmp_path, compose):
+    """Another process training expert 0 (holding its claim): this run trains only expert 1."""
+    import train
+
+    store_dir = tmp_path / "store"
+    other = ExpertStore(store_dir).claim(0)
+    assert other.held
+    try:
+        summary = train.run(compose(*teacher_overrides(tiny_data, store_dir)))
+    finally:
+        other.release()
+    assert summary["trained_indices"] == [1] and summary["experts_busy_elsewhere"] == 1
+    assert ExpertStore(store_dir).indices() == [1]
+    # the rerun (claim released, e.g. the other process died) fills the gap and skips expert 1
+    summary = train.run(compose(*teacher_overrides(tiny_data, store_dir)))
+    assert summary["trained_indices"] == [0] and summary["experts_skipped"] == 1
+    assert ExpertStore(store_dir).indices() == [0, 1]
+
+
 def test_teacher_refuses_several_devices(tiny_data, tmp_path, compose):
     import train
 
