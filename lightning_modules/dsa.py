@@ -133,11 +133,9 @@ class DSA:
             pick = torch.randint(len(self.groups), (1,), generator=generator, device=gen_device)
             group = self.groups[int(pick)]
         n = batch if per_sample else 1
-        values = {
-            name: torch.rand(n, generator=generator, device=gen_device).to(device or gen_device)
-            for name in GROUP_DRAWS[group]
-        }
-        return DSAParams(group, values, per_sample)
+        names = GROUP_DRAWS[group]
+        draws = to_device(torch.rand(len(names), n, generator=generator, device=gen_device), device)
+        return DSAParams(group, dict(zip(names, draws)), per_sample)
 
     def __call__(
         self, x: torch.Tensor, generator: torch.Generator, per_sample: bool = True
@@ -200,6 +198,16 @@ class DSA:
             )
             return _warp(x, theta)
         raise ValueError(f"unknown DSA group {g!r}")
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """Move a small CPU draw to ``device`` without a stream sync (pinned, non-blocking) on CUDA."""
+    device = torch.device(device) if device is not None else t.device
+    if device == t.device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _b(v: torch.Tensor) -> torch.Tensor:
