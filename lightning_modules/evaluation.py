@@ -1,0 +1,357 @@
+"""Score a small training set: train fresh networks on it, report real test accuracy (plain torch).
+
+The protocol of the dataset-distillation literature (DC/DSA/MTT): SGD with momentum 0.9 and
+weight decay 5e-4, the set's learned lr, batch 256, lr / 10 at half of the epochs, DSA on every
+batch, test accuracy on the whole real test split after the last epoch, mean ± std over
+``num_eval`` networks per architecture.
+
+The set is tiny (IPC 10 of CIFAR-10 is 100 images: one batch per epoch), so the cost is launch
+and Python overhead, not arithmetic. The set lives on the device (no DataLoader) and the
+``num_eval`` networks of one architecture train together as one batched network
+(``torch.func.stack_module_state`` + ``vmap``), which turns five small steps into one larger one.
+
+Every network has its own ``torch.Generator`` (seeded from ``seed``, the net name and its index)
+that drives its initialisation, its batch order and its DSA draws, in the same order on both
+paths, so ``together=False`` trains the same networks one after another.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad_and_value, stack_module_state, vmap
+
+from lightning_modules.dsa import DEFAULT_STRATEGY, DSA, to_device
+from lightning_modules.errors import UserError
+from lightning_modules.nets import CLASSIFIERS, build_classifier
+
+
+def check_net_names(nets: Sequence[str]) -> list[str]:
+    """Normalised names; ``UserError`` listing the valid ones for an unknown name."""
+    if isinstance(nets, str):
+        nets = [nets]
+    names = [str(n).lower().replace("-", "_") for n in nets]
+    unknown = [n for n, key in zip(nets, names) if key not in CLASSIFIERS]
+    if unknown:
+        raise UserError(
+            f"unknown net(s) {unknown} in evaluate.nets; valid: {', '.join(CLASSIFIERS)}"
+        )
+    if not names:
+        raise UserError(f"evaluate.nets is empty; give a list such as [{', '.join(CLASSIFIERS)}]")
+    return names
+
+
+def network_seed(seed: int, net: str, index: int) -> int:
+    """An independent 63-bit seed per (run seed, architecture, network index)."""
+    return int(
+        np.random.SeedSequence([int(seed), zlib.crc32(net.encode()), int(index)]).generate_state(
+            2, np.uint64
+        )[0]
+        >> np.uint64(1)
+    )
+
+
+@torch.no_grad()
+def init_parameters(module: nn.Module, generator: torch.Generator) -> nn.Module:
+    """PyTorch's default initialisation, drawn from ``generator`` instead of the global RNG.
+
+    Conv and linear layers: weights kaiming-uniform(a=√5), biases U(±1/√fan_in); norms: 1 and 0.
+    """
+    for m in module.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=generator)
+            if m.bias is not None:
+                fan_in = m.weight[0].numel()
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+                nn.init.uniform_(m.bias, -bound, bound, generator=generator)
+        elif isinstance(m, (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._NormBase)):
+            if getattr(m, "weight", None) is not None:
+                nn.init.ones_(m.weight)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif any(True for _ in m.parameters(recurse=False)):
+            raise ValueError(f"init_parameters does not know how to initialise {type(m).__name__}")
+    return module
+
+
+def _accuracy(correct: torch.Tensor, total: int) -> float:
+    return 100.0 * float(correct) / max(1, total)
+
+
+def _progress(enabled: bool):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
+class _Protocol:
+    """The shared training protocol; the two paths below differ only in how they batch networks."""
+
+    def __init__(
+        self, *, lr, epochs, batch_size, momentum, weight_decay, dsa_strategy, eval_batch_size
+    ):
+        self.lr = float(lr)
+        self.epochs = int(epochs)
+        self.batch_size = int(batch_size)
+        self.momentum = float(momentum)
+        self.weight_decay = float(weight_decay)
+        self.dsa = DSA(dsa_strategy)
+        self.eval_batch_size = int(eval_batch_size)
+
+    def optimizer(self, params) -> torch.optim.SGD:
+        return torch.optim.SGD(
+            params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
+
+    def lr_at(self, epoch: int) -> float:
+        # lr / 10 from the middle epoch on (epoch 500 of 1000)
+        return self.lr * (0.1 if self.epochs > 1 and epoch >= self.epochs // 2 else 1.0)
+
+    def report(self, epoch: int) -> bool:
+        """Whether to read the loss back this epoch (about 50 times per run, and the last epoch)."""
+        return epoch == self.epochs - 1 or epoch % max(1, self.epochs // 50) == 0
+
+    def batches(self, n: int, generator: torch.Generator) -> list[torch.Tensor]:
+        order = torch.randperm(n, generator=generator)
+        return list(order.split(self.batch_size))
+
+    def augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.dsa(x, generator)
+
+
+def _train_one_by_one(nets, gens, proto: _Protocol, images, labels, test_x, test_y, bar, task):
+    accs, losses = [], []
+    for net, g in zip(nets, gens):
+        net.train()
+        opt = proto.optimizer(net.parameters())
+        for epoch in range(proto.epochs):
+            for group in opt.param_groups:
+                group["lr"] = proto.lr_at(epoch)
+            total, count = 0.0, 0
+            for idx in proto.batches(len(images), g):
+                idx = to_device(idx, images.device)
+                x = proto.augment(images[idx], g)
+                loss = F.cross_entropy(net(x), labels[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total, count = total + loss.detach() * len(idx), count + len(idx)
+            # reading the loss waits for the device: only now and then
+            info = f"loss {float(total) / count:.3f}" if proto.report(epoch) else None
+            bar.update(task, advance=1, **({"info": info} if info else {}))
+        losses.append(float(total) / count)
+        net.eval()
+        correct = torch.zeros((), dtype=torch.long, device=images.device)
+        with torch.no_grad():
+            for start in range(0, len(test_x), proto.eval_batch_size):
+                x, y = (
+                    test_x[start : start + proto.eval_batch_size],
+                    test_y[start : start + proto.eval_batch_size],
+                )
+                correct += (net(x).argmax(-1) == y).sum()
+        accs.append(_accuracy(correct, len(test_x)))
+    return accs, losses
+
+
+def _train_together(nets, gens, proto: _Protocol, images, labels, test_x, test_y, bar, task):
+    params, buffers = stack_module_state(nets)  # [M, ...] per parameter; SGD is elementwise
+    params = {k: v.detach().requires_grad_(False) for k, v in params.items()}
+    base = copy.deepcopy(nets[0]).to("meta")
+    m = len(nets)
+
+    def loss_fn(p, b, x, y):
+        return F.cross_entropy(functional_call(base, (p, b), (x,)), y)
+
+    step = vmap(grad_and_value(loss_fn))
+    leaves = list(params.values())
+    opt = proto.optimizer(leaves)
+    for epoch in range(proto.epochs):
+        for group in opt.param_groups:
+            group["lr"] = proto.lr_at(epoch)
+        orders = [proto.batches(len(images), g) for g in gens]
+        total = torch.zeros(m, device=images.device)
+        for b in range(len(orders[0])):
+            idx = to_device(
+                torch.stack([o[b] for o in orders]), images.device
+            )  # [M, B]: own order per net
+            x = torch.stack([proto.augment(images[idx[i]], gens[i]) for i in range(m)])
+            grads, loss = step(params, buffers, x, labels[idx])
+            for leaf, name in zip(leaves, params):
+                leaf.grad = grads[name]
+            opt.step()
+            total += loss.detach() * idx.shape[1]
+        info = f"loss {float(total.mean()) / len(images):.3f}" if proto.report(epoch) else None
+        bar.update(task, advance=1, **({"info": info} if info else {}))
+    base.eval()
+    predict = vmap(
+        lambda p, b, x: functional_call(base, (p, b), (x,)).argmax(-1), in_dims=(0, 0, None)
+    )
+    chunk = max(1, proto.eval_batch_size // m)
+    correct = torch.zeros(m, dtype=torch.long, device=images.device)
+    with torch.no_grad():
+        for start in range(0, len(test_x), chunk):
+            correct += (
+                predict(params, buffers, test_x[start : start + chunk])
+                == test_y[start : start + chunk]
+            ).sum(1)
+    # hand the trained weights back to the module objects (callers may inspect them)
+    for i, net in enumerate(nets):
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                p.copy_(params[name][i])
+    return [_accuracy(c, len(test_x)) for c in correct.tolist()], (total / len(images)).tolist()
+
+
+def resolve_device(device) -> torch.device:
+    """``auto`` → cuda when available, else cpu."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(str(device))
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:<index>") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            f"device {device!r} asked for but CUDA is not available; use device=auto or cpu"
+        )
+    return dev
+
+
+def evaluate_set(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    *,
+    nets: list[str],
+    num_classes: int,
+    lr: float,
+    num_eval: int = 5,
+    epochs: int = 1000,
+    batch_size: int = 256,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    dsa_strategy: str = DEFAULT_STRATEGY,
+    seed: int = 0,
+    device="cpu",
+    progress: bool = True,
+    together: bool | str = "auto",
+    eval_batch_size: int = 1000,
+    return_nets: bool = False,
+) -> dict:
+    """Train ``num_eval`` fresh networks of each architecture on (images, labels); test on the real split.
+
+    Args:
+        images, labels: the training set, ``[N, C, H, W]`` in model input space and ``[N]``.
+        test_x, test_y: the real test split in the same input space.
+        nets: architecture names (``convnet``, ``alexnet``, ``vgg11``, ``resnet18``, ``resnet18_ap``).
+        lr: learning rate (the set's learned lr for distilled sets).
+        together: ``True`` trains the ``num_eval`` networks of one architecture as one
+            ``vmap``-batched network, ``False`` one after another with the same randomness (the
+            same networks up to float rounding); ``"auto"`` (default) picks the faster as measured:
+            together on CUDA (1.3x on an H100), one by one on CPU (vmap's grouped convolutions
+            are 2.4x slower there).
+        return_nets: also return the trained modules under ``"_nets"`` (for tests/inspection).
+
+    Returns:
+        ``{net: {"accs": [% per network], "mean": %, "std": % (population), "train_loss": [...],
+        "seconds": wall time}}``.
+    """
+    names = check_net_names(nets)
+    if len(images) == 0:
+        raise UserError("the set to evaluate is empty")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise UserError(
+            f"evaluation lr must be a positive number, got {lr!r}; give evaluate.lr=<value>"
+        )
+    if num_eval < 1 or epochs < 1:
+        raise UserError(
+            f"evaluate.num_eval and evaluate.epochs must be >= 1 (got {num_eval}, {epochs})"
+        )
+    device = resolve_device(device)
+    if together == "auto" or together is None:
+        together = device.type == "cuda"
+    elif not isinstance(together, bool):
+        raise UserError(f"evaluate.together must be auto, true or false, got {together!r}")
+    images, labels = images.detach().to(device, torch.float32), labels.to(device, torch.long)
+    test_x, test_y = test_x.to(device, torch.float32), test_y.to(device, torch.long)
+    proto = _Protocol(
+        lr=lr,
+        epochs=epochs,
+        batch_size=batch_size,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        dsa_strategy=dsa_strategy,
+        eval_batch_size=eval_batch_size,
+    )
+    channels, im_size = images.shape[1], images.shape[-1]
+    results: dict = {}
+    trained: dict = {}
+    with _progress(progress) as bar:
+        for name in names:
+            gens = [
+                torch.Generator().manual_seed(network_seed(seed, name, k)) for k in range(num_eval)
+            ]
+            models = [
+                init_parameters(build_classifier(name, channels, num_classes, im_size), g).to(
+                    device
+                )
+                for g in gens
+            ]
+            batched = together and len(models) > 1 and not any(True for _ in models[0].buffers())
+            task = bar.add_task(
+                f"evaluate {name} x{num_eval} ({'together' if batched else 'one by one'})",
+                total=epochs * (1 if batched else num_eval),
+                info="",
+            )
+            start = time.perf_counter()
+            train = _train_together if batched else _train_one_by_one
+            accs, losses = train(models, gens, proto, images, labels, test_x, test_y, bar, task)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            results[name] = {
+                "accs": accs,
+                "mean": float(np.mean(accs)),
+                "std": float(np.std(accs)),
+                "train_loss": losses,
+                "seconds": time.perf_counter() - start,
+            }
+            trained[name] = models
+    if return_nets:
+        results["_nets"] = trained
+    return results
+
+
+def results_markdown(results: dict, title: str = "") -> str:
+    """A markdown table: one row per network, accuracy mean ± std over its runs."""
+    lines = [f"**{title}**", ""] if title else []
+    lines += ["| net | test accuracy (%) | runs | per run |", "|---|---|---|---|"]
+    for name, r in results.items():
+        if name.startswith("_"):
+            continue
+        runs = ", ".join(f"{a:.2f}" for a in r["accs"])
+        lines.append(f"| {name} | {r['mean']:.2f} ± {r['std']:.2f} | {len(r['accs'])} | {runs} |")
+    return "\n".join(lines) + "\n"
