@@ -1,0 +1,378 @@
+"""``task=ddpm``: train a DDPM with the noise model ``eps_net``, sample, score and draw.
+
+Vector data (``dataset=swiss_roll|points``) is used in the datamodule's standardised units;
+samples are scored against the held-out reference sample by sliced Wasserstein and MMD, each
+beside its floor (the same metric between a seeded subset of the training sample and the
+reference). Images (``dataset=cifar10|cifar100``): the datamodule's mean/std (or ZCA) input is
+mapped back to [0, 1] with its ``transform.inverse`` and then to [-1, 1], the range Ho et al.
+train in; samples are clipped to [-1, 1] and drawn as grids; FID/KID only with a local feature
+network (``ddpm.feature_extractor``).
+
+Files in the run directory: ``samples.npy`` (vectors, data coordinates) or ``samples.pt``
+(images, uint8 [N, C, H, W]), ``samples_scatter.png`` / ``samples_grid.png``,
+``reverse_process.png``, ``loss_curve.png``, ``eps_net.pt`` (weights used for sampling),
+``checkpoints/last.ckpt``, and ``summary.json`` (train.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from datamodules.tensor_data import batch_loader
+from lightning_modules.ddpm import DDPMModule
+from lightning_modules.diffusion import metrics, plots
+from lightning_modules.diffusion.schedules import NoiseSchedule, Snapshot
+from lightning_modules.diffusion.steppers import make_stepper
+from lightning_modules.errors import UserError
+from lightning_modules.tasks.common import (
+    build_logger,
+    build_trainer,
+    instantiate_checked,
+    log_config,
+)
+
+log = logging.getLogger("ddpm")
+
+
+@dataclass
+class DiffusionData:
+    """Training data in model space and what is needed to score and draw samples."""
+
+    train: Tensor  # [N, *data_shape]
+    images: bool
+    reference: Tensor | None = None  # vectors: held-out real sample (model space)
+    to_view: object = None  # model space -> data coordinates (vectors) or [0, 1] (images)
+    test_images01: Tensor | None = None  # images: real test images in [0, 1] for FID/KID
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.shape[1:])
+
+
+def load_data(cfg: DictConfig) -> DiffusionData:
+    dm = instantiate_checked(cfg.dataset)
+    dm.prepare_data()
+    dm.setup()
+    if hasattr(dm, "num_classes"):
+        # [0, 1] pixels → [-1, 1]: undo the classifier normalisation (mean/std or ZCA) first
+        def to_unit(x):
+            return dm.transform.inverse(x).clamp(0, 1)
+
+        train = torch.cat(
+            [to_unit(dm.train_x[i : i + 10000]) * 2 - 1 for i in range(0, len(dm.train_x), 10000)]
+        )
+        return DiffusionData(
+            train=train.contiguous(),
+            images=True,
+            to_view=lambda x: (x.clamp(-1, 1) + 1) / 2,
+            test_images01=to_unit(dm.test_x) if len(dm.test_x) else None,
+        )
+    return DiffusionData(
+        train=dm.train_x, images=False, reference=dm.reference_x, to_view=dm.to_data_space
+    )
+
+
+def build_eps_net(cfg: DictConfig, data: DiffusionData, timesteps: int):
+    """The configured noise model for this data shape (UserError on a mismatch)."""
+    lo = data.train.amin(dim=0)
+    hi = data.train.amax(dim=0)
+    return instantiate_checked(
+        cfg.eps_net, data_shape=data.data_shape, timesteps=timesteps, data_bounds=(lo, hi)
+    )
+
+
+def _peak_memory_start(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_memory(device: torch.device) -> tuple[float, str]:
+    """CUDA: max allocated since the reset; CPU: the process's peak resident set (MB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
+
+
+def _log_images(logger, key: str, paths: list[Path]) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        logger.log_image(key=key, images=[str(p) for p in paths])
+
+
+def _save_atomic(path: Path, save) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        save(f)
+    tmp.replace(path)
+
+
+class Sampler:
+    """Draws, scores and pictures samples of a ``DDPMModule`` with the run's settings."""
+
+    def __init__(self, cfg: DictConfig, data: DiffusionData, out_dir: Path, logger):
+        self.d = cfg.ddpm
+        self.seed = int(cfg.seed)
+        self.data = data
+        self.out_dir = out_dir
+        self.logger = logger
+        self.callback_s = 0.0
+        default_n = 64 if data.images else len(data.reference)
+        self.num_samples = int(self.d.num_samples or default_n)
+
+    def draw(self, module: DDPMModule, num_samples: int, snapshots: int = 0, seed_offset: int = 1):
+        g = torch.Generator(device=module.device).manual_seed(self.seed + seed_offset)
+        return module.sample(
+            num_samples,
+            self.data.data_shape,
+            g,
+            steps=self.d.sample_steps,
+            variance=self.d.variance,
+            clip=1.0 if self.data.images else None,
+            batch_size=self.d.sample_batch,
+            snapshots=snapshots,
+            snapshot_samples=8 if self.data.images else None,
+        )
+
+    def score(self, samples: Tensor) -> dict:
+        if self.data.images:
+            return self.image_metrics(samples)
+        return metrics.vector_sample_metrics(
+            samples,
+            self.data.reference,
+            self.data.train,
+            num_projections=int(self.d.sw_projections),
+            seed=self.seed,
+        )
+
+    def image_metrics(self, samples: Tensor) -> dict:
+        path = self.d.get("feature_extractor")
+        if not path:
+            log.info(
+                "FID/KID: not computed: no feature extractor configured "
+                "(ddpm.feature_extractor=<.pt2 or TorchScript file>)"
+            )
+            return {"fid": None, "kid": None, "fid_note": "no feature extractor configured"}
+        if self.data.test_images01 is None:
+            return {"fid": None, "kid": None, "fid_note": "no test images to compare with"}
+        net = metrics.load_feature_extractor(path)
+        real = self.data.test_images01[: len(samples)]
+        f_fake = metrics.extract_features(net, self.data.to_view(samples))
+        f_real = metrics.extract_features(net, real)
+        n = min(len(f_fake), len(f_real))
+        fid = metrics.frechet_distance(f_fake[:n], f_real[:n])
+        kid = metrics.kernel_inception_distance(f_fake[:n], f_real[:n], seed=self.seed)
+        log.info(
+            "FID %.3f  KID %.5f  (%d samples vs %d test images, features from %s)",
+            fid,
+            kid,
+            n,
+            n,
+            path,
+        )
+        return {"fid": fid, "kid": kid, "fid_samples": n, "fid_note": f"features: {path}"}
+
+    def pictures(self, samples: Tensor, snaps, tag: str = "") -> list[Path]:
+        view = self.data.to_view
+        paths = []
+        if self.data.images:
+            paths.append(
+                plots.image_grid(
+                    view(samples[:64]),
+                    self.out_dir / f"samples_grid{tag}.png",
+                    title=tag.strip("_"),
+                )
+            )
+            if snaps:
+                paths.append(
+                    plots.reverse_process_images(
+                        snaps, self.out_dir / "reverse_process.png", to_unit=view
+                    )
+                )
+        else:
+            real = view(self.data.reference)
+            paths.append(
+                plots.scatter_samples(
+                    view(samples),
+                    real,
+                    self.out_dir / f"samples_scatter{tag}.png",
+                    title=tag.strip("_"),
+                )
+            )
+            if snaps:
+                snaps = [Snapshot(step=s.step, x=view(s.x)) for s in snaps]
+                pair = (0, 2) if samples.shape[1] == 3 else (0, min(1, samples.shape[1] - 1))
+                paths.append(
+                    plots.reverse_process_scatter(
+                        snaps, self.out_dir / "reverse_process.png", data=real, pair=pair
+                    )
+                )
+        return paths
+
+    def on_epoch_end(self, module: DDPMModule, epoch: int) -> None:
+        """Every ``ddpm.sample_every`` epochs: a smaller sample, its metrics and picture."""
+        every = int(self.d.sample_every or 0)
+        if every <= 0 or (epoch + 1) % every:
+            return
+        start = time.perf_counter()
+        n = min(self.num_samples, 16 if self.data.images else 1000)
+        samples, _ = self.draw(module, n, seed_offset=2)
+        samples = samples.cpu()
+        tag = f"_epoch{epoch + 1:04d}"
+        paths = self.pictures(samples, [], tag)
+        _log_images(self.logger, "samples", paths)
+        if not self.data.images:
+            m = self.score(samples)
+            module.log_dict({"val/sw": m["sw"], "val/mmd": m["mmd"]}, rank_zero_only=True)
+            log.info("epoch %d: %s", epoch + 1, " | ".join(metrics.metrics_lines(m)))
+        self.callback_s += time.perf_counter() - start
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    d = cfg.ddpm
+    data = load_data(cfg)
+    schedule = NoiseSchedule.from_config(
+        d.schedule, int(d.timesteps), float(d.beta_start), float(d.beta_end)
+    )
+    eps_net = build_eps_net(cfg, data, schedule.timesteps)
+    if d.optimizer in ("als", "riemannian") and len(data.train) < 2:
+        raise UserError("ddpm.optimizer=als/riemannian needs a training set")
+    params = sum(p.numel() for p in eps_net.parameters())
+    flops = eps_net.flops_per_sample() if hasattr(eps_net, "flops_per_sample") else None
+    log.info(
+        "eps_net=%s: %s parameters, %s forward FLOPs per sample; data %s x %d",
+        cfg.eps_net.get("name"),
+        f"{params:,}",
+        f"{flops:,}" if flops is not None else "n/a",
+        data.data_shape,
+        len(data.train),
+    )
+
+    logger = build_logger(cfg)
+    log_config(logger, cfg)
+    sampler = Sampler(cfg, data, out_dir, logger)
+    module = DDPMModule(
+        eps_net,
+        schedule,
+        lambda net: make_stepper(d.optimizer, net, cfg),
+        train_data=data.train,
+        ema_decay=d.ema,
+        seed=int(cfg.seed),
+        describe=f"ddpm.optimizer={d.optimizer}, ddpm.lr={d.lr}",
+        on_epoch_end=sampler.on_epoch_end,
+    )
+    if int(d.batch_size) > len(data.train):
+        raise UserError(
+            f"ddpm.batch_size={d.batch_size} is larger than the training set ({len(data.train)})"
+        )
+    loader = batch_loader(
+        data.train, batch_size=int(d.batch_size), shuffle=True, seed=int(cfg.seed), drop_last=True
+    )
+    ckpt_dir = out_dir / "checkpoints"
+    steps = d.get("steps")
+    trainer = build_trainer(
+        cfg,
+        logger=logger,
+        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)],
+        max_epochs=-1 if steps else int(d.epochs),
+        max_steps=int(steps) if steps else -1,
+    )
+    device = trainer.strategy.root_device
+    _peak_memory_start(device)
+    last = ckpt_dir / "last.ckpt"
+    start = time.perf_counter()
+    trainer.fit(
+        module,
+        train_dataloaders=loader,
+        ckpt_path=str(last) if cfg.resume and last.exists() else None,
+    )
+    train_s = time.perf_counter() - start - sampler.callback_s
+    peak_mb, peak_kind = _peak_memory(device)
+    if not trainer.is_global_zero:
+        return {"rank": trainer.global_rank}
+
+    module.to(device)
+    start = time.perf_counter()
+    samples, snaps = sampler.draw(module, sampler.num_samples, snapshots=int(d.snapshots or 0))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    sample_s = time.perf_counter() - start
+    samples = samples.cpu()
+    result = sampler.score(samples)
+    for line in metrics.metrics_lines(result):
+        log.info(line)
+
+    if data.images:
+        u8 = (data.to_view(samples) * 255).round().to(torch.uint8)
+        _save_atomic(out_dir / "samples.pt", lambda f: torch.save(u8, f))
+    else:
+        view = data.to_view(samples).numpy()
+        _save_atomic(out_dir / "samples.npy", lambda f: np.save(f, view))
+    weights = module.sampling_net.state_dict()
+    _save_atomic(
+        out_dir / "eps_net.pt",
+        lambda f: torch.save(
+            {"state_dict": weights, "eps_net": OmegaConf.to_container(cfg.eps_net, resolve=True)}, f
+        ),
+    )
+    paths = sampler.pictures(samples, snaps)
+    steps_axis, losses = zip(*module.loss_history) if module.loss_history else ((), ())
+    paths.append(
+        plots.loss_curve(
+            steps_axis,
+            losses,
+            out_dir / "loss_curve.png",
+            title=f"DDPM loss, eps_net={cfg.eps_net.get('name')}",
+        )
+    )
+    _log_images(logger, "pictures", paths)
+
+    final_loss = float(np.mean(losses[-50:])) if losses else float("nan")
+    cost = {
+        "params": params,
+        "flops_per_sample": flops,
+        "train_s": train_s,
+        "sample_s": sample_s,
+        "peak_mem_mb": peak_mb,
+        "peak_mem_kind": peak_kind,
+    }
+    log.info(
+        "cost: %s parameters, train %.1f s, sampling %.1f s (%d samples, %s steps), "
+        "peak memory %.0f MB (%s)",
+        f"{params:,}",
+        train_s,
+        sample_s,
+        len(samples),
+        d.sample_steps or schedule.timesteps,
+        peak_mb,
+        peak_kind,
+    )
+    if logger:
+        logger.log_metrics(
+            {f"final/{k}": v for k, v in {**result, **cost}.items() if isinstance(v, (int, float))}
+        )
+    return {
+        **result,
+        **cost,
+        "final_loss": final_loss,
+        "steps": module.steps_done,
+        "epochs": trainer.current_epoch,
+        "num_samples": len(samples),
+        "sample_steps": d.sample_steps or schedule.timesteps,
+        "eps_net": cfg.eps_net.get("name"),
+        "optimizer": d.optimizer,
+        "dataset": str(cfg.dataset.get("name") or cfg.dataset._target_.rsplit(".", 1)[-1]),
+        "objective": result.get("sw", result.get("fid")),
+    }
