@@ -82,6 +82,15 @@ def init_parameters(module: nn.Module, generator: torch.Generator) -> nn.Module:
     return module
 
 
+def _fresh_net(name: str, channels: int, num_classes: int, im_size: int, generator) -> nn.Module:
+    """A new network whose initial weights come from ``generator`` alone."""
+    with torch.random.fork_rng(
+        devices=[]
+    ):  # the constructor's own init must not move the global RNG
+        net = build_classifier(name, channels, num_classes, im_size)
+    return init_parameters(net, generator)
+
+
 def _accuracy(correct: torch.Tensor, total: int) -> float:
     return 100.0 * float(correct) / max(1, total)
 
@@ -315,12 +324,7 @@ def evaluate_set(
             gens = [
                 torch.Generator().manual_seed(network_seed(seed, name, k)) for k in range(num_eval)
             ]
-            models = [
-                init_parameters(build_classifier(name, channels, num_classes, im_size), g).to(
-                    device
-                )
-                for g in gens
-            ]
+            models = [_fresh_net(name, channels, num_classes, im_size, g).to(device) for g in gens]
             batched = together and len(models) > 1 and not any(True for _ in models[0].buffers())
             task = bar.add_task(
                 f"evaluate {name} x{num_eval} ({'together' if batched else 'one by one'})",

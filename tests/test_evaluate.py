@@ -1,0 +1,296 @@
+"""Evaluation: the protocol, the two training paths, the task through train.py and as a library."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import train
+from datamodules.cifar import CIFARDataModule
+from datamodules.syn_set import SyntheticSet
+from lightning_modules.errors import UserError
+from lightning_modules.evaluation import (
+    _Protocol,
+    check_net_names,
+    evaluate_set,
+    init_parameters,
+    network_seed,
+    results_markdown,
+)
+from lightning_modules.nets import build_classifier
+from tests.conftest import run_train
+
+
+@pytest.fixture(scope="module")
+def tiny_dm(tmp_path_factory):
+    from tests.helpers import write_cifar
+
+    root = tmp_path_factory.mktemp("evaldata")
+    write_cifar(root, "cifar10", train_per_class=6, test_per_class=4)
+    dm = CIFARDataModule(
+        "cifar10", data_dir=str(root), download=False, cache_dir=str(root / "cache")
+    )
+    dm.setup()
+    return dm
+
+
+def make_set_file(dm, path, ipc=2, lr=0.02):
+    g = torch.Generator().manual_seed(0)
+    images = torch.cat([dm.real_images(c, ipc, g) for c in range(dm.num_classes)])
+    labels = torch.arange(dm.num_classes).repeat_interleave(ipc)
+    SyntheticSet(
+        images, labels, lr, dm.transform.state_dict(), dm.name, ipc, "random", {"seed": 0}
+    ).save(path)
+    return path
+
+
+def small(**kw):
+    base = dict(nets=["convnet"], num_classes=10, lr=0.01, num_eval=2, epochs=2, progress=False)
+    return {**base, **kw}
+
+
+def test_results_have_the_agreed_shape(tiny_dm):
+    x, y = tiny_dm.train_x[:20], tiny_dm.train_y[:20]
+    res = evaluate_set(x, y, tiny_dm.test_x, tiny_dm.test_y, **small(nets=["convnet", "alexnet"]))
+    assert list(res) == ["convnet", "alexnet"]
+    for r in res.values():
+        assert len(r["accs"]) == 2 and all(0 <= a <= 100 for a in r["accs"])
+        assert r["mean"] == pytest.approx(sum(r["accs"]) / 2)
+        assert r["std"] == pytest.approx(abs(r["accs"][0] - r["accs"][1]) / 2)  # population std
+        # accuracies on 40 test images are multiples of 2.5 %
+        assert all(abs(a / 2.5 - round(a / 2.5)) < 1e-6 for a in r["accs"])
+    table = results_markdown(res, "title")
+    assert (
+        "**title**" in table and "| convnet |" in table and "±" in table and "| alexnet |" in table
+    )
+
+
+def test_training_on_the_set_learns(tiny_dm):
+    """Colour-coded classes: a few epochs on 60 images beat chance (10 %) by far (~90 %)."""
+    res = evaluate_set(
+        tiny_dm.train_x,
+        tiny_dm.train_y,
+        tiny_dm.test_x,
+        tiny_dm.test_y,
+        **small(epochs=4, num_eval=1, dsa_strategy="none", lr=0.01, batch_size=32),
+    )
+    assert res["convnet"]["mean"] > 50
+    assert res["convnet"]["train_loss"][0] < 2.0  # started at ~log(10) = 2.3
+
+
+def test_together_and_one_by_one_train_the_same_networks(tiny_dm):
+    x, y = tiny_dm.train_x[:24], tiny_dm.train_y[:24]
+    kw = small(num_eval=2, epochs=2, batch_size=16, return_nets=True)  # two batches per epoch
+    vec = evaluate_set(x, y, tiny_dm.test_x, tiny_dm.test_y, together=True, **kw)
+    seq = evaluate_set(x, y, tiny_dm.test_x, tiny_dm.test_y, together=False, **kw)
+    assert vec["convnet"]["accs"] == seq["convnet"]["accs"]
+    assert vec["convnet"]["train_loss"] == pytest.approx(seq["convnet"]["train_loss"], rel=1e-4)
+    for a, b in zip(vec["_nets"]["convnet"], seq["_nets"]["convnet"]):
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert torch.allclose(p, q, atol=1e-4)
+    # and the networks differ from each other (own init, order and DSA draws)
+    first, second = vec["_nets"]["convnet"]
+    assert not torch.allclose(first.classifier.weight, second.classifier.weight)
+
+
+def test_seeded_repeatable_and_global_rng_untouched(tiny_dm):
+    x, y = tiny_dm.train_x[:20], tiny_dm.train_y[:20]
+    state = torch.get_rng_state()
+    a = evaluate_set(x, y, tiny_dm.test_x, tiny_dm.test_y, seed=5, return_nets=True, **small())
+    assert torch.equal(torch.get_rng_state(), state)  # nothing drew from the global generator
+    b = evaluate_set(x, y, tiny_dm.test_x, tiny_dm.test_y, seed=5, return_nets=True, **small())
+    c = evaluate_set(x, y, tiny_dm.test_x, tiny_dm.test_y, seed=6, return_nets=True, **small())
+    wa, wb, wc = (r["_nets"]["convnet"][0].classifier.weight for r in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.allclose(wa, wc)
+    assert (
+        network_seed(0, "convnet", 0)
+        != network_seed(0, "convnet", 1)
+        != network_seed(1, "convnet", 0)
+    )
+
+
+def test_init_parameters_matches_pytorch_default_ranges():
+    net = build_classifier("convnet", 3, 10, 32)
+    init_parameters(net, torch.Generator().manual_seed(0))
+    conv = net.features[0]
+    bound = (
+        1 / (conv.weight[0].numel()) ** 0.5
+    )  # kaiming_uniform(a=sqrt 5) gives U(±1/sqrt(fan_in))
+    assert conv.weight.abs().max() <= bound and conv.weight.abs().max() > 0.9 * bound
+    assert conv.bias.abs().max() <= bound
+    assert torch.equal(net.features[1].weight, torch.ones(128))  # instance-norm scale
+
+
+def test_lr_drops_tenfold_at_half():
+    proto = _Protocol(
+        lr=0.1,
+        epochs=10,
+        batch_size=4,
+        momentum=0.9,
+        weight_decay=0,
+        dsa_strategy="none",
+        eval_batch_size=8,
+    )
+    assert [proto.lr_at(e) for e in (0, 4)] == [0.1, 0.1]
+    assert [proto.lr_at(e) for e in (5, 9)] == pytest.approx([0.01, 0.01])
+    one = _Protocol(
+        lr=0.1,
+        epochs=1,
+        batch_size=4,
+        momentum=0.9,
+        weight_decay=0,
+        dsa_strategy="none",
+        eval_batch_size=8,
+    )
+    assert one.lr_at(0) == 0.1
+
+
+def test_bad_arguments_are_user_errors(tiny_dm):
+    x, y = tiny_dm.train_x[:10], tiny_dm.train_y[:10]
+    with pytest.raises(
+        UserError, match=r"unknown net\(s\) \['lenet'\].*valid: convnet, alexnet, vgg11, resnet18"
+    ):
+        evaluate_set(x, y, x, y, **small(nets=["convnet", "lenet"]))
+    with pytest.raises(UserError, match="positive"):
+        evaluate_set(x, y, x, y, **small(lr=-0.01))
+    with pytest.raises(UserError, match="empty"):
+        evaluate_set(x[:0], y[:0], x, y, **small())
+    with pytest.raises(UserError, match="together"):
+        evaluate_set(x, y, x, y, **small(together="sometimes"))
+    assert check_net_names(["ConvNet", "resnet18-ap"]) == ["convnet", "resnet18_ap"]
+
+
+# -- the task -----------------------------------------------------------------------------------
+
+
+def test_task_as_library_call(compose, tiny_data, tmp_path):
+    dm = CIFARDataModule(
+        "cifar10", data_dir=str(tiny_data), download=False, cache_dir=str(tmp_path / "cache")
+    )
+    dm.setup()
+    set_file = make_set_file(dm, tmp_path / "set.pt", lr=0.02)
+    cfg = compose(
+        "task=evaluate",
+        f"evaluate.set={set_file}",
+        "evaluate.nets=[convnet,alexnet]",
+        "evaluate.num_eval=2",
+        "evaluate.epochs=2",
+        f"dataset.data_dir={tiny_data}",
+        "dataset.download=false",
+        "logger=csv",
+    )
+    summary = train.run(cfg)
+    out = tmp_path / "outputs" / "run"
+    for name in ("convnet", "alexnet"):
+        assert f"acc_{name}_mean" in summary and f"acc_{name}_std" in summary
+    assert summary["lr"] == pytest.approx(0.02)  # the set's learned lr
+    assert summary["objective"] == summary["acc_convnet_mean"]
+    assert json.loads((out / "summary.json").read_text())["table"] == summary["table"]
+    assert (out / "results.md").read_text() == summary["table"]
+    record = json.loads((out / "results.json").read_text())
+    assert record["results"]["alexnet"]["accs"] == summary["acc_alexnet_runs"]
+    assert (out / "set.png").stat().st_size > 0
+    logged = (out / "csv" / "metrics.csv").read_text()
+    assert "evaluate/acc_convnet_mean" in logged
+
+
+def test_task_full_train_split(compose, tiny_data):
+    cfg = compose(
+        "task=evaluate",
+        "evaluate.set=full",
+        "evaluate.nets=[convnet]",
+        "evaluate.num_eval=1",
+        "evaluate.epochs=1",
+        f"dataset.data_dir={tiny_data}",
+        "dataset.download=false",
+        "dataset.train_per_class=3",
+        "logger=none",
+    )
+    summary = train.run(cfg)
+    assert summary["train_images"] == 30 and summary["lr"] == 0.01
+
+
+def test_task_refuses_a_set_of_another_dataset(compose, tiny_data, tmp_path):
+    dm = CIFARDataModule(
+        "cifar100", data_dir=str(tiny_data), download=False, cache_dir=str(tmp_path / "cache")
+    )
+    dm.setup()
+    set_file = make_set_file(dm, tmp_path / "c100.pt", ipc=1)
+    cfg = compose(
+        "task=evaluate", f"evaluate.set={set_file}", f"dataset.data_dir={tiny_data}", "logger=none"
+    )
+    with pytest.raises(
+        UserError, match="is for cifar100 but dataset=cifar10; run with dataset=cifar100"
+    ):
+        train.run(cfg)
+
+
+def test_task_missing_or_absent_set(compose, tiny_data, tmp_path):
+    common = [f"dataset.data_dir={tiny_data}", "dataset.download=false", "logger=none"]
+    with pytest.raises(UserError, match="does not exist"):
+        train.run(compose("task=evaluate", f"evaluate.set={tmp_path / 'missing.pt'}", *common))
+    with pytest.raises(UserError, match="give the set to evaluate"):
+        train.run(compose("task=evaluate", *common))
+
+
+@pytest.mark.slow
+def test_train_py_prints_the_table_and_writes_summary(tiny_data, tmp_path):
+    dm = CIFARDataModule(
+        "cifar10", data_dir=str(tiny_data), download=False, cache_dir=str(tmp_path / "cache")
+    )
+    dm.setup()
+    set_file = make_set_file(dm, tmp_path / "set.pt")
+    common = [
+        f"dataset.data_dir={tiny_data}",
+        "dataset.download=false",
+        f"paths.runs_dir={tmp_path / 'runs'}",
+    ]
+    done = run_train(
+        "task=evaluate",
+        f"evaluate.set={set_file}",
+        "evaluate.nets=[convnet,alexnet]",
+        "evaluate.num_eval=2",
+        "evaluate.epochs=2",
+        "logger=none",
+        *common,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| convnet |" in done.stdout and "| alexnet |" in done.stdout and "±" in done.stdout
+    (summary_path,) = (tmp_path / "runs" / "evaluate").glob("*/summary.json")
+    summary = json.loads(summary_path.read_text())
+    assert {
+        "acc_convnet_mean",
+        "acc_convnet_std",
+        "acc_alexnet_mean",
+        "acc_alexnet_std",
+        "table",
+    } <= set(summary)
+    assert "| convnet |" in summary["table"]
+
+
+@pytest.mark.slow
+def test_train_py_bad_input_is_one_line(tiny_data, tmp_path):
+    common = [
+        f"dataset.data_dir={tiny_data}",
+        "dataset.download=false",
+        "logger=none",
+        f"paths.runs_dir={tmp_path}",
+    ]
+    (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04 truncated")
+    cases = {
+        (
+            "evaluate.set=full",
+            "evaluate.nets=[convnet,lenet]",
+        ): "unknown net(s) ['lenet'] in evaluate.nets; valid: convnet",
+        (f"evaluate.set={tmp_path / 'corrupt.pt'}",): "truncated or corrupt",
+    }
+    for overrides, message in cases.items():
+        done = run_train("task=evaluate", *overrides, *common, cwd=tmp_path)
+        assert done.returncode == 2, done.stderr[-2000:]
+        lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
+            done.stderr
+        )
