@@ -100,6 +100,7 @@ def student_unroll(
     augment: Augment | None = None,
     generator: torch.Generator | None = None,
     mode: str = "full",
+    keep_on: str | torch.device | None = None,
 ) -> torch.Tensor:
     """Unroll ``steps`` SGD steps of the student and return its last parameters θ_J.
 
@@ -116,6 +117,8 @@ def student_unroll(
             a ``full`` unroll advances it, whatever the mode. ``None`` (only without ``augment``):
             chunks in index order.
         mode: ``full`` or ``recompute`` (same result; recompute's memory is constant in J).
+        keep_on: ``recompute`` only: device that holds the J stored parameter vectors (e.g.
+            ``"cpu"`` to keep GPU memory independent of J); None: the images' device.
 
     Returns:
         θ_J ``[P]``, differentiable with respect to ``images``, ``lr`` and ``theta0``.
@@ -125,7 +128,7 @@ def student_unroll(
     if mode == "full":
         return _unroll_full(loss_fn, theta0, images, labels, lr, steps, chunks, augment, generator)
     return _RecomputeUnroll.apply(
-        theta0, images, lr, labels, loss_fn, steps, chunks, augment, generator
+        theta0, images, lr, labels, loss_fn, steps, chunks, augment, generator, keep_on
     )
 
 
@@ -146,7 +149,9 @@ class _RecomputeUnroll(torch.autograd.Function):
     """θ_J with a backward pass that recomputes one step's graph at a time (see module doc)."""
 
     @staticmethod
-    def forward(ctx, theta0, images, lr, labels, loss_fn, steps, chunks, augment, generator):
+    def forward(
+        ctx, theta0, images, lr, labels, loss_fn, steps, chunks, augment, generator, keep_on
+    ):
         images_d, lr_d = images.detach(), lr.detach()
         theta = theta0.detach()
         thetas, indices, states = [], [], []
@@ -159,7 +164,7 @@ class _RecomputeUnroll(torch.autograd.Function):
                 if augment is not None:
                     x = augment(x, generator)
                 (grad,) = torch.autograd.grad(loss_fn(leaf, x, labels[idx]), leaf)
-            thetas.append(theta.detach())
+            thetas.append(theta.detach() if keep_on is None else theta.detach().to(keep_on))
             indices.append(idx)
             states.append(state)
             theta = (theta.detach() - lr_d * grad).detach()
@@ -180,7 +185,7 @@ class _RecomputeUnroll(torch.autograd.Function):
         for j in reversed(range(len(thetas))):
             idx = ctx.indices[j]
             with torch.enable_grad():
-                theta = thetas[j].detach().requires_grad_(True)
+                theta = thetas[j].detach().to(adjoint.device).requires_grad_(True)
                 chunk = images.detach()[idx].requires_grad_(want_images)
                 alpha = lr.detach().requires_grad_(want_lr)
                 x = chunk
@@ -201,5 +206,5 @@ class _RecomputeUnroll(torch.autograd.Function):
                     grad_images.index_add_(0, idx, g.detach())
             if want_lr:
                 grad_lr += rest.pop(0).detach().reshape(grad_lr.shape)
-        # no gradients for labels, loss_fn, steps, chunks, augment, generator
-        return (lam if want_theta0 else None, grad_images, grad_lr) + (None,) * 6
+        # no gradients for labels, loss_fn, steps, chunks, augment, generator, keep_on
+        return (lam if want_theta0 else None, grad_images, grad_lr) + (None,) * 7

@@ -80,6 +80,20 @@ def test_recompute_equals_full_float32_with_dsa():
         torch.testing.assert_close(rec[key], full[key], rtol=2e-4, atol=1e-6)
 
 
+def test_recompute_keep_on_cpu_is_the_same():
+    a = grads_of("recompute", dsa_augment)
+    net, layout, start, target, images, labels = tiny_problem()
+    images = images.clone().requires_grad_(True)
+    lr = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    end = student_unroll(
+        classifier_loss(net, layout), start, images, labels, lr, steps=5, batch_syn=5,
+        augment=dsa_augment, generator=torch.Generator().manual_seed(0), mode="recompute",
+        keep_on="cpu",
+    )  # fmt: skip
+    matching_loss(end, start, target, prune_mask(end, target, 0.1)).backward()
+    torch.testing.assert_close(images.grad, a["images"], rtol=0, atol=0)
+
+
 def test_draws_differ_between_generator_states():
     """The augmentation matters: another generator state gives another gradient."""
     a = grads_of("recompute", dsa_augment, seed=0)
@@ -115,3 +129,24 @@ def test_bad_arguments():
         student_unroll(
             classifier_loss(net), start, images, labels, lr, steps=1, augment=dsa_augment
         )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("keep_on", [None, "cpu"])
+def test_recompute_equals_full_on_cuda(keep_on):
+    """Same check on the GPU: CPU generators drive the draws for CUDA images."""
+    net, layout, start, target, images, labels = tiny_problem(torch.float64)
+    net, start, target, labels = net.cuda(), start.cuda(), target.cuda(), labels.cuda()
+    out = {}
+    for mode in ("full", "recompute"):
+        x = images.cuda().requires_grad_(True)
+        lr = torch.tensor(0.05, dtype=torch.float64, device="cuda", requires_grad=True)
+        end = student_unroll(
+            classifier_loss(net, layout), start, x, labels, lr, steps=5, batch_syn=5,
+            augment=dsa_augment, generator=torch.Generator().manual_seed(0), mode=mode,
+            keep_on=keep_on if mode == "recompute" else None,
+        )  # fmt: skip
+        matching_loss(end, start, target, prune_mask(end, target, 0.1)).backward()
+        out[mode] = (x.grad, lr.grad)
+    for a, b in zip(out["full"], out["recompute"]):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)

@@ -368,6 +368,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         syn_steps=int(d.syn_steps),
         batch_syn=batch_syn_value(d.batch_syn),
         unroll=str(d.unroll),
+        offload=bool(d.offload),
         dsa=make_dsa(d),
         lr_floor=float(d.lr_floor),
         max_bad_steps=int(d.max_bad_steps),
