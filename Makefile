@@ -6,6 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 ARGS ?=
+# the project's machines keep real CIFAR beside the checkout; elsewhere data/ (downloaded)
+DATA ?= $(if $(wildcard ../shared/data/cifar-10-batches-py),../shared/data,)
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,7 +20,7 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 train: setup
-	$(BIN)/python train.py $(ARGS)
+	$(BIN)/python train.py $(if $(DATA),paths.data_dir=$(DATA)) $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q $(ARGS)
