@@ -14,11 +14,27 @@ from collections.abc import Callable
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from lightning_modules.diffusion.schedules import NoiseSchedule
 from lightning_modules.diffusion.steppers import Stepper
 from lightning_modules.errors import UserError
+
+
+def ema_with_warmup(decay: float):
+    """EMA update with decay min(decay, (1 + n) / (10 + n)) after n updates.
+
+    A fixed 0.999 average of a short run is mostly the random initialisation; the warm-up
+    lets the average follow the weights early and settle to ``decay`` later.
+    """
+
+    @torch.no_grad()
+    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        n = float(num_averaged)
+        d = min(decay, (1 + n) / (10 + n))
+        torch._foreach_lerp_(averaged, current, 1 - d)
+
+    return update
 
 
 class DDPMModule(L.LightningModule):
@@ -30,8 +46,8 @@ class DDPMModule(L.LightningModule):
         make_stepper: ``make_stepper(eps_net) -> Stepper``, called once the net is on its device.
         train_data: the whole training set in model space; a stepper that calls ``draw()`` more
             than once per step gets random batches of it after the loader's batch.
-        ema_decay: keep an exponential moving average of the weights (None = off); sampling
-            then uses the average.
+        ema_decay: keep an exponential moving average of the weights (None = off), with the
+            warm-up of ``ema_with_warmup``; sampling then uses the average.
         seed: seeds this module's generators (offset by the DDP rank for training noise).
         describe: a short "what was run" string for error messages (optimizer and lr).
         on_epoch_end: ``f(module, epoch)`` called on rank zero after every training epoch.
@@ -65,7 +81,7 @@ class DDPMModule(L.LightningModule):
                     f"ddpm.ema={ema_decay}: an EMA decay is in (0, 1), e.g. 0.999, or null for none"
                 )
             self.ema = AveragedModel(
-                eps_net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True
+                eps_net, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True
             )
             self.ema.requires_grad_(False)
         self.stepper: Stepper | None = None

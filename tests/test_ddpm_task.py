@@ -244,3 +244,18 @@ def test_bad_input_is_one_line(tmp_path, tiny_data):
         cwd=tmp_path,
     )
     _one_line_error(out, "loss became", "ddpm.lr")
+
+
+def test_ema_warm_up_follows_early_weights():
+    from torch.optim.swa_utils import AveragedModel
+
+    from lightning_modules.ddpm import ema_with_warmup
+
+    net = torch.nn.Linear(2, 1)
+    ema = AveragedModel(net, multi_avg_fn=ema_with_warmup(0.999), use_buffers=True)
+    ema.update_parameters(net)  # first update copies
+    start = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update_parameters(net)  # n = 1: decay min(0.999, 2 / 11)
+    torch.testing.assert_close(ema.module.weight, start + (1 - 2 / 11))
