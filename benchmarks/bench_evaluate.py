@@ -1,11 +1,12 @@
-"""Evaluation time of ``num_eval`` networks on an IPC-10 CIFAR-10-shaped set: one by one vs together.
+"""Evaluation time of ``num_eval`` networks on an IPC-10 CIFAR-10-shaped set: one by one, together.
 
 Random images stand in for a distilled set (the time does not depend on the pixels). Both paths
 train the same networks with the same randomness, so the accuracies must agree; the table checks
 that as well.
 
     python benchmarks/bench_evaluate.py                         # small, about a minute on a CPU
-    python benchmarks/bench_evaluate.py --epochs 50 --device cuda --nets convnet alexnet vgg11 resnet18
+    python benchmarks/bench_evaluate.py --epochs 200 --device cuda --test-images 10000 \
+        --nets convnet alexnet vgg11 resnet18
 """
 
 from __future__ import annotations
@@ -78,26 +79,26 @@ def main(argv=None) -> list[dict]:
             )
         rows.append({"net": "all", "together": together, "seconds": total, "accs": []})
     threads = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{threads} threads"
     print(
-        f"\n{args.num_eval} networks, IPC {args.ipc} x {args.classes} classes ({n} images), {args.epochs} epochs, "
-        f"DSA {args.dsa or 'none'}, {args.test_images} test images, device {device} "
-        f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{threads} threads'})\n"
+        f"\n{args.num_eval} networks, IPC {args.ipc} x {args.classes} classes ({n} images), "
+        f"{args.epochs} epochs, DSA {args.dsa or 'none'}, {args.test_images} test images, "
+        f"device {device} ({where})\n"
     )
     print(
-        "| net | one by one (s) | together (s) | speed-up | ms / epoch together | acc % one by one / together |"
+        "| net | one by one (s) | together (s) | speed-up | ms / epoch together "
+        "| acc % one by one / together |"
     )
     print("|---|---|---|---|---|---|")
     for name in [*args.nets, "all"]:
         seq = next(r for r in rows if r["net"] == name and not r["together"])
         vec = next(r for r in rows if r["net"] == name and r["together"])
-        # same networks and randomness; float rounding differs, so long runs drift apart on noise data
-        accs = (
-            "-"
-            if name == "all"
-            else f"{sum(seq['accs']) / len(seq['accs']):.1f} / {sum(vec['accs']) / len(vec['accs']):.1f}"
-        )
+        # same networks and randomness; float rounding differs, so long runs drift apart on noise
+        mean_seq, mean_vec = (sum(r["accs"]) / max(1, len(r["accs"])) for r in (seq, vec))
+        accs = "-" if name == "all" else f"{mean_seq:.1f} / {mean_vec:.1f}"
+        speed_up = seq["seconds"] / vec["seconds"]
         print(
-            f"| {name} | {seq['seconds']:.2f} | {vec['seconds']:.2f} | {seq['seconds'] / vec['seconds']:.2f}x | "
+            f"| {name} | {seq['seconds']:.2f} | {vec['seconds']:.2f} | {speed_up:.2f}x | "
             f"{1000 * vec['seconds'] / args.epochs:.1f} | {accs} |"
         )
     return rows

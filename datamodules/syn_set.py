@@ -139,7 +139,8 @@ class SyntheticSet:
             )
         if state.get("version", 0) > VERSION:
             raise UserError(
-                f"set file {path} has format version {state['version']}; this code reads up to {VERSION}"
+                f"set file {path} has format version {state['version']}; "
+                f"this code reads up to {VERSION}"
             )
         missing = [k for k in _KEYS if k not in state]
         if missing:
@@ -151,13 +152,14 @@ class SyntheticSet:
 
     # -- checks -------------------------------------------------------------------------------
     def check_against(self, dm) -> None:
-        """``UserError`` unless ``dm`` (set up) has this set's dataset, classes, image size and transform."""
+        """``UserError`` unless the set-up ``dm`` has the dataset, classes, size and transform."""
         if getattr(dm, "transform", None) is None:
             raise ValueError("check_against needs a datamodule after setup()")
         name = getattr(dm, "name", None)
         if name is not None and name != self.dataset:
             raise UserError(
-                f"set {self.name} is for {self.dataset} but dataset={name}; run with dataset={self.dataset}"
+                f"set {self.name} is for {self.dataset} but dataset={name}; "
+                f"run with dataset={self.dataset}"
             )
         if len(self.labels) and int(self.labels.max()) >= dm.num_classes:
             raise UserError(
@@ -180,7 +182,8 @@ class SyntheticSet:
             )
         if ours.kind != "zca" and theirs.kind == "zca":
             raise UserError(
-                f"set {self.name} is mean/std normalised but dataset.zca=true; drop dataset.zca=true"
+                f"set {self.name} is mean/std normalised but dataset.zca=true; "
+                "drop dataset.zca=true"
             )
         raise UserError(
             f"set {self.name} maps pixels with {ours.describe()}, the dataset with "
@@ -190,7 +193,7 @@ class SyntheticSet:
 
     # -- viewing ------------------------------------------------------------------------------
     def grid(self, num_classes: int | None = None, pad: int = 2) -> torch.Tensor:
-        """The images as one ``[H', W', C]`` array in [0, 1]: one row per class, transform undone."""
+        """The images as one ``[H', W', C]`` array in [0, 1], a row per class, transform undone."""
         k = num_classes or (int(self.labels.max()) + 1 if len(self.labels) else 0)
         pixels = self.pixel_transform.inverse(self.images).clamp(0, 1)
         c, h, w = pixels.shape[1:]

@@ -271,12 +271,13 @@ def evaluate_set(
     eval_batch_size: int = 1000,
     return_nets: bool = False,
 ) -> dict:
-    """Train ``num_eval`` fresh networks of each architecture on (images, labels); test on the real split.
+    """Train ``num_eval`` fresh networks per architecture on (images, labels); test on real data.
 
     Args:
         images, labels: the training set, ``[N, C, H, W]`` in model input space and ``[N]``.
         test_x, test_y: the real test split in the same input space.
-        nets: architecture names (``convnet``, ``alexnet``, ``vgg11``, ``resnet18``, ``resnet18_ap``).
+        nets: architecture names (``convnet``, ``alexnet``, ``vgg11``, ``resnet18``,
+            ``resnet18_ap``).
         lr: learning rate (the set's learned lr for distilled sets).
         together: ``True`` trains the ``num_eval`` networks of one architecture as one
             ``vmap``-batched network, ``False`` one after another with the same randomness (the

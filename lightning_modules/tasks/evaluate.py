@@ -38,7 +38,8 @@ def load_training_set(e: DictConfig, dm):
     """``(images, labels, lr, description, SyntheticSet | None)`` for ``evaluate.set``."""
     if e.set is None or str(e.set).strip() == "":
         raise UserError(
-            "give the set to evaluate: evaluate.set=<file.pt> (from task=distill/coreset) or evaluate.set=full"
+            "give the set to evaluate: evaluate.set=<file.pt> (from task=distill/coreset) "
+            "or evaluate.set=full"
         )
     if str(e.set).lower() == "full":
         lr = DEFAULT_LR if e.lr is None else float(e.lr)
@@ -153,7 +154,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         together=together if isinstance(together, bool) else str(together),
         eval_batch_size=int(e.get("eval_batch_size", 1000)),
     )
-    title = f"{description}; {e.epochs} epochs, lr {lr:g}, DSA {e.dsa_strategy or 'none'}, test on {len(dm.test_x)} real images"
+    title = (
+        f"{description}; {e.epochs} epochs, lr {lr:g}, DSA {e.dsa_strategy or 'none'}, "
+        f"test on {len(dm.test_x)} real images"
+    )
     table = results_markdown(results, title)
     print("\n" + table, flush=True)
     _write_text(out_dir / "results.md", table)
