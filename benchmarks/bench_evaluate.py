@@ -33,9 +33,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--ipc", type=int, default=10)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument(
-        "--epochs", type=int, default=4, help="epochs per network (the protocol uses 1000)"
+        "--epochs", type=int, default=3, help="epochs per network (the protocol uses 1000)"
     )
-    parser.add_argument("--test-images", type=int, default=1000)
+    parser.add_argument("--test-images", type=int, default=500)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dsa", default="color_crop_cutout_flip_scale_rotate")
     args = parser.parse_args(argv)
@@ -86,7 +86,7 @@ def main(argv=None) -> list[dict]:
         f"device {device} ({where})\n"
     )
     print(
-        "| net | one by one (s) | together (s) | speed-up | ms / epoch together "
+        "| net | one by one (s) | together (s) | speed-up | ms / epoch together (incl. test) "
         "| acc % one by one / together |"
     )
     print("|---|---|---|---|---|---|")
