@@ -81,3 +81,11 @@ def test_bad_basis_sizes():
         BSplineBasis(torch.zeros(1), torch.ones(1), num_basis=2, degree=2)
     with pytest.raises(UserError, match="upper bound"):
         BSplineBasis(torch.ones(1), torch.ones(1), num_basis=5, degree=2)
+
+
+@pytest.mark.parametrize("degree", [1, 2, 3])
+def test_greville_abscissae_reproduce_linear_functions(degree):
+    basis = _basis(degree, m=8)
+    u = basis.lower + (basis.upper - basis.lower) * torch.rand(500, 2, dtype=torch.float64)
+    linear = (basis.dense(u) * basis.greville()[None]).sum(-1)
+    torch.testing.assert_close(linear, u)

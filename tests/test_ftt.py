@@ -116,7 +116,7 @@ def test_support_covers_the_forward_process():
     for x0, e in [(hi, 4.0), (lo, -4.0)]:
         xt = a * x0.double() + b * e
         assert (xt <= net.x_basis.upper + 1e-9).all() and (xt >= net.x_basis.lower - 1e-9).all()
-    additive = FunctionalTT(data_shape=(2,), data_bounds=(lo, hi), time="additive")
+    additive = FunctionalTT(data_shape=(2,), data_bounds=(lo, hi), margin=4.0, time="additive")
     torch.testing.assert_close(additive.x_basis.upper, net.x_basis.upper + 1)
 
 
@@ -163,3 +163,17 @@ def test_config_instantiates(compose):
         and net.time_mode == "core"
         and net.num_basis == cfg.eps_net.time_basis
     )
+
+
+@pytest.mark.parametrize("time", ["additive", "core"])
+def test_linear_init_predicts_the_clamped_input(time):
+    from lightning_modules.tt.ftt import sinusoidal_encoding
+
+    net = FunctionalTT(data_shape=(2,), timesteps=100, time=time, init="linear", init_noise=0.0)
+    x, t = _batch((2,), n=200, scale=3.0)
+    u = x.double() + (sinusoidal_encoding(t, 2) if time == "additive" else 0)
+    expected = net.x_basis.clamp(u).float()
+    torch.testing.assert_close(net(x, t), expected, atol=1e-5, rtol=1e-5)
+    assert (net.x_basis.clamp(u) != u).any()  # some inputs were outside the support
+    with pytest.raises(UserError, match="init=linear needs eps_net.output=per_coordinate"):
+        FunctionalTT(data_shape=(3,), output="core", init="linear")

@@ -311,6 +311,10 @@ def test_make_tt_stepper_from_config(name):
     assert isinstance(first["loss"], float) and second["loss"] < first["loss"]
     assert any(not torch.equal(a, b) for a, b in zip(before, model.cores))
     assert len(calls) == 2  # riemannian: one batch a step; als: 512 samples = one draw of 512
+    if name == "als":
+        resumed = make_tt_stepper(name, model, cfg)
+        resumed.load_state_dict(stepper.state_dict())
+        assert resumed.state_dict() == stepper.state_dict() == {"sweeps_done": 2}
 
 
 def test_make_tt_stepper_errors():

@@ -127,12 +127,12 @@ def core_gradient(iface: CoreInterfaces, weights: torch.Tensor, mode_size: int) 
     return grad.reshape(P, mode_size, r0, r1).permute(0, 2, 1, 3)
 
 
-def gram(iface: CoreInterfaces, mode_size: int) -> torch.Tensor:
+def gram(iface: CoreInterfaces, mode_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """``Σ_rows z zᵀ``, ``z = vec(left ⊗ φ ⊗ right)`` in core order ``(a, i, b)``: ``[P, F, F]``.
 
     A row touches only its ``s`` active basis functions, so rows are grouped by their first active
     index and each group adds one dense ``(s r r')²`` block: ``O(N s² r² r'²)`` instead of the
-    ``O(N n² r² r'²)`` of dense features.
+    ``O(N n² r² r'²)`` of dense features. With ``out`` given, adds into it (accumulation).
     """
     left, right = iface.left, iface.right
     P, N, J, r0 = left.shape
@@ -149,7 +149,8 @@ def gram(iface: CoreInterfaces, mode_size: int) -> torch.Tensor:
     local = local[:, order].reshape(P, N * J, s * r0 * r1)
     groups = torch.split(local, counts, dim=1)
     size = r0 * mode_size * r1
-    out = torch.zeros(P, size, size, dtype=left.dtype, device=left.device)
+    if out is None:
+        out = torch.zeros(P, size, size, dtype=left.dtype, device=left.device)
     a = torch.arange(r0, device=left.device)[None, :, None]
     b = torch.arange(r1, device=left.device)[None, None, :]
     offsets = torch.arange(s, device=left.device)[:, None, None]
@@ -170,7 +171,10 @@ def solve_ridge(
     what: str = "ALS",
     cond_limit: float = 1e12,
 ) -> torch.Tensor:
-    """Solve ``(lhs + ridge I) g = rhs`` per TT by Cholesky (float64).
+    """Solve ``(lhs + ridge · mean(diag(lhs)) I) g = rhs`` per TT by Cholesky (float64).
+
+    The ridge is relative to the mean eigenvalue of ``lhs`` (its mean diagonal), so one value
+    suits any rank, basis size or data scale.
 
     Raises:
         UserError: the system is singular or its condition number (estimated from the Cholesky
@@ -179,7 +183,8 @@ def solve_ridge(
     """
     lhs = lhs.to(torch.float64)
     eye = torch.eye(lhs.shape[-1], dtype=lhs.dtype, device=lhs.device)
-    system = lhs + ridge * eye
+    scale = torch.diagonal(lhs, dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(lhs.dtype).tiny)
+    system = lhs + ridge * scale[:, None, None] * eye
     chol, info = torch.linalg.cholesky_ex(system)
     diag = torch.diagonal(chol, dim1=-2, dim2=-1)
     if bool((info > 0).any()) or not torch.isfinite(diag).all():

@@ -4,7 +4,8 @@ With all cores but ``G_k`` fixed, the DDPM loss ``mean ||ε - ε_θ(x_t, t)||²`
 squares problem in ``G_k`` (:meth:`FunctionalTT.interfaces`). One ALS sweep visits every core
 once, left to right or right to left (alternating), solving
 
-    (A / R + ridge I) vec(G_k) = b / R,   A = Σ z zᵀ,  b = Σ z ε,   z = vec(left ⊗ φ_k ⊗ right)
+    (A / R + ridge · mean(diag(A / R)) I) vec(G_k) = b / R,   A = Σ z zᵀ,  b = Σ z ε,
+    z = vec(left ⊗ φ_k ⊗ right)
 
 in float64 over ``R`` (sample, output) rows, and moves the orthogonality centre on by a QR
 (the other cores stay orthonormal, which keeps the systems well conditioned and the gauge fixed).
@@ -43,7 +44,10 @@ class ALS:
 
     Args:
         net: the FTT; its cores are overwritten in place (in their own dtype).
-        ridge: Tikhonov weight on the per-row-mean normal equations (``als.ridge``).
+        ridge: Tikhonov weight (``als.ridge``), relative to the mean diagonal of the normal
+            matrix. Small is right for DDPM data: the splines at the edge of the support see few
+            samples, and a strong ridge pulls their coefficients (ε̂ in the tails) to zero, which
+            lets samples drift out during sampling.
         sweeps: sweeps per :meth:`step` (``als.sweeps``).
         samples: (x_t, t, ε) triples per sweep and rank (``als.samples``).
         batch: rows per accumulation chunk (``als.batch``): bounds the memory of one chunk.
@@ -81,32 +85,33 @@ class ALS:
     # -------------------------------------------------------------------------------- samples
     def collect(self, draw: Callable[[], Triple]) -> list[Triple]:
         """Call ``draw()`` until ``samples`` rows are in hand, cut into chunks of ``batch`` rows."""
-        chunks, have = [], 0
+        draws, have = [], 0
         while have < self.samples:
-            x_t, t, eps = draw()
-            take = min(x_t.shape[0], self.samples - have)
-            if take <= 0:
+            triple = draw()
+            if triple[0].shape[0] == 0:
                 raise UserError("als: draw() returned an empty batch; check the dataset")
-            for start in range(0, take, self.batch):
-                stop = min(start + self.batch, take)
-                chunks.append((x_t[start:stop], t[start:stop], eps[start:stop]))
-            have += take
-        return chunks
+            draws.append(triple)
+            have += triple[0].shape[0]
+        x_t, t, eps = (torch.cat(parts)[: self.samples] for parts in zip(*draws))
+        return [
+            (x_t[i : i + self.batch], t[i : i + self.batch], eps[i : i + self.batch])
+            for i in range(0, self.samples, self.batch)
+        ]
 
     # --------------------------------------------------------------------------------- solves
     def normal_equations(self, cores, k: int, chunks: list[Triple]):
         """``A [P, F, F]``, ``b [P, F]``, ``Σ ε² [P]`` and the row count for core ``k``."""
         net, n = self.net, self.net.mode_sizes[k]
-        lhs = rhs = None
+        size = cores[k][0].numel()
+        lhs = torch.zeros(net.num_tts, size, size, dtype=torch.float64, device=cores[0].device)
+        rhs = torch.zeros(net.num_tts, size, dtype=torch.float64, device=cores[0].device)
         energy = torch.zeros(net.num_tts, dtype=torch.float64, device=cores[0].device)
         rows = 0
         for x_t, t, eps in chunks:
             iface = net.interfaces(k, x_t, t, cores=cores)
             target = net.from_data_layout(eps.to(torch.float64))  # [P, N, J]
-            a = gram(iface, n)
-            b = core_gradient(iface, target, n).reshape(net.num_tts, -1)
-            lhs = a if lhs is None else lhs + a
-            rhs = b if rhs is None else rhs + b
+            gram(iface, n, out=lhs)
+            rhs += core_gradient(iface, target, n).reshape(net.num_tts, -1)
             energy += (target**2).sum((1, 2))
             rows += target.shape[1] * target.shape[2]
         return lhs, rhs, energy, rows

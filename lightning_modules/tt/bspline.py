@@ -54,6 +54,14 @@ class BSplineBasis:
     def num_coords(self) -> int:
         return self.lower.numel()
 
+    def greville(self) -> torch.Tensor:
+        """``[C, m]`` Greville abscissae: ``Σ_i g_i B_i(u) = u`` on the support (degree >= 1)."""
+        q = self.degree
+        if q == 0:
+            return (self.knots[:, :-1] + self.knots[:, 1:]) / 2
+        windows = self.knots[:, 1:].unfold(1, q, 1)[:, : self.num_basis]  # knots i+1 .. i+q
+        return windows.mean(-1)
+
     def clamp(self, u: torch.Tensor) -> torch.Tensor:
         """Clamp ``u`` (``[N, C]``) into the supports, where the splines sum to one."""
         lo = self.lower.to(device=u.device, dtype=u.dtype)

@@ -93,7 +93,11 @@ class FunctionalTT(nn.Module):
         output: ``"per_coordinate"`` (one TT per output coordinate) or ``"core"`` (an
             output-index core).
         init: ``"identity"``: every core slice the identity, boundary cores ones-vectors, scaled so
-            the output is exactly 1 everywhere (splines sum to one), for any ``D``; or ``"random"``.
+            the output is exactly 1 everywhere (splines sum to one), for any ``D``;
+            ``"linear"`` (per_coordinate only): the same, with each TT's own coordinate core
+            weighted by the splines' Greville abscissae, so that ``ε_θ(x_t, t)_p = u_p`` (the
+            clamped input), the optimal noise prediction at high noise for standardised data;
+            or ``"random"``.
         init_noise: standard deviation of Gaussian noise added to the identity slices. Pure
             identity slices make all rank components equal and gradient descent keeps them equal
             (the TT stays rank 1 in effect); a little noise breaks that symmetry.
@@ -115,7 +119,7 @@ class FunctionalTT(nn.Module):
         output: str = "per_coordinate",
         init: str = "identity",
         init_noise: float = 1e-2,
-        margin: float = 4.0,
+        margin: float = 3.0,
         time_basis: int | None = None,
         seed: int = 0,
         name: str = "ftt",
@@ -125,8 +129,13 @@ class FunctionalTT(nn.Module):
             raise UserError(f"eps_net.time={time!r}: use additive (u = x_t + posenc(t)) or core")
         if output not in ("per_coordinate", "core"):
             raise UserError(f"eps_net.output={output!r}: use per_coordinate or core")
-        if init not in ("identity", "random"):
-            raise UserError(f"eps_net.init={init!r}: use identity or random")
+        if init not in ("identity", "linear", "random"):
+            raise UserError(f"eps_net.init={init!r}: use identity, linear or random")
+        if init == "linear" and output != "per_coordinate":
+            raise UserError(
+                "eps_net.init=linear needs eps_net.output=per_coordinate (an output core of "
+                "rank r cannot copy each of D inputs); use eps_net.init=identity"
+            )
         if rank < 1:
             raise UserError(f"eps_net.rank={rank}: the TT rank must be >= 1")
         self.data_shape = tuple(int(s) for s in data_shape)
@@ -167,9 +176,13 @@ class FunctionalTT(nn.Module):
         check_ranks(self.mode_sizes, self.ranks, what="eps_net.rank")
 
         g = torch.Generator().manual_seed(int(seed))
-        self.cores = nn.ParameterList(
-            nn.Parameter(self._initial_core(k, init, init_noise, g)) for k in range(len(sites))
-        )
+        cores = [self._initial_core(k, init, init_noise, g) for k in range(len(sites))]
+        if init == "linear":
+            # TT p's own coordinate core weighted by the Greville abscissae: Σ_i g_i φ_i(u) = u
+            for k, (kind, c) in enumerate(sites):
+                if kind == "x":
+                    cores[k][c] *= self.x_basis.greville()[c].to(cores[k].dtype)[None, :, None]
+        self.cores = nn.ParameterList(nn.Parameter(core) for core in cores)
 
     # ----------------------------------------------------------------------------------- layout
     def _mode_size(self, kind: str) -> int:

@@ -108,12 +108,13 @@ class RiemannianGD:
 
     Args:
         net: the FTT; its cores are overwritten in place by each accepted step.
-        lr: the step size ``α`` (``riemannian.lr``): fixed without Armijo, the first trial step
-            with it.
-        armijo: backtrack until ``f(R(X - α ξ)) <= f(X) - c α ||ξ||²`` (``riemannian.armijo``);
-            ``False`` takes the fixed step ``lr``. Each step's first trial is the previous
-            accepted step, grown by ``1 / shrink`` when it was accepted without backtracking
-            (as Manopt's adaptive line search), so a too small ``lr`` costs only a few steps.
+        lr: the step size ``α`` (``riemannian.lr``): fixed without Armijo, the first trial of
+            every step with it. Its scale is that of the loss (a mean over samples and
+            coordinates), whose gradient is small: hundreds suit the 2-D swiss roll.
+        armijo: backtrack from ``lr`` until ``f(R(X - α ξ)) <= f(X) - c α ||ξ||²`` on the step's
+            batch (``riemannian.armijo``); ``False`` takes the fixed step ``lr``. Growing the
+            trial step beyond ``lr`` (as deterministic line searches do) was tried and dropped:
+            on a minibatch it accepts steps that fit the batch and hurt the population loss.
         shrink: factor applied to ``α`` per backtrack (``riemannian.shrink``).
         max_backtracks: backtracks before giving up (``riemannian.max_backtracks``): a
             :class:`UserError` (one line: lower ``riemannian.lr``), since no descent from a nonzero
@@ -141,7 +142,6 @@ class RiemannianGD:
         self.lr, self.armijo, self.shrink = float(lr), bool(armijo), float(shrink)
         self.max_backtracks, self.armijo_c = int(max_backtracks), float(armijo_c)
         self.rank = net.rank
-        self._initial_step = self.lr
 
     def _loss(self, cores, x_t, t, target, reduce_sum) -> float:
         y = self.net.evaluate(x_t, t, cores=cores)
@@ -190,17 +190,24 @@ class RiemannianGD:
         if grad_sq == 0.0:
             stats["loss_after"] = loss
             return stats  # a stationary point: nothing to do
-        alpha = self._initial_step if self.armijo else self.lr
+        alpha = self.lr
         for attempt in range(self.max_backtracks + 1):
-            candidate, _ = round_tt(tangent_to_cores(left, right, deltas, -alpha), self.rank)
-            new_loss = self._loss(candidate, x_t, t, target, reduce_sum)
+            step = tangent_to_cores(left, right, deltas, -alpha)
+            if not all(torch.isfinite(c).all() for c in step):
+                new_loss = math.inf  # overflow: as bad as no descent
+            else:
+                candidate, _ = round_tt(step, self.rank)
+                new_loss = self._loss(candidate, x_t, t, target, reduce_sum)
+            if not math.isfinite(new_loss) and not self.armijo:
+                raise UserError(
+                    f"riemannian: the fixed step riemannian.lr={self.lr:g} made the loss "
+                    "non-finite; lower riemannian.lr or set riemannian.armijo=true"
+                )
             if not self.armijo or new_loss <= loss - self.armijo_c * alpha * grad_sq:
                 with torch.no_grad():
                     for param, core in zip(net.cores, candidate):
                         param.copy_(core.to(param.dtype))
                 stats.update(loss_after=new_loss, step_size=alpha, backtracks=float(attempt))
-                # next trial step: grow after a first-try success, else start from what worked
-                self._initial_step = alpha / self.shrink if attempt == 0 else alpha
                 return stats
             alpha *= self.shrink
         raise UserError(

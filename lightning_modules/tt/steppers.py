@@ -43,6 +43,13 @@ class ALSStepper:
     def step(self, draw: Draw, reduce_sum=lambda x: x) -> dict[str, float]:
         return self.als.step(draw, reduce_sum)
 
+    def state_dict(self) -> dict:
+        # the cores live in the model's state; fixed samples are redrawn after a resume
+        return {"sweeps_done": self.als.sweeps_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.als.sweeps_done = int(state.get("sweeps_done", 0))
+
 
 class RiemannianStepper:
     """One Riemannian gradient step (with Armijo backtracking) per training step on one batch."""
