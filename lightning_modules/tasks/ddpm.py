@@ -94,6 +94,7 @@ def build_eps_net(cfg: DictConfig, data: DiffusionData, timesteps: int):
 
 def _peak_memory_start(device: torch.device) -> float:
     if device.type == "cuda":
+        torch.cuda.init()  # the peak counters cannot be reset before CUDA is initialised
         torch.cuda.reset_peak_memory_stats(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
