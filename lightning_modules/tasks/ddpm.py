@@ -106,6 +106,15 @@ def _peak_memory(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
 
 
+def _dataset_name(cfg: DictConfig) -> str:
+    """The ``dataset=`` choice when run through Hydra, else the config's name or class."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return str(HydraConfig.get().runtime.choices.get("dataset"))
+    return str(cfg.dataset.get("name") or cfg.dataset._target_.rsplit(".", 1)[-1])
+
+
 def _log_images(logger, key: str, paths: list[Path]) -> None:
     from lightning.pytorch.loggers import WandbLogger
 
@@ -374,6 +383,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "sample_steps": d.sample_steps or schedule.timesteps,
         "eps_net": cfg.eps_net.get("name"),
         "optimizer": d.optimizer,
-        "dataset": str(cfg.dataset.get("name") or cfg.dataset._target_.rsplit(".", 1)[-1]),
+        "dataset": _dataset_name(cfg),
         "objective": result.get("sw", result.get("fid")),
     }
