@@ -279,7 +279,10 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3, help="timed iterations after one warm-up")
     p.add_argument("--modes", default="full,recompute,bare,lightning", help="rows to measure")
-    p.add_argument("--offload", action="store_true", help="recompute keeps its vectors on the CPU")
+    p.add_argument(
+        "--offload", default="auto", choices=("auto", "on", "off"),
+        help="recompute keeps its J parameter vectors in CPU memory (auto: on CUDA, as distill.offload)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -291,6 +294,7 @@ def main() -> None:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = device.startswith("cuda")
+    args.offload = args.offload == "on" or (args.offload == "auto" and gpu)
     ipc = args.ipc or (10 if gpu else 1)
     width = args.width or (128 if gpu else 32)
     steps = [int(s) for s in args.steps.split(",")]
@@ -300,6 +304,7 @@ def main() -> None:
     print(
         f"# CIFAR shapes, IPC {ipc} ({10 * ipc} images, all per step), ConvNet-{args.depth} width {width}, DSA on, eps 0.1"
     )
+    print(f"# recompute keeps its parameter vectors on the {'CPU' if args.offload else 'device'}")
     print(
         f"# median of {args.repeats} iterations after a warm-up; peak memory above the pre-iteration level"
     )

@@ -46,8 +46,8 @@ class DistillationModule(L.LightningModule):
         syn_steps: J, student steps per iteration.
         batch_syn: images per student step (None: all).
         unroll: ``full`` or ``recompute``.
-        offload: ``recompute`` keeps its J parameter vectors in CPU memory (GPU memory then
-            does not grow with ``syn_steps`` at all).
+        offload: ``recompute`` keeps its J parameter vectors in CPU memory, so GPU memory does
+            not grow with ``syn_steps`` at all; ``"auto"``: when the images are on a GPU.
         dsa: a DSA object (``dsa(x, generator)``), or None for no augmentation.
         lr_floor: α is clamped to at least this after every update (logged when it acts).
         max_bad_steps: this many non-finite losses in a row stop the run.
@@ -68,7 +68,7 @@ class DistillationModule(L.LightningModule):
         syn_steps: int = 20,
         batch_syn: int | None = None,
         unroll: str = "full",
-        offload: bool = False,
+        offload: bool | str = "auto",
         dsa=None,
         lr_floor: float = 1e-6,
         max_bad_steps: int = 10,
@@ -80,7 +80,9 @@ class DistillationModule(L.LightningModule):
         self.automatic_optimization = False
         self.eps = check_eps(eps)
         self.syn_steps, self.batch_syn, self.unroll = int(syn_steps), batch_syn, unroll
-        self.keep_on = "cpu" if offload else None
+        if offload not in (True, False, "auto"):
+            raise UserError(f"distill.offload={offload!r}; use auto, true or false")
+        self.offload = offload
         self.lr_img, self.lr_lr, self.momentum = float(lr_img), float(lr_lr), float(momentum)
         # the floor as float32 rounds it, so a clamped α compares equal to it, not below
         self.lr_floor = float(torch.tensor(float(lr_floor), dtype=torch.float32))
@@ -134,10 +136,14 @@ class DistillationModule(L.LightningModule):
             augment=augment,
             generator=generator,
             mode=self.unroll,
-            keep_on=self.keep_on,
+            keep_on=self._keep_on(),
         )
         mask = prune_mask(end, target, self.eps)
         return matching_loss(end, start, target, mask), mask
+
+    def _keep_on(self) -> str | None:
+        on_gpu = self.images.device.type == "cuda"
+        return "cpu" if self.offload is True or (self.offload == "auto" and on_gpu) else None
 
     def training_step(self, batch, batch_idx):
         tic = time.perf_counter()

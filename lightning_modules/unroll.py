@@ -145,6 +145,19 @@ def _unroll_full(loss_fn, theta0, images, labels, lr, steps, chunks, augment, ge
     return theta
 
 
+def _stored(theta: torch.Tensor, keep_on) -> torch.Tensor:
+    """θ_j kept for the backward pass, on ``keep_on``; GPU -> CPU goes to pinned memory
+    asynchronously (stream order keeps it correct), so offloading costs little time."""
+    theta = theta.detach()
+    if keep_on is None:
+        return theta
+    keep_on = torch.device(keep_on)
+    if keep_on.type == "cpu" and theta.is_cuda:
+        host = torch.empty(theta.shape, dtype=theta.dtype, pin_memory=True)
+        return host.copy_(theta, non_blocking=True)
+    return theta.to(keep_on)
+
+
 class _RecomputeUnroll(torch.autograd.Function):
     """θ_J with a backward pass that recomputes one step's graph at a time (see module doc)."""
 
@@ -164,7 +177,7 @@ class _RecomputeUnroll(torch.autograd.Function):
                 if augment is not None:
                     x = augment(x, generator)
                 (grad,) = torch.autograd.grad(loss_fn(leaf, x, labels[idx]), leaf)
-            thetas.append(theta.detach() if keep_on is None else theta.detach().to(keep_on))
+            thetas.append(_stored(theta, keep_on))
             indices.append(idx)
             states.append(state)
             theta = (theta.detach() - lr_d * grad).detach()
@@ -185,7 +198,8 @@ class _RecomputeUnroll(torch.autograd.Function):
         for j in reversed(range(len(thetas))):
             idx = ctx.indices[j]
             with torch.enable_grad():
-                theta = thetas[j].detach().to(adjoint.device).requires_grad_(True)
+                # same-stream copies: ordered after the forward's copy out, no sync needed
+                theta = thetas[j].to(adjoint.device, non_blocking=True).requires_grad_(True)
                 chunk = images.detach()[idx].requires_grad_(want_images)
                 alpha = lr.detach().requires_grad_(want_lr)
                 x = chunk

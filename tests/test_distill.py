@@ -442,16 +442,12 @@ def test_teacher_then_distill_then_evaluate(tiny_data, tmp_path):
         assert (run_dir / name).exists(), name
     syn = SyntheticSet.load(run_dir / "set.pt")
     assert syn.method == "distill" and syn.ipc == 1 and len(syn.images) == 10 and syn.lr > 0
-    if (ROOT / "lightning_modules/tasks/evaluate.py").exists():
-        r = run_train(
-            "task=evaluate",
-            f"evaluate.set={run_dir / 'set.pt'}",
-            *common,
-            "evaluate.epochs=2",
-            "evaluate.num_eval=1",
-            cwd=tmp_path,
-        )
-        assert r.returncode == 0, r.stderr[-3000:]
+    # task=evaluate accepts the set
+    evaluate = ["task=evaluate", f"evaluate.set={run_dir / 'set.pt'}", "evaluate.nets=[convnet]"]
+    r = run_train(*evaluate, *common, "evaluate.epochs=2", "evaluate.num_eval=1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (summary_file,) = (tmp_path / "outputs" / "evaluate").glob("*/summary.json")
+    assert 0 <= json.loads(summary_file.read_text())["acc_convnet_mean"] <= 100
 
 
 @pytest.mark.slow

@@ -135,6 +135,12 @@ def batch_syn_value(value) -> int | None:
     return value
 
 
+def offload_value(value) -> bool | str:
+    if isinstance(value, bool) or str(value).lower() == "auto":
+        return value if isinstance(value, bool) else "auto"
+    raise UserError(f"distill.offload={value!r}; use auto (on a GPU), true or false")
+
+
 def validate(cfg: DictConfig) -> None:
     d = cfg.distill
     try:
@@ -170,6 +176,7 @@ def validate(cfg: DictConfig) -> None:
     if int(cfg.ipc) < 1:
         raise UserError(f"ipc must be at least 1, got {cfg.ipc}")
     batch_syn_value(d.batch_syn)
+    offload_value(d.offload)
 
 
 def expert_store(cfg: DictConfig) -> ExpertStore:
@@ -368,7 +375,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         syn_steps=int(d.syn_steps),
         batch_syn=batch_syn_value(d.batch_syn),
         unroll=str(d.unroll),
-        offload=bool(d.offload),
+        offload=offload_value(d.offload),
         dsa=make_dsa(d),
         lr_floor=float(d.lr_floor),
         max_bad_steps=int(d.max_bad_steps),
