@@ -198,8 +198,8 @@ def check_store(cfg: DictConfig, store: ExpertStore, num_params: int) -> None:
         raise UserError(
             f"no expert trajectories in {store.root} (dataset={cfg.dataset.name}, dataset.zca="
             f"{str(zca).lower()}, net={cfg.net.name}); train them first with: {cmd} "
-            f"teacher.epochs={needed_epochs(cfg.distill)} "
-            "teacher.num_experts=<n>, or point distill.trajectories at a store"
+            f"teacher.num_experts=<n> (at least {needed_epochs(cfg.distill)} epochs each), or point "
+            "distill.trajectories at a store"
         )
     store.check(net=net_options(cfg.net), dataset=cfg.dataset.name, zca=zca, num_params=num_params)
 
@@ -347,12 +347,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     dm = build_datamodule(cfg)
     require_images(dm, "distill")
-    dm.prepare_data()
-    dm.setup()
-    net = build_net(cfg.net, dm)
+    net = build_net(cfg.net, dm)  # channels, size and classes are known before loading the data
     layout = FlatParams(net)
     store = expert_store(cfg)
-    check_store(cfg, store, layout.numel)
+    check_store(cfg, store, layout.numel)  # before the data: a missing store fails in a second
     pairs = ExpertPairsDataModule(
         str(store.root),
         expert_epochs=int(d.expert_epochs),
@@ -362,6 +360,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         max_experts=d.max_experts,
     )
     pairs.setup()
+    dm.prepare_data()
+    dm.setup()
     images, labels = initial_images(cfg, dm)
     module = DistillationModule(
         net,
