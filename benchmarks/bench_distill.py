@@ -20,7 +20,7 @@ Rows:
   framework adds: data, logging, callbacks).
 
     python benchmarks/bench_distill.py                          # CPU: IPC 1, width 32
-    python benchmarks/bench_distill.py --device cuda            # GPU: IPC 10, width 128 (the issue's)
+    python benchmarks/bench_distill.py --device cuda     # GPU: IPC 10, width 128 (the issue's)
     python benchmarks/bench_distill.py --steps 10,80 --ipc 10 --width 128 --repeats 5
 """
 
@@ -120,8 +120,9 @@ def child_unroll(args, mode: str) -> dict:
     def step():
         gen = torch.Generator().manual_seed(next(counter))
         end = student_unroll(
-            loss_fn, start, images, labels, lr, steps=args.syn_steps, augment=lambda x, g: dsa(x, g),
-            generator=gen, mode=mode, keep_on="cpu" if args.offload else None,
+            loss_fn, start, images, labels, lr, steps=args.syn_steps,
+            augment=lambda x, g: dsa(x, g), generator=gen, mode=mode,
+            keep_on="cpu" if args.offload else None,
         )  # fmt: skip
         loss = matching_loss(end, start, target, prune_mask(end, target, 0.1))
         images.grad, lr.grad = torch.autograd.grad(loss, [images, lr])
@@ -281,7 +282,7 @@ def main() -> None:
     p.add_argument("--modes", default="full,recompute,bare,lightning", help="rows to measure")
     p.add_argument(
         "--offload", default="auto", choices=("auto", "on", "off"),
-        help="recompute keeps its J parameter vectors in CPU memory (auto: on CUDA, as distill.offload)",
+        help="recompute keeps its J parameter vectors in CPU memory (auto: on CUDA)",
     )  # fmt: skip
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", default=None, help="also write the results to this file")
@@ -301,19 +302,17 @@ def main() -> None:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     where = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
     print(f"# distillation iteration: {where}, torch {torch.__version__}")
-    print(
-        f"# CIFAR shapes, IPC {ipc} ({10 * ipc} images, all per step), ConvNet-{args.depth} width {width}, DSA on, eps 0.1"
-    )
+    shapes = f"IPC {ipc} ({10 * ipc} images, all per step), ConvNet-{args.depth} width {width}"
+    print(f"# CIFAR shapes, {shapes}, DSA on, eps 0.1")
     print(f"# recompute keeps its parameter vectors on the {'CPU' if args.offload else 'device'}")
-    print(
-        f"# median of {args.repeats} iterations after a warm-up; peak memory above the pre-iteration level"
-    )
+    print(f"# median of {args.repeats} iterations after a warm-up; peak memory above the start")
     print("")
     results = []
     for s in steps:
         for mode in modes:
-            spec = dict(kind=mode, device=device, ipc=ipc, width=width, depth=args.depth, syn_steps=s,
-                        repeats=args.repeats, offload=args.offload, threads=args.threads)  # fmt: skip
+            spec = dict(kind=mode, device=device, ipc=ipc, width=width, depth=args.depth,
+                        syn_steps=s, repeats=args.repeats, offload=args.offload,
+                        threads=args.threads)  # fmt: skip
             r = _measure(spec)
             results.append({"mode": mode, "syn_steps": s, **r})
             print(f"  measured {mode:>9} syn_steps={s:>3}: {r}", file=sys.stderr, flush=True)
@@ -332,29 +331,30 @@ def main() -> None:
             )
         print(f"| {s} | " + " | ".join(cells) + " |")
     print("")
-    ok = lambda m, s: (m, s) in by and "error" not in by[(m, s)]  # noqa: E731
-    if ok("recompute", steps[0]) and ok("recompute", steps[-1]):
-        lo, hi = by[("recompute", steps[0])]["peak_mb"], by[("recompute", steps[-1])]["peak_mb"]
-        print(
-            f"recompute peak memory {steps[0]} -> {steps[-1]} steps: {lo:.0f} -> {hi:.0f} MB ({100 * (hi / lo - 1):+.1f}%; target < +10%)"
-        )
-    if ok("full", steps[0]) and ok("full", steps[-1]):
-        lo, hi = by[("full", steps[0])]["peak_mb"], by[("full", steps[-1])]["peak_mb"]
-        print(
-            f"full peak memory {steps[0]} -> {steps[-1]} steps: {lo:.0f} -> {hi:.0f} MB ({hi / lo:.1f}x)"
-        )
+
+    def ok(m, s):
+        return (m, s) in by and "error" not in by[(m, s)]
+
+    def t(m, s):
+        return by[(m, s)]["time_s"]
+
+    first, last = steps[0], steps[-1]
+    for m, target in (("recompute", "target < +10%"), ("full", "")):
+        if ok(m, first) and ok(m, last):
+            lo, hi = by[(m, first)]["peak_mb"], by[(m, last)]["peak_mb"]
+            growth = f"{100 * (hi / lo - 1):+.1f}%" + (f"; {target}" if target else "")
+            print(f"{m} peak memory {first} -> {last} steps: {lo:.0f} -> {hi:.0f} MB ({growth})")
     for s in steps:
         parts = []
         if ok("full", s) and ok("recompute", s):
-            parts.append(
-                f"recompute/full time {by[('recompute', s)]['time_s'] / by[('full', s)]['time_s']:.2f}x (target <= 1.5x)"
-            )
+            ratio = t("recompute", s) / t("full", s)
+            parts.append(f"recompute/full time {ratio:.2f}x (target <= 1.5x)")
         if ok("bare", s) and ok("lightning", s):
-            over = by[("lightning", s)]["time_s"] / by[("bare", s)]["time_s"] - 1
-            parts.append(f"Lightning over bare loop {100 * over:+.1f}% (target <= +10%)")
+            over = 100 * (t("lightning", s) / t("bare", s) - 1)
+            parts.append(f"Lightning over bare loop {over:+.1f}% (target <= +10%)")
         if ok("bare", s) and ok("full", s):
             parts.append(
-                f"project functions over bare loop {100 * (by[('full', s)]['time_s'] / by[('bare', s)]['time_s'] - 1):+.1f}%"
+                f"project functions over bare loop {100 * (t('full', s) / t('bare', s) - 1):+.1f}%"
             )
         if parts:
             print(f"syn_steps={s}: " + "; ".join(parts))
