@@ -131,9 +131,20 @@ def most_forgotten_per_class(
     ipc: int,
     num_classes: int,
     generator: torch.Generator,
+    never_learned: str = "first",
 ) -> torch.Tensor:
-    """Per class, the ``ipc`` examples of highest score; ties broken by a seeded random order."""
+    """Per class, the ``ipc`` examples of highest score; ties broken by a seeded random order.
+
+    Args:
+        never_learned: ``first`` keeps the ``inf`` scores of never-learned examples (Toneva et
+            al.'s ranking: they count as most forgotten); ``last`` ranks them below every
+            learned example (taken only when a class has too few learned ones).
+    """
     check_ipc(labels, ipc, num_classes)
+    if never_learned not in ("first", "last"):
+        raise UserError(f"coreset.never_learned must be first or last, got {never_learned!r}")
+    if never_learned == "last":
+        scores = torch.where(torch.isinf(scores), torch.full_like(scores, -1.0), scores)
     chosen = []
     for c in range(num_classes):
         idx = _class_indices(labels, c)

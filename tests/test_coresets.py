@@ -122,6 +122,17 @@ def test_most_forgotten_per_class_ranks_then_breaks_ties_by_seed():
     assert torch.equal(again, picks[0])
 
 
+def test_never_learned_last_ranks_them_below_learned_examples():
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    scores = torch.tensor([INF, 0.0, 2.0, INF, INF, 0.0])
+    picks = most_forgotten_per_class(
+        scores, labels, 2, 2, torch.Generator().manual_seed(0), never_learned="last"
+    )
+    assert picks[:2].tolist() == [2, 1] and picks[2] == 5 and picks[3] in (3, 4)
+    with pytest.raises(UserError, match="never_learned must be first or last"):
+        most_forgotten_per_class(scores, labels, 2, 2, torch.Generator(), never_learned="x")
+
+
 def test_ipc_larger_than_a_class_is_one_line():
     labels = torch.tensor([0, 0, 0, 1, 1])
     with pytest.raises(

@@ -67,7 +67,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         chosen = herding_per_class(embed(net, dm.train_x), dm.train_y, ipc, dm.num_classes)
     else:
         scores, metrics = forgetting_run(cfg, dm)
-        chosen = most_forgotten_per_class(scores, dm.train_y, ipc, dm.num_classes, generator)
+        chosen = most_forgotten_per_class(
+            scores, dm.train_y, ipc, dm.num_classes, generator, never_learned=c.never_learned
+        )
     coreset = SyntheticSet(
         images=dm.train_x[chosen].clone(),
         labels=dm.train_y[chosen].clone(),
