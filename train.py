@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -93,15 +94,28 @@ def _finish_wandb() -> None:
 def main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
 
+    hydra_dir = HydraConfig.get().runtime.output_dir
     with open_dict(cfg):
-        cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
+        cfg.paths.output_dir = hydra_dir
     try:
         summary = run(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     log.info("summary: %s", summary)
+    _fold_into_resumed(Path(hydra_dir), Path(cfg.paths.output_dir))
     return summary.get("objective")
+
+
+def _fold_into_resumed(hydra_dir: Path, run_dir: Path) -> None:
+    """A resumed run works in the earlier directory; keep Hydra's fresh one (its log) inside it."""
+    if hydra_dir.resolve() == run_dir.resolve() or not hydra_dir.is_dir():
+        return
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) != 0:
+        return
+    target = run_dir / "resumed" / hydra_dir.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(hydra_dir), str(target))
 
 
 if __name__ == "__main__":

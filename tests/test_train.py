@@ -99,6 +99,7 @@ def test_classify_resume_continues_from_last_checkpoint(tiny_data, tmp_path):
     # same config, more epochs would be a different config: resume the identical command instead
     second = run_train(*common, "task.epochs=2", "resume=true", cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-2000:]
-    dirs = [d for d in (tmp_path / "outputs" / "classify").iterdir() if (d / "summary.json").exists()]
-    assert len(dirs) == 1  # the resumed run wrote into the first run's directory
+    dirs = list((tmp_path / "outputs" / "classify").iterdir())
+    assert len(dirs) == 1  # the resumed run wrote into the first run's directory...
+    assert len(list((dirs[0] / "resumed").iterdir())) == 1  # ...and keeps its own log inside it
     assert "Restoring states from the checkpoint" in second.stderr + second.stdout
