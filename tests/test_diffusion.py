@@ -152,6 +152,21 @@ def test_sampling_shapes_snapshots_batches_and_clip():
     torch.testing.assert_close(x, x2)
 
 
+def test_clipping_x0_to_a_box_keeps_samples_of_a_bad_net_inside():
+    s = NoiseSchedule(make_betas("linear", 200))
+
+    def zero_eps(x, t):  # a useless net: x̂_0 = x_t / sqrt(ᾱ_t) grows without bound
+        return torch.zeros_like(x)
+
+    g = torch.Generator().manual_seed(0)
+    free, _ = s.sample(zero_eps, 500, (2,), g)
+    lo, hi = torch.tensor([-1.0, -2.0]), torch.tensor([3.0, 0.5])
+    boxed, _ = s.sample(zero_eps, 500, (2,), torch.Generator().manual_seed(0), clip=(lo, hi))
+    assert free.abs().max() > 5
+    # the last reverse step returns x̂_0 itself, so the samples lie in the box
+    assert bool(((boxed >= lo) & (boxed <= hi)).all())
+
+
 # -- steppers ----------------------------------------------------------------------------------
 def _fixed_loss(schedule, net, x0, seed=123):
     with torch.no_grad():

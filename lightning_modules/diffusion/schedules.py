@@ -174,7 +174,7 @@ class NoiseSchedule:
         *,
         steps: int | None = None,
         variance: str = "posterior",
-        clip: float | None = None,
+        clip: float | tuple[Tensor, Tensor] | None = None,
         batch_size: int | None = None,
         snapshots: int = 0,
         snapshot_samples: int | None = None,
@@ -187,7 +187,9 @@ class NoiseSchedule:
         Args:
             eps_net: ``eps_net(x_t, t)`` with 0-based ``t``.
             steps: number of reverse steps (None = all T; fewer uses the respaced chain).
-            clip: clip the predicted x̂_0 to ``[-clip, clip]`` at every step (images: 1.0).
+            clip: clip the predicted x̂_0 at every step to ``[-clip, clip]`` (images: 1.0) or to
+                per-coordinate bounds ``(lo, hi)`` (vectors: the data's box). Without it, a sample
+                that strays where the net never trained is multiplied by up to 1/sqrt(ᾱ_T).
             batch_size: samples per network call (None = all at once).
             snapshots: how many states of the chain to keep, evenly spaced, first = pure noise,
                 last = the output (0 = none).
@@ -198,6 +200,8 @@ class NoiseSchedule:
             ``(samples [num_samples, *data_shape], snapshots)``.
         """
         coef = self.sampling_coefficients(steps, variance)
+        if isinstance(clip, (tuple, list)):
+            clip = tuple(torch.as_tensor(c).to(device=device, dtype=dtype) for c in clip)
         num_steps = len(coef["t"])
         keep_at = set()
         if snapshots > 0:
@@ -236,14 +240,14 @@ class NoiseSchedule:
             )
         return torch.cat(outputs), snaps
 
-    def _reverse_step(
-        self, eps_net, x: Tensor, k: int, coef: dict, generator, clip: float | None
-    ) -> Tensor:
+    def _reverse_step(self, eps_net, x: Tensor, k: int, coef: dict, generator, clip) -> Tensor:
         """One step x_{s_k} → x_{s_{k-1}} of the (respaced) reverse chain."""
         t = torch.full((len(x),), int(coef["t"][k]), device=x.device, dtype=torch.long)
         eps = eps_net(x, t)
         x0_hat = (x - float(coef["sqrt_1m_ab"][k]) * eps) / float(coef["sqrt_ab"][k])
-        if clip is not None:
+        if isinstance(clip, (tuple, list)):
+            x0_hat = torch.maximum(torch.minimum(x0_hat, clip[1]), clip[0])
+        elif clip is not None:
             x0_hat = x0_hat.clamp(-clip, clip)
         mean = float(coef["c_x0"][k]) * x0_hat + float(coef["c_xt"][k]) * x
         if k == 0:

@@ -139,6 +139,14 @@ class Sampler:
         self.out_dir = out_dir
         self.logger = logger
         self.callback_s = 0.0
+        self.clip = None
+        if self.d.get("clip_x0", True):
+            if data.images:
+                self.clip = 1.0
+            else:
+                lo, hi = data.train.amin(dim=0), data.train.amax(dim=0)
+                pad = float(self.d.get("clip_margin", 0.1)) * (hi - lo)
+                self.clip = (lo - pad, hi + pad)
         default_n = 64 if data.images else len(data.reference)
         self.num_samples = int(self.d.num_samples or default_n)
 
@@ -150,7 +158,7 @@ class Sampler:
             g,
             steps=self.d.sample_steps,
             variance=self.d.variance,
-            clip=1.0 if self.data.images else None,
+            clip=self.clip,
             batch_size=self.d.sample_batch,
             snapshots=snapshots,
             snapshot_samples=8 if self.data.images else None,
