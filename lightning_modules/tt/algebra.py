@@ -127,12 +127,14 @@ def core_gradient(iface: CoreInterfaces, weights: torch.Tensor, mode_size: int) 
     return grad.reshape(P, mode_size, r0, r1).permute(0, 2, 1, 3)
 
 
-def gram(iface: CoreInterfaces, mode_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``Σ_rows z zᵀ``, ``z = vec(left ⊗ φ ⊗ right)`` in core order ``(a, i, b)``: ``[P, F, F]``.
+def gram_blocks(iface: CoreInterfaces, mode_size: int, out: torch.Tensor | None = None):
+    """Per-group blocks of ``Σ_rows z zᵀ`` (``z = vec(left ⊗ φ ⊗ right)``): ``[P, n, F, F]``.
 
     A row touches only its ``s`` active basis functions, so rows are grouped by their first active
-    index and each group adds one dense ``(s r r')²`` block: ``O(N s² r² r'²)`` instead of the
-    ``O(N n² r² r'²)`` of dense features. With ``out`` given, adds into it (accumulation).
+    index ``c`` and group ``c`` adds one dense block over features ``(s, a, b)`` (``F = s r r'``):
+    ``O(N s² r² r'²)`` instead of the ``O(N n² r² r'²)`` of dense features. With ``out`` given,
+    adds into it, so chunks of samples accumulate cheaply; :func:`assemble_gram` then places the
+    blocks into the full matrix once.
     """
     left, right = iface.left, iface.right
     P, N, J, r0 = left.shape
@@ -147,20 +149,34 @@ def gram(iface: CoreInterfaces, mode_size: int, out: torch.Tensor | None = None)
     order = torch.argsort(first, stable=True)
     counts = torch.bincount(first, minlength=mode_size).tolist()
     local = local[:, order].reshape(P, N * J, s * r0 * r1)
-    groups = torch.split(local, counts, dim=1)
-    size = r0 * mode_size * r1
     if out is None:
-        out = torch.zeros(P, size, size, dtype=left.dtype, device=left.device)
-    a = torch.arange(r0, device=left.device)[None, :, None]
-    b = torch.arange(r1, device=left.device)[None, None, :]
-    offsets = torch.arange(s, device=left.device)[:, None, None]
-    for c, block in enumerate(groups):
-        if block.shape[1] == 0:
-            continue
-        # rows of group c use basis functions c .. c+s-1 (the output core: s = 1, c = j)
-        position = ((a * mode_size + (c + offsets)) * r1 + b).reshape(-1)
-        out[:, position[:, None], position[None, :]] += torch.einsum("pnx,pny->pxy", block, block)
+        out = local.new_zeros(P, mode_size, s * r0 * r1, s * r0 * r1)
+    for c, block in enumerate(torch.split(local, counts, dim=1)):
+        if block.shape[1]:
+            out[:, c] += torch.einsum("pnx,pny->pxy", block, block)
     return out
+
+
+def assemble_gram(blocks: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """The full ``[P, F, F]`` normal matrix in core order ``(a, i, b)`` from :func:`gram_blocks`."""
+    P, n, width = blocks.shape[0], blocks.shape[1], blocks.shape[2] // (r0 * r1)
+    size = r0 * n * r1
+    out = blocks.new_zeros(P, size, size)
+    a = torch.arange(r0, device=blocks.device)[None, :, None]
+    b = torch.arange(r1, device=blocks.device)[None, None, :]
+    offsets = torch.arange(width, device=blocks.device)[:, None, None]
+    # group c uses basis functions c .. c+s-1 (the output core: s = 1, c = j); groups past
+    # n - s are empty (a spline's first active index is at most n - s)
+    for c in range(n - width + 1):
+        position = ((a * n + (c + offsets)) * r1 + b).reshape(-1)
+        out[:, position[:, None], position[None, :]] += blocks[:, c]
+    return out
+
+
+def gram(iface: CoreInterfaces, mode_size: int) -> torch.Tensor:
+    """``Σ_rows z zᵀ`` in core order ``(a, i, b)``: ``[P, F, F]`` (one chunk)."""
+    r0, r1 = iface.left.shape[-1], iface.right.shape[-1]
+    return assemble_gram(gram_blocks(iface, mode_size), r0, r1)
 
 
 def solve_ridge(

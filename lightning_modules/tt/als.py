@@ -23,8 +23,9 @@ import torch
 
 from lightning_modules.errors import UserError
 from lightning_modules.tt.algebra import (
+    assemble_gram,
     core_gradient,
-    gram,
+    gram_blocks,
     orthogonalize,
     shift_left,
     shift_right,
@@ -103,17 +104,18 @@ class ALS:
         """``A [P, F, F]``, ``b [P, F]``, ``Σ ε² [P]`` and the row count for core ``k``."""
         net, n = self.net, self.net.mode_sizes[k]
         size = cores[k][0].numel()
-        lhs = torch.zeros(net.num_tts, size, size, dtype=torch.float64, device=cores[0].device)
+        blocks = None
         rhs = torch.zeros(net.num_tts, size, dtype=torch.float64, device=cores[0].device)
         energy = torch.zeros(net.num_tts, dtype=torch.float64, device=cores[0].device)
         rows = 0
         for x_t, t, eps in chunks:
             iface = net.interfaces(k, x_t, t, cores=cores)
             target = net.from_data_layout(eps.to(torch.float64))  # [P, N, J]
-            gram(iface, n, out=lhs)
+            blocks = gram_blocks(iface, n, out=blocks)
             rhs += core_gradient(iface, target, n).reshape(net.num_tts, -1)
             energy += (target**2).sum((1, 2))
             rows += target.shape[1] * target.shape[2]
+        lhs = assemble_gram(blocks, cores[k].shape[1], cores[k].shape[3])
         return lhs, rhs, energy, rows
 
     def solve_core(self, cores, k: int, chunks: list[Triple], reduce_sum) -> float:
