@@ -32,7 +32,7 @@ def instantiate_checked(node: DictConfig, **kwargs):
 
 
 def build_datamodule(cfg: DictConfig, **overrides) -> L.LightningDataModule:
-    return instantiate(cfg.dataset, **overrides)
+    return instantiate_checked(cfg.dataset, **overrides)
 
 
 def require_images(dm, task: str) -> None:
@@ -42,7 +42,7 @@ def require_images(dm, task: str) -> None:
 
 def build_net(net_cfg: DictConfig, dm):
     """Instantiate a classifier config for the datamodule's channels, size and classes."""
-    return instantiate(net_cfg, channels=dm.channels, num_classes=dm.num_classes, im_size=dm.im_size)
+    return instantiate_checked(net_cfg, channels=dm.channels, num_classes=dm.num_classes, im_size=dm.im_size)
 
 
 def build_logger(cfg: DictConfig):
