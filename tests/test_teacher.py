@@ -278,11 +278,16 @@ def test_teacher_leaves_an_index_claimed_elsewhere(tiny_data, tmp_path, compose)
     assert ExpertStore(store_dir).indices() == [0, 1]
 
 
-def test_teacher_refuses_several_devices(tiny_data, tmp_path, compose):
+def test_teacher_refuses_a_spawn_strategy(tiny_data, tmp_path, compose):
+    """Several devices run under trainer=ddp (tests/test_resume_ddp.py); spawn cannot run a loop."""
     import train
 
-    cfg = compose(*teacher_overrides(tiny_data, tmp_path / "s", "trainer.devices=2"))
-    with pytest.raises(UserError, match="one process per GPU"):
+    cfg = compose(
+        *teacher_overrides(
+            tiny_data, tmp_path / "s", "trainer=ddp_cpu", "trainer.strategy=ddp_spawn"
+        )
+    )
+    with pytest.raises(UserError, match="use trainer.strategy=ddp"):
         train.run(cfg)
 
 

@@ -42,7 +42,9 @@ def require_images(dm, task: str) -> None:
 
 def build_net(net_cfg: DictConfig, dm):
     """Instantiate a classifier config for the datamodule's channels, size and classes."""
-    return instantiate_checked(net_cfg, channels=dm.channels, num_classes=dm.num_classes, im_size=dm.im_size)
+    return instantiate_checked(
+        net_cfg, channels=dm.channels, num_classes=dm.num_classes, im_size=dm.im_size
+    )
 
 
 def build_logger(cfg: DictConfig):
@@ -93,3 +95,71 @@ def write_json(path: str | Path, payload) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     tmp.replace(path)
+
+
+# a rank of a plain-loop task may wait at its closing barrier for the slowest rank's last job
+# (one expert, one evaluation network): far longer than torch's 30-minute default
+PLAIN_LOOP_TIMEOUT_H = 24
+
+
+def launch_fabric(cfg: DictConfig, task: str):
+    """A launched ``lightning.fabric.Fabric`` from ``cfg.trainer`` when it asks for several
+    processes, else ``None`` (one process: the task picks its device itself).
+
+    For tasks that run their own loop (teacher, evaluate) under ``trainer=ddp`` / ``ddp_cpu``
+    as Trainer tasks do: Lightning's subprocess launcher reruns this command line for local
+    ranks 1.. (with Hydra's run dir passed along, so every rank works in the one run dir), and
+    the process group is set up on return. ``rank_zero_only.rank`` is then the global rank, so
+    ``write_json`` and loggers write from rank zero only.
+
+    Raises:
+        UserError: the trainer settings name no usable device, or a spawn/fork strategy (a
+            plain loop cannot be pickled into spawned processes; use trainer.strategy=ddp).
+    """
+    from datetime import timedelta
+
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy
+
+    t = cfg.trainer
+    strategy = str(t.get("strategy", "auto"))
+    if "spawn" in strategy or "fork" in strategy:
+        raise UserError(
+            f"task={task} runs its own loop: use trainer.strategy=ddp (processes rerun train.py), "
+            f"not {strategy}"
+        )
+    options = {
+        "accelerator": t.get("accelerator", "auto"),
+        "devices": t.get("devices", 1),
+        "num_nodes": int(t.get("num_nodes", 1)),
+    }
+    try:
+        fabric = Fabric(strategy=strategy, **options)
+        if fabric.world_size == 1:
+            return None
+        if strategy in ("auto", "ddp"):
+            fabric = Fabric(
+                strategy=DDPStrategy(timeout=timedelta(hours=PLAIN_LOOP_TIMEOUT_H)), **options
+            )
+    except (ValueError, RuntimeError) as e:  # Lightning's MisconfigurationException included
+        raise UserError(f"task={task}: trainer settings {options} ({strategy}): {e}") from None
+    fabric.launch()
+    return fabric
+
+
+def gather_objects(fabric, obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` without a fabric)."""
+    if fabric is None:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * fabric.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rank_zero_first(fabric):
+    """Rank zero runs the block first (e.g. fits and caches ZCA), the other ranks after it."""
+    from contextlib import nullcontext
+
+    return nullcontext() if fabric is None else fabric.rank_zero_first(local=False)

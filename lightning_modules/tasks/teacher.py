@@ -4,7 +4,9 @@ Each expert is a fresh ``net`` (init drawn from ``expert_seed(seed, index)``) tr
 MTT expert recipe (plain SGD, lr 0.01, batch 256, DSA on); its parameters at epoch 0 and after
 every epoch, and its test accuracy per epoch, go to ``<store>/expert_<index>.pt``. Experts
 already on disk are skipped and indices another process is training are left to it, so
-reruns resume and several processes fill one store without clobbering.
+reruns resume and several processes fill one store without clobbering. Under ``trainer=ddp``
+(``trainer.devices=N``) each rank trains its share of the pending experts on its own device
+and rank zero writes the summary and plot.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ from lightning_modules.tasks.common import (
     build_datamodule,
     build_logger,
     build_net,
+    gather_objects,
+    launch_fabric,
     log_config,
+    rank_zero_first,
     require_images,
 )
 
@@ -59,20 +64,6 @@ def store_for(cfg: DictConfig, dm, out: str | None) -> ExpertStore:
     return ExpertStore(out if out else default_store_dir(dm.name, bool(dm.zca), cfg.net.name))
 
 
-def _check_devices(cfg: DictConfig) -> None:
-    devices = cfg.trainer.get("devices", 1)
-    many = (isinstance(devices, int) and devices > 1) or (
-        not isinstance(devices, (int, str)) and len(devices) > 1
-    )
-    if many or int(cfg.trainer.get("num_nodes", 1)) > 1 or devices == -1:
-        raise UserError(
-            "task=teacher trains one expert per process; for several GPUs start one process "
-            "per GPU "
-            "(CUDA_VISIBLE_DEVICES=k python train.py task=teacher ...) with trainer.devices=1: "
-            "they share the store"
-        )
-
-
 def _check_recipe(store: ExpertStore, recipe: dict) -> None:
     """Refuse to add experts of another recipe to a store that already holds some."""
     for index in store.indices():
@@ -99,11 +90,14 @@ def _validate(t: DictConfig) -> None:
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     t = cfg.teacher
     _validate(t)
-    _check_devices(cfg)
+    # trainer=ddp / ddp_cpu: one process per device, the pending experts split across ranks
+    fabric = launch_fabric(cfg, "teacher")
+    rank, world = (fabric.global_rank, fabric.world_size) if fabric else (0, 1)
     dm = build_datamodule(cfg)
     require_images(dm, "teacher")
-    dm.prepare_data()
-    dm.setup()
+    with rank_zero_first(fabric):  # rank zero fits and caches ZCA once; the others read the cache
+        dm.prepare_data()
+        dm.setup()
     store = store_for(cfg, dm, t.out)
     net_cfg = net_options(cfg.net)
     layout = FlatParams(build_net(cfg.net, dm))
@@ -119,24 +113,28 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     if store.indices():
         store.check(net=net_cfg, dataset=dm.name, zca=bool(dm.zca), num_params=layout.numel)
         _check_recipe(store, recipe)
-    device = resolve_device(cfg.trainer.get("accelerator", "auto"))
+    device = fabric.device if fabric else resolve_device(cfg.trainer.get("accelerator", "auto"))
     logger = build_logger(cfg)
     log_config(logger, cfg)
 
     wanted = list(range(int(t.first_index), int(t.first_index) + int(t.num_experts)))
-    skipped = [i for i in wanted if store.exists(i)]
+    # rank zero's listing decides the split, so no index is left to nobody
+    pending = [i for i in wanted if not store.exists(i)]
+    if fabric is not None:
+        pending = fabric.broadcast(pending, src=0)
+    mine = pending[rank::world]
+    skipped = [i for i in wanted if i not in pending]
     trained, busy = [], []
     log.info(
-        "teacher: %d experts wanted in %s (%d already there), %d params, on %s",
+        "teacher: %d experts wanted in %s (%d already there), %d params, on %s%s",
         len(wanted), store.root, len(skipped), layout.numel, device,
+        f" (rank {rank} of {world}: experts {mine})" if world > 1 else "",
     )  # fmt: skip
     steps_per_epoch = -(-len(dm.train_x) // int(t.batch_size))
-    with progress_bar(cfg) as bar:
-        total = (len(wanted) - len(skipped)) * int(t.epochs) * steps_per_epoch
+    with progress_bar(cfg, enabled=rank == 0) as bar:
+        total = len(mine) * int(t.epochs) * steps_per_epoch
         job = bar.add_task("experts", total=total, status="")
-        for index in wanted:
-            if index in skipped:
-                continue
+        for index in mine:
             claim = store.claim(index)
             if not claim.held:
                 busy.append(index)  # another process is training it
@@ -153,6 +151,13 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
                 )
                 store.write(index, meta.pop("snapshots"), meta)
                 trained.append(index)
+    per_rank = gather_objects(fabric, {"trained": trained, "skipped": skipped, "busy": busy})
+    if rank != 0:
+        return {"rank": rank}
+    trained = sorted(i for r in per_rank for i in r["trained"])
+    skipped = sorted({i for r in per_rank for i in r["skipped"]} - set(trained))
+    busy = sorted({i for r in per_rank for i in r["busy"]} - set(trained))
+    _log_other_ranks(logger, store, per_rank[1:])
     if logger:
         logger.finalize("success")
     done = [i for i in wanted if store.exists(i)]
@@ -165,10 +170,20 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "experts_busy_elsewhere": len(busy),
         "experts_in_store": len(store.indices()),
         "trained_indices": trained,
+        "trained_by_rank": [r["trained"] for r in per_rank],
         "num_params": layout.numel,
         "final_test_acc_mean": sum(final_acc) / len(final_acc) if final_acc else float("nan"),
         "plot": str(plot_path) if plot_path else None,
     }
+
+
+def _log_other_ranks(logger, store: ExpertStore, per_rank: list[dict]) -> None:
+    """Log the test-accuracy curves of experts other ranks trained (their loggers are silent)."""
+    if not logger:
+        return
+    for index in (i for r in per_rank for i in r["trained"]):
+        for epoch, acc in enumerate(store.load(index).meta["test_acc"]):
+            logger.log_metrics({f"expert_{index:04d}/test_acc": acc}, step=epoch)
 
 
 def _train_one(cfg, dm, layout, net_cfg, recipe, augment, index, device, bar, job, logger) -> dict:
@@ -228,8 +243,9 @@ def _train_one(cfg, dm, layout, net_cfg, recipe, augment, index, device, bar, jo
     }
 
 
-def progress_bar(cfg: DictConfig):
-    """A rich progress bar with a ``status`` field; off with trainer.enable_progress_bar=false."""
+def progress_bar(cfg: DictConfig, enabled: bool = True):
+    """A rich progress bar with a ``status`` field; off with trainer.enable_progress_bar=false
+    (and on ranks other than zero: ``enabled=False``)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -246,7 +262,7 @@ def progress_bar(cfg: DictConfig):
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
-        disable=not cfg.trainer.get("enable_progress_bar", True),
+        disable=not (enabled and cfg.trainer.get("enable_progress_bar", True)),
     )
 
 
