@@ -270,6 +270,7 @@ def evaluate_set(
     together: bool | str = "auto",
     eval_batch_size: int = 1000,
     return_nets: bool = False,
+    indices: Sequence[int] | None = None,
 ) -> dict:
     """Train ``num_eval`` fresh networks per architecture on (images, labels); test on real data.
 
@@ -285,6 +286,10 @@ def evaluate_set(
             together on CUDA (1.3x on an H100), one by one on CPU (vmap's grouped convolutions
             are 2.4x slower there).
         return_nets: also return the trained modules under ``"_nets"`` (for tests/inspection).
+        indices: which of the ``num_eval`` networks per architecture to train (default all).
+            Network ``k`` draws everything from ``network_seed(seed, net, k)``, so a subset
+            trains the very networks a full call would (how runs are split across DDP ranks
+            and resumed).
 
     Returns:
         ``{net: {"accs": [% per network], "mean": %, "std": % (population), "train_loss": [...],
@@ -301,6 +306,9 @@ def evaluate_set(
         raise UserError(
             f"evaluate.num_eval and evaluate.epochs must be >= 1 (got {num_eval}, {epochs})"
         )
+    ks = list(range(num_eval)) if indices is None else [int(k) for k in indices]
+    if not ks or any(not 0 <= k < num_eval for k in ks):
+        raise ValueError(f"indices must be a non-empty subset of range({num_eval}), got {ks}")
     device = resolve_device(device)
     if together == "auto" or together is None:
         together = device.type == "cuda"
@@ -322,14 +330,12 @@ def evaluate_set(
     trained: dict = {}
     with _progress(progress) as bar:
         for name in names:
-            gens = [
-                torch.Generator().manual_seed(network_seed(seed, name, k)) for k in range(num_eval)
-            ]
+            gens = [torch.Generator().manual_seed(network_seed(seed, name, k)) for k in ks]
             models = [_fresh_net(name, channels, num_classes, im_size, g).to(device) for g in gens]
             batched = together and len(models) > 1 and not any(True for _ in models[0].buffers())
             task = bar.add_task(
-                f"evaluate {name} x{num_eval} ({'together' if batched else 'one by one'})",
-                total=epochs * (1 if batched else num_eval),
+                f"evaluate {name} x{len(ks)} ({'together' if batched else 'one by one'})",
+                total=epochs * (1 if batched else len(ks)),
                 info="",
             )
             start = time.perf_counter()

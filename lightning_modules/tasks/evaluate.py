@@ -7,10 +7,12 @@ or plain metrics) and returns ``acc_<net>_mean`` / ``acc_<net>_std`` plus the ``
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.syn_set import SyntheticSet
@@ -24,7 +26,10 @@ from lightning_modules.evaluation import (
 from lightning_modules.tasks.common import (
     build_datamodule,
     build_logger,
+    gather_objects,
+    launch_fabric,
     log_config,
+    rank_zero_first,
     require_images,
     write_json,
 )
@@ -108,52 +113,139 @@ def _write_text(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+PARTS_DIR = "evaluate_parts"  # one JSON per finished (net, index) network: what a resume skips
+
+
+def _part_path(out_dir: Path, name: str, index: int) -> Path:
+    return out_dir / PARTS_DIR / f"{name}_{index}.json"
+
+
+def _write_part(out_dir: Path, part: dict) -> None:
+    """Atomically, by the rank that trained it (``write_json`` writes on rank zero only)."""
+    path = _part_path(out_dir, part["net"], part["index"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_text(path, json.dumps(part, indent=2))
+
+
+def _finished_parts(out_dir: Path, jobs: list[tuple[str, int]]) -> dict:
+    """``{(net, index): part}`` of the networks an earlier (killed) attempt of this run finished."""
+    parts = {}
+    for name, k in jobs:
+        path = _part_path(out_dir, name, k)
+        if path.exists():
+            parts[(name, k)] = json.loads(path.read_text())
+    return parts
+
+
+def _train_jobs(jobs: list[tuple[str, int]], out_dir: Path, *, together, **kwargs) -> dict:
+    """Train the networks ``jobs`` (net, index), writing each part as it finishes.
+
+    Networks of one architecture go in one ``evaluate_set`` call when they train together
+    (vmap on CUDA), else one call each, so a kill loses at most the networks in training.
+    """
+    device = resolve_device(kwargs["device"])
+    batched = device.type == "cuda" if together in ("auto", None) else together is True
+    parts = {}
+    for name in dict.fromkeys(n for n, _ in jobs):
+        ks = [k for n, k in jobs if n == name]
+        for group in [ks] if batched else [[k] for k in ks]:
+            r = evaluate_set(nets=[name], together=together, indices=group, **kwargs)[name]
+            for i, k in enumerate(group):
+                part = {
+                    "net": name,
+                    "index": k,
+                    "acc": r["accs"][i],
+                    "train_loss": r["train_loss"][i],
+                    "seconds": r["seconds"] / len(group),
+                    "device": str(device),
+                }
+                _write_part(out_dir, part)
+                parts[(name, k)] = part
+    return parts
+
+
+def _assemble(nets: list[str], num_eval: int, parts: dict) -> dict:
+    """The ``evaluate_set`` result shape from the parts, networks in index order."""
+    results = {}
+    for name in nets:
+        mine = [parts[(name, k)] for k in range(num_eval)]
+        accs = [p["acc"] for p in mine]
+        results[name] = {
+            "accs": accs,
+            "mean": float(np.mean(accs)),
+            "std": float(np.std(accs)),
+            "train_loss": [p["train_loss"] for p in mine],
+            "seconds": sum(p["seconds"] for p in mine),
+        }
+    return results
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     e = cfg.evaluate
     nets = check_net_names(
         list(e.nets) if not isinstance(e.nets, str) else [e.nets]
     )  # before loading data
-    device = resolve_device(e.device)
+    if int(e.num_eval) < 1 or int(e.epochs) < 1:
+        raise UserError(
+            f"evaluate.num_eval and evaluate.epochs must be >= 1 (got {e.num_eval}, {e.epochs})"
+        )
+    # trainer=ddp / ddp_cpu: the (net, index) networks split across ranks
+    fabric = launch_fabric(cfg, "evaluate")
+    rank, world = (fabric.global_rank, fabric.world_size) if fabric else (0, 1)
+    device = fabric.device if fabric else resolve_device(e.device)
     together = e.get("together", "auto")
     dm = build_datamodule(cfg)
     require_images(dm, "evaluate")
-    dm.prepare_data()
-    dm.setup()
+    with rank_zero_first(fabric):  # rank zero fits and caches ZCA once; the others read the cache
+        dm.prepare_data()
+        dm.setup()
     images, labels, lr, description, syn = load_training_set(e, dm)
     grid = None
-    if syn is not None and e.get("grid", True):
+    if syn is not None and e.get("grid", True) and rank == 0:
         grid = syn.save_grid(out_dir / "set.png", num_classes=dm.num_classes)
     logger = build_logger(cfg)
     log_config(logger, cfg)
+    num_eval = int(e.num_eval)
+    jobs = [(name, k) for name in nets for k in range(num_eval)]
+    finished = _finished_parts(out_dir, jobs)  # resume=true reruns in the killed run's dir
+    # rank zero's listing decides the split, so every network is trained exactly once
+    pending = [job for job in jobs if job not in finished]
+    if fabric is not None:
+        pending = [tuple(j) for j in fabric.broadcast(pending, src=0)]
+    mine = pending[rank::world]
     log.info(
-        "evaluating %s on %s: nets %s x%d, %d epochs, lr %g",
-        description,
-        device,
-        nets,
-        e.num_eval,
-        e.epochs,
-        lr,
-    )
-    results = evaluate_set(
-        images,
-        labels,
-        dm.test_x,
-        dm.test_y,
-        nets=nets,
-        num_classes=dm.num_classes,
-        lr=lr,
-        num_eval=int(e.num_eval),
-        epochs=int(e.epochs),
-        batch_size=int(e.batch_size),
-        momentum=float(e.momentum),
-        weight_decay=float(e.weight_decay),
-        dsa_strategy=e.dsa_strategy,
-        seed=int(cfg.seed),
-        device=device,
-        progress=bool(cfg.trainer.get("enable_progress_bar", True)),
-        together=together if isinstance(together, bool) else str(together),
-        eval_batch_size=int(e.get("eval_batch_size", 1000)),
-    )
+        "evaluating %s on %s: nets %s x%d, %d epochs, lr %g; %d networks done earlier%s",
+        description, device, nets, num_eval, e.epochs, lr, len(jobs) - len(pending),
+        f"; rank {rank} of {world} trains {len(mine)}" if world > 1 else "",
+    )  # fmt: skip
+    trained = {}
+    if mine:
+        trained = _train_jobs(
+            mine,
+            out_dir,
+            together=together if isinstance(together, bool) else str(together),
+            images=images,
+            labels=labels,
+            test_x=dm.test_x,
+            test_y=dm.test_y,
+            num_classes=dm.num_classes,
+            lr=lr,
+            num_eval=num_eval,
+            epochs=int(e.epochs),
+            batch_size=int(e.batch_size),
+            momentum=float(e.momentum),
+            weight_decay=float(e.weight_decay),
+            dsa_strategy=e.dsa_strategy,
+            seed=int(cfg.seed),
+            device=device,
+            progress=bool(cfg.trainer.get("enable_progress_bar", True)) and rank == 0,
+            eval_batch_size=int(e.get("eval_batch_size", 1000)),
+        )
+    for parts in gather_objects(fabric, list(trained.values())):
+        finished.update({(p["net"], p["index"]): p for p in parts})
+    if rank != 0:
+        return {"rank": rank}
+    results = _assemble(nets, num_eval, finished)
     title = (
         f"{description}; {e.epochs} epochs, lr {lr:g}, DSA {e.dsa_strategy or 'none'}, "
         f"test on {len(dm.test_x)} real images"
@@ -172,6 +264,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "num_eval": int(e.num_eval),
         "dsa_strategy": e.dsa_strategy,
         "device": str(device),
+        "ranks": world,
         "test_images": len(dm.test_x),
         "train_images": len(images),
         "method": syn.method if syn is not None else "full",
@@ -187,5 +280,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "lr": lr,
         "train_images": len(images),
         "test_images": len(dm.test_x),
+        "networks_trained": len(pending),
+        "networks_reused": len(jobs) - len(pending),
         "table": table,
     }
