@@ -181,9 +181,22 @@ class DDPMModule(L.LightningModule):
         if self.stepper is not None and hasattr(self.stepper, "state_dict"):
             state["stepper"] = self.stepper.state_dict()
         if self.generator is not None:
-            state["generator"] = self.generator.get_state()
-            state["data_generator"] = self._data_generator.get_state()
+            # every rank draws its own noise: keep each rank's state, not rank zero's for all
+            state["generator"] = self._per_rank(self.generator.get_state())
+            state["data_generator"] = self._per_rank(self._data_generator.get_state())
         checkpoint["ddpm"] = state
+
+    def _per_rank(self, state: Tensor) -> list[Tensor]:
+        """``[state of rank 0, state of rank 1, ...]`` (called on every rank, like the hook)."""
+        if self.trainer.world_size <= 1:
+            return [state]
+        return [s.cpu() for s in self.all_gather(state.to(self.device))]
+
+    def _own(self, states):
+        """This rank's state from ``_per_rank``'s list (an older checkpoint holds one state)."""
+        if isinstance(states, (list, tuple)):
+            return states[self.global_rank] if self.global_rank < len(states) else None
+        return states
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # the stepper does not exist yet: restore once on_fit_start has built it
@@ -195,5 +208,7 @@ class DDPMModule(L.LightningModule):
         if "stepper" in state and hasattr(self.stepper, "load_state_dict"):
             self.stepper.load_state_dict(state["stepper"])
         if "generator" in state:
-            self.generator.set_state(state["generator"].cpu())
-            self._data_generator.set_state(state["data_generator"])
+            noise, data = self._own(state["generator"]), self._own(state["data_generator"])
+            if noise is not None:  # None: more ranks than saved; keep this rank's fresh seeds
+                self.generator.set_state(noise.cpu())
+                self._data_generator.set_state(data.cpu())

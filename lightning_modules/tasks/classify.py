@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from lightning_modules.classifier import ClassifierModule
@@ -13,6 +12,7 @@ from lightning_modules.tasks.common import (
     build_logger,
     build_net,
     build_trainer,
+    epoch_checkpoints,
     log_config,
     require_images,
 )
@@ -39,12 +39,14 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     trainer = build_trainer(
         cfg,
         logger=logger,
-        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)],
+        callbacks=[epoch_checkpoints(ckpt_dir)],
         max_epochs=t.epochs,
         check_val_every_n_epoch=t.val_every,
     )
     last = ckpt_dir / "last.ckpt"
-    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if cfg.resume and last.exists() else None)
+    trainer.fit(
+        module, datamodule=dm, ckpt_path=str(last) if cfg.resume and last.exists() else None
+    )
     result = trainer.test(module, datamodule=dm, verbose=False)[0]
     return {
         "test_acc": result["test/acc"],

@@ -163,3 +163,19 @@ def rank_zero_first(fabric):
     from contextlib import nullcontext
 
     return nullcontext() if fabric is None else fabric.rank_zero_first(local=False)
+
+
+def epoch_checkpoints(ckpt_dir: str | Path):
+    """A ``ModelCheckpoint`` that writes ``<ckpt_dir>/last.ckpt`` after every training epoch
+    (what ``resume=true`` restarts from).
+
+    Lightning 2.6 refreshes ``last.ckpt`` only in a step where a top-k checkpoint was saved, so
+    ``save_top_k=0`` would leave it to the end of training; ``save_top_k=1`` without a monitor
+    keeps one ``epoch=..-step=...ckpt`` (the newest) beside it. Saving at the end of every
+    training epoch also when validation runs less often (``check_val_every_n_epoch > 1``).
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return ModelCheckpoint(
+        dirpath=ckpt_dir, save_last=True, save_top_k=1, save_on_train_epoch_end=True
+    )

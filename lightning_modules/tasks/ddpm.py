@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
@@ -38,6 +38,7 @@ from lightning_modules.errors import UserError
 from lightning_modules.tasks.common import (
     build_logger,
     build_trainer,
+    epoch_checkpoints,
     instantiate_checked,
     log_config,
 )
@@ -258,6 +259,20 @@ class Sampler:
         self.callback_s += time.perf_counter() - start
 
 
+class ShuffleState(Callback):
+    """Checkpoints the loader's shuffle generator, so a resumed run draws the batch order the
+    uninterrupted run would (under DDP Lightning's DistributedSampler orders by epoch instead)."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.generator.set_state(state_dict["generator"])
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     d = cfg.ddpm
     data = load_data(cfg)
@@ -303,7 +318,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     trainer = build_trainer(
         cfg,
         logger=logger,
-        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)],
+        callbacks=[
+            epoch_checkpoints(ckpt_dir),
+            ShuffleState(loader.generator),
+        ],
         max_epochs=-1 if steps else int(d.epochs),
         max_steps=int(steps) if steps else -1,
     )
