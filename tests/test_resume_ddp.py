@@ -24,8 +24,6 @@ import train
 from datamodules.trajectories import ExpertStore
 from tests.conftest import ROOT, run_train
 
-pytestmark = pytest.mark.slow
-
 QUIET = ["logger=csv", "trainer.enable_progress_bar=false"]
 
 
@@ -55,6 +53,7 @@ def rank1_log(run_dir: Path) -> str:
 
 
 # -- one run, two ranks ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_classify_two_ranks(tiny_data, tmp_path):
     r = run_train(
         "task=classify",
@@ -77,6 +76,7 @@ def test_classify_two_ranks(tiny_data, tmp_path):
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
 
 
+@pytest.mark.slow
 def test_teacher_splits_experts_across_ranks(tiny_data, tmp_path, compose):
     store = tmp_path / "store"
     args = [
@@ -131,6 +131,7 @@ def evaluate_args(tiny_data: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_evaluate_two_ranks_gives_the_single_process_table(tiny_data, tmp_path, compose):
     r = run_train(*evaluate_args(tiny_data), "trainer=ddp_cpu", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -162,6 +163,7 @@ EPS_NETS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("net", list(EPS_NETS))
 def test_ddpm_two_ranks_share_the_data(net, tmp_path):
     r = run_train(*DDPM, *EPS_NETS[net], "ddpm.epochs=2", "trainer=ddp_cpu", cwd=tmp_path)
@@ -199,6 +201,7 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
     proc.wait()
 
 
+@pytest.mark.slow
 def test_killed_evaluate_resumes_without_retraining(tiny_data, tmp_path, compose):
     args = [*evaluate_args(tiny_data), "evaluate.nets=[convnet]", "evaluate.num_eval=6"]
     proc = start_train(*args, cwd=tmp_path)
@@ -226,6 +229,7 @@ def only_run_killed(runs: Path, task: str) -> Path:
     return dirs[0]
 
 
+@pytest.mark.slow
 def test_killed_ddpm_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, compose):
     # 600 points in batches of 8: 75 steps per epoch, a checkpoint after each
     args = [*DDPM, *EPS_NETS["resnet"], "ddpm.epochs=4", "ddpm.batch_size=8"]
@@ -251,3 +255,33 @@ def test_killed_ddpm_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, c
     for key, value in expected.items():
         torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6, msg=key)
     assert summary["final_loss"] == pytest.approx(reference["final_loss"], rel=1e-5)
+
+
+def test_evaluate_parts_of_a_rewritten_set_are_not_reused(tiny_data, tmp_path, compose):
+    """Resuming in a run dir whose set file has since been rewritten trains every network again."""
+    from datamodules.cifar import CIFARDataModule
+    from tests.test_evaluate import make_set_file
+
+    dm = CIFARDataModule(
+        "cifar10", data_dir=str(tiny_data), download=False, cache_dir=str(tmp_path / "cache")
+    )
+    dm.setup()
+    set_file = make_set_file(dm, tmp_path / "set.pt", ipc=1)
+    args = [
+        "task=evaluate",
+        f"evaluate.set={set_file}",
+        *data_args(tiny_data),
+        "evaluate.nets=[convnet]",
+        "evaluate.num_eval=2",
+        "evaluate.epochs=1",
+        "evaluate.dsa_strategy=none",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+    ]
+    first, run_dir = in_process(compose, tmp_path, "evaluate", *args)
+    assert first["networks_trained"] == 2
+    again, _ = in_process(compose, tmp_path, "evaluate", *args)  # the same dir, the same set
+    assert again["networks_reused"] == 2 and again["table"] == first["table"]
+    make_set_file(dm, set_file, ipc=1, lr=0.05)  # another lr: another training set
+    other, _ = in_process(compose, tmp_path, "evaluate", *args)
+    assert other["networks_reused"] == 0 and other["lr"] == 0.05

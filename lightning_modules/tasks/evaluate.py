@@ -127,17 +127,35 @@ def _write_part(out_dir: Path, part: dict) -> None:
     _write_text(path, json.dumps(part, indent=2))
 
 
-def _finished_parts(out_dir: Path, jobs: list[tuple[str, int]]) -> dict:
-    """``{(net, index): part}`` of the networks an earlier (killed) attempt of this run finished."""
+def set_digest(images, labels, lr: float) -> str:
+    """A fingerprint of the training set and lr: parts of another set file are not reused."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for t in (images, labels):
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    h.update(repr(float(lr)).encode())
+    return h.hexdigest()
+
+
+def _finished_parts(out_dir: Path, jobs: list[tuple[str, int]], digest: str) -> dict:
+    """``{(net, index): part}`` of the networks an earlier (killed) attempt of this run finished
+    on the same set (a set file rewritten since is evaluated afresh)."""
     parts = {}
     for name, k in jobs:
         path = _part_path(out_dir, name, k)
         if path.exists():
-            parts[(name, k)] = json.loads(path.read_text())
+            part = json.loads(path.read_text())
+            if part.get("set_digest") == digest:
+                parts[(name, k)] = part
+            else:
+                log.warning("%s was trained on another set: training it again", path)
     return parts
 
 
-def _train_jobs(jobs: list[tuple[str, int]], out_dir: Path, *, together, **kwargs) -> dict:
+def _train_jobs(
+    jobs: list[tuple[str, int]], out_dir: Path, *, digest: str, together, **kwargs
+) -> dict:
     """Train the networks ``jobs`` (net, index), writing each part as it finishes.
 
     Networks of one architecture go in one ``evaluate_set`` call when they train together
@@ -158,6 +176,7 @@ def _train_jobs(jobs: list[tuple[str, int]], out_dir: Path, *, together, **kwarg
                     "train_loss": r["train_loss"][i],
                     "seconds": r["seconds"] / len(group),
                     "device": str(device),
+                    "set_digest": digest,
                 }
                 _write_part(out_dir, part)
                 parts[(name, k)] = part
@@ -207,7 +226,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     log_config(logger, cfg)
     num_eval = int(e.num_eval)
     jobs = [(name, k) for name in nets for k in range(num_eval)]
-    finished = _finished_parts(out_dir, jobs)  # resume=true reruns in the killed run's dir
+    digest = set_digest(images, labels, lr)
+    finished = _finished_parts(out_dir, jobs, digest)  # resume=true reruns in the killed run's dir
     # rank zero's listing decides the split, so every network is trained exactly once
     pending = [job for job in jobs if job not in finished]
     if fabric is not None:
@@ -223,6 +243,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         trained = _train_jobs(
             mine,
             out_dir,
+            digest=digest,
             together=together if isinstance(together, bool) else str(together),
             images=images,
             labels=labels,
