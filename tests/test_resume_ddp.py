@@ -285,3 +285,29 @@ def test_evaluate_parts_of_a_rewritten_set_are_not_reused(tiny_data, tmp_path, c
     make_set_file(dm, set_file, ipc=1, lr=0.05)  # another lr: another training set
     other, _ = in_process(compose, tmp_path, "evaluate", *args)
     assert other["networks_reused"] == 0 and other["lr"] == 0.05
+
+
+def test_evaluate_networks_trained_together_still_write_one_part_each(tiny_data, tmp_path, compose):
+    """evaluate.together=true (the CUDA default): one evaluate_set call per architecture on this
+    rank, one part per network, the same table as one by one up to float rounding."""
+    args = [
+        "task=evaluate",
+        "evaluate.set=full",
+        *data_args(tiny_data),
+        "dataset.train_per_class=2",
+        "evaluate.nets=[convnet]",
+        "evaluate.num_eval=2",
+        "evaluate.epochs=1",
+        "evaluate.dsa_strategy=none",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+    ]
+    together, run_dir = in_process(compose, tmp_path, "together", *args, "evaluate.together=true")
+    parts = sorted(p.name for p in (run_dir / "evaluate_parts").iterdir())
+    assert parts == ["convnet_0.json", "convnet_1.json"] and together["networks_trained"] == 2
+    _, other_dir = in_process(compose, tmp_path, "one_by_one", *args, "evaluate.together=false")
+
+    def losses(d):
+        return json.loads((d / "results.json").read_text())["results"]["convnet"]["train_loss"]
+
+    assert losses(run_dir) == pytest.approx(losses(other_dir), rel=1e-4)  # the same networks
