@@ -296,12 +296,17 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     logger = build_logger(cfg)
     log_config(logger, cfg)
     sampler = Sampler(cfg, data, out_dir, logger)
+    ema = d.ema
+    if ema is not None and d.optimizer in ("als", "riemannian"):
+        # ALS and TT-SVD re-gauge the cores every step: an average of cores is not an average model
+        log.warning("ddpm.ema=%s ignored for ddpm.optimizer=%s (it averages cores in different gauges)", ema, d.optimizer)
+        ema = None
     module = DDPMModule(
         eps_net,
         schedule,
         lambda net: make_stepper(d.optimizer, net, cfg),
         train_data=data.train,
-        ema_decay=d.ema,
+        ema_decay=ema,
         seed=int(cfg.seed),
         describe=f"ddpm.optimizer={d.optimizer}, ddpm.lr={d.lr}",
         on_epoch_end=sampler.on_epoch_end,
@@ -315,6 +320,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     )
     ckpt_dir = out_dir / "checkpoints"
     steps = d.get("steps")
+    if steps is None and d.optimizer == "als":
+        steps = int(cfg.als.steps)
+        log.info("ddpm.optimizer=als: %d steps of %s sweeps (als.steps; set ddpm.steps to change)", steps, cfg.als.sweeps)
     trainer = build_trainer(
         cfg,
         logger=logger,

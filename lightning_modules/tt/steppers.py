@@ -17,8 +17,10 @@ from lightning_modules.tt.als import ALS
 from lightning_modules.tt.ftt import FunctionalTT
 from lightning_modules.tt.riemannian import RiemannianGD
 
-ALS_DEFAULTS = {"ridge": 1.0e-6, "sweeps": 2, "samples": 8192, "batch": 2048, "fixed": False}
-RIEMANNIAN_DEFAULTS = {"lr": 0.5, "armijo": True, "shrink": 0.5, "max_backtracks": 20}
+ALS_DEFAULTS = {"ridge": 1.0e-6, "sweeps": 2, "samples": 65536, "batch": 2048, "fixed": False}
+RIEMANNIAN_DEFAULTS = {"lr": 300.0, "armijo": True, "shrink": 0.5, "max_backtracks": 20}
+# read by task=ddpm, not by the optimiser: training steps when ddpm.steps is unset
+TASK_ONLY_KEYS = {"als": {"steps": 2}}
 
 Draw = Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -26,7 +28,7 @@ Draw = Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 def _block(cfg, key: str, defaults: dict) -> dict:
     """``cfg[key]`` (a DictConfig or dict) over the defaults; UserError on unknown keys."""
     block = cfg.get(key) if isinstance(cfg, Mapping) or hasattr(cfg, "get") else None
-    block = dict(block or {})
+    block = {k: v for k, v in dict(block or {}).items() if k not in TASK_ONLY_KEYS.get(key, {})}
     unknown = sorted(set(block) - set(defaults))
     if unknown:
         raise UserError(f"unknown {key} keys {unknown}; the {key} block takes {sorted(defaults)}")
