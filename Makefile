@@ -16,13 +16,18 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
-.PHONY: setup train test lint bench
+.PHONY: setup train test test-fast lint
 setup: $(BIN)/.installed
 
 train: setup
 	$(BIN)/python train.py $(if $(DATA),paths.data_dir=$(DATA)) $(ARGS)
 
+# every test, the slow end-to-end ones included (what CI runs)
 test: setup
+	$(BIN)/python -m pytest -q -m "slow or not slow" $(ARGS)
+
+# the fast subset, for edit-test loops (same as plain `pytest`)
+test-fast: setup
 	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: setup
