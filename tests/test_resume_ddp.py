@@ -159,18 +159,24 @@ DDPM = [
 ]
 EPS_NETS = {
     "resnet": ["eps_net=resnet", "eps_net.width=16", "eps_net.depth=1"],
-    "ftt_als": ["eps_net=ftt", "eps_net.rank=2", "eps_net.num_basis=6", "ddpm.optimizer=als"],
+    "ftt_als": [
+        "eps_net=ftt",
+        "eps_net.rank=2",
+        "eps_net.num_basis=6",
+        "ddpm.optimizer=als",
+        "als.samples=2048",
+    ],
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("net", list(EPS_NETS))
 def test_ddpm_two_ranks_share_the_data(net, tmp_path):
-    r = run_train(*DDPM, *EPS_NETS[net], "ddpm.epochs=2", "trainer=ddp_cpu", cwd=tmp_path)
+    r = run_train(*DDPM, *EPS_NETS[net], "ddpm.steps=8", "trainer=ddp_cpu", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     run_dir = only_run(tmp_path / "outputs", "ddpm")
     summary = json.loads((run_dir / "summary.json").read_text())
-    # 600 points over 2 ranks, 64 per batch: 4 steps per epoch (one process takes 9)
+    # 600 points over 2 ranks, 64 per batch: 4 steps per epoch, 8 steps in 2 (one process: 9, 1)
     assert summary["steps"] == 8 and summary["epochs"] == 2
     assert summary["sw"] > 0 and (run_dir / "samples.npy").exists()
     # the checkpoint keeps each rank's own noise generator, not rank zero's twice
