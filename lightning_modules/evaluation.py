@@ -82,12 +82,14 @@ def init_parameters(module: nn.Module, generator: torch.Generator) -> nn.Module:
     return module
 
 
-def _fresh_net(name: str, channels: int, num_classes: int, im_size: int, generator) -> nn.Module:
+def _fresh_net(
+    name: str, channels: int, num_classes: int, im_size: int, generator, **options
+) -> nn.Module:
     """A new network whose initial weights come from ``generator`` alone."""
     with torch.random.fork_rng(
         devices=[]
     ):  # the constructor's own init must not move the global RNG
-        net = build_classifier(name, channels, num_classes, im_size)
+        net = build_classifier(name, channels, num_classes, im_size, **options)
     return init_parameters(net, generator)
 
 
@@ -270,6 +272,7 @@ def evaluate_set(
     together: bool | str = "auto",
     eval_batch_size: int = 1000,
     return_nets: bool = False,
+    net_options: dict[str, dict] | None = None,
     indices: Sequence[int] | None = None,
 ) -> dict:
     """Train ``num_eval`` fresh networks per architecture on (images, labels); test on real data.
@@ -286,6 +289,8 @@ def evaluate_set(
             together on CUDA (1.3x on an H100), one by one on CPU (vmap's grouped convolutions
             are 2.4x slower there).
         return_nets: also return the trained modules under ``"_nets"`` (for tests/inspection).
+        net_options: constructor options per architecture name, e.g. ``{"convnet": {"width":
+            32}}`` to evaluate on the ConvNet the experts used; default: the standard networks.
         indices: which of the ``num_eval`` networks per architecture to train (default all).
             Network ``k`` draws everything from ``network_seed(seed, net, k)``, so a subset
             trains the very networks a full call would (how runs are split across DDP ranks
@@ -331,7 +336,11 @@ def evaluate_set(
     with _progress(progress) as bar:
         for name in names:
             gens = [torch.Generator().manual_seed(network_seed(seed, name, k)) for k in ks]
-            models = [_fresh_net(name, channels, num_classes, im_size, g).to(device) for g in gens]
+            options = dict((net_options or {}).get(name, {}))
+            models = [
+                _fresh_net(name, channels, num_classes, im_size, g, **options).to(device)
+                for g in gens
+            ]
             batched = together and len(models) > 1 and not any(True for _ in models[0].buffers())
             task = bar.add_task(
                 f"evaluate {name} x{len(ks)} ({'together' if batched else 'one by one'})",
