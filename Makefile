@@ -6,6 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 ARGS ?=
+# the main job: the distillation pipeline at laptop scale (conf/experiment/quickstart.yaml);
+# `make train MAIN=` runs plain `python train.py` (task=classify) instead
+MAIN ?= +experiment=quickstart
 # the project's machines keep real CIFAR beside the checkout; elsewhere data/ (downloaded)
 DATA ?= $(if $(wildcard ../shared/data/cifar-10-batches-py),../shared/data,)
 
@@ -20,7 +23,7 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 train: setup
-	$(BIN)/python train.py $(if $(DATA),paths.data_dir=$(DATA)) $(ARGS)
+	$(BIN)/python train.py $(MAIN) $(if $(DATA),paths.data_dir=$(DATA)) $(ARGS)
 
 # every test, the slow end-to-end ones included (what CI runs)
 test: setup
