@@ -820,6 +820,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         log.info("%s experts: not needed for %s", _stage(1), methods)
     if any(m in ("mtt", "pruning") for m in methods):
         cap_start_epoch(cfg, experts["epochs"])
+    else:
+        log.info("%s distillation: none in %s", _stage(2), methods)
     stages: dict[str, Stage] = {}
     reused: dict[str, bool] = {}
     for method in ("pruning", "mtt"):
@@ -828,6 +830,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     for method in CORESETS:
         if method in methods:
             stages[method], reused[method] = coreset(cfg, method, workdir, experts)
+    if not any(m in CORESETS for m in methods):
+        log.info("%s coresets: none in %s", _stage(3), methods)
     entries = {m: stages[m].set_path for m in methods}
     if cfg.reproduce.full:
         entries["full"] = None
