@@ -88,6 +88,8 @@ def test_row_end_to_end_then_reused_then_recomputed(
     assert saved["row"]["paper"]["pruning"] == 46.4 and "measured" in saved["row"]
     for method in ALL:
         assert (first / "sets" / f"{method}.png").exists()
+    assert row["images"]["all sets"] == "sets/compare.png" and (first / "sets/compare.png").exists()
+    assert "[all sets](sets/compare.png)" in markdown
 
     # each stage ran as its sub-task in its own folder with its own summary.json
     workdir = Path(summary["workdir"])
@@ -193,6 +195,7 @@ def test_cross_arch_table(compose, tiny_data, tmp_path, monkeypatch):
         ("reproduce.methods=[random,kmeans]", "choose from"),
         ("reproduce.eps=0", "must be in \\(0, 1\\)"),
         ("reproduce.nets=[lenet]", "unknown net"),
+        ("trainer.devices=2", "one device"),
     ],
 )
 def test_bad_settings_are_one_line_errors(

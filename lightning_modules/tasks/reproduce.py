@@ -141,6 +141,20 @@ def settle(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def check_one_device(cfg: DictConfig) -> None:
+    """The stages run one after another in this process: several devices would repeat them."""
+    devices = cfg.trainer.get("devices", 1)
+    many = devices == -1 or (isinstance(devices, int) and devices > 1)
+    many = many or (not isinstance(devices, (int, str)) and len(devices) > 1)
+    if many or int(cfg.trainer.get("num_nodes", 1)) > 1:
+        raise UserError(
+            "task=reproduce runs its stages in one process on one device (trainer.devices=1); "
+            "to use several GPUs, fill the expert store first with one process per GPU "
+            "(CUDA_VISIBLE_DEVICES=k python train.py task=teacher ...), then task=reproduce "
+            "reuses those experts"
+        )
+
+
 def table_kind(cfg: DictConfig) -> str:
     table = str(cfg.get("table", "row"))
     if table not in TABLES:
@@ -799,6 +813,7 @@ def log_table(cfg: DictConfig, record: dict, summary: dict, images: dict, out_di
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     table = table_kind(cfg)
+    check_one_device(cfg)
     methods = chosen_methods(cfg, table)
     nets = chosen_nets(cfg, table)
     cfg = settle(cfg)
