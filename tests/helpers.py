@@ -6,6 +6,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from datamodules.cifar import SPECS
 
@@ -41,3 +42,26 @@ def write_cifar(root: Path, name: str = "cifar10", train_per_class: int = 6, tes
     with open(folder / spec.meta_file, "wb") as f:
         pickle.dump({spec.names_key: [f"class{c}" for c in range(k)]}, f, protocol=2)
     return root
+
+
+def sweep_agent_commands(sweep_file: Path, python: str) -> list[list[str]]:
+    """The argv lists a W&B agent runs for a grid sweep file (wandb's own flag formatting)."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    spec = yaml.safe_load(sweep_file.read_text())
+    assert spec["method"] == "grid"
+    grid = [{}]
+    for key, param in spec["parameters"].items():
+        values = param["values"] if "values" in param else [param["value"]]
+        grid = [{**g, key: v} for g in grid for v in values]
+    commands = []
+    for point in grid:
+        macros = create_sweep_command_args({"args": {k: {"value": v} for k, v in point.items()}})
+        macros.update(env=["/usr/bin/env"], interpreter=[python], program=[spec["program"]])
+        argv = []
+        for chunk in spec["command"]:
+            chunk = str(chunk)
+            is_macro = chunk.startswith("${") and chunk.endswith("}")
+            argv += macros.get(chunk[2:-1], []) if is_macro else [chunk]
+        commands.append(argv)
+    return commands

@@ -25,6 +25,7 @@ from lightning_modules.errors import UserError
 from lightning_modules.nets import FlatParams, build_classifier
 from lightning_modules.tasks import distill as distill_task
 from tests.conftest import ROOT, run_train
+from tests.helpers import sweep_agent_commands as agent_commands
 
 NET = {
     "name": "convnet",
@@ -576,30 +577,6 @@ def test_two_ddp_ranks_equal_one_step_on_the_mean_loss(tiny_data, store, tmp_pat
 
 
 # -- the ε sweep ----------------------------------------------------------------------------------
-def agent_commands(sweep_file: Path, python: str) -> list[list[str]]:
-    """The argv lists a W&B agent runs for a grid sweep file (wandb's own flag formatting)."""
-    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
-
-    spec = yaml.safe_load(sweep_file.read_text())
-    assert spec["method"] == "grid"
-    grid = [{}]
-    for key, param in spec["parameters"].items():
-        values = param["values"] if "values" in param else [param["value"]]
-        grid = [{**g, key: v} for g in grid for v in values]
-    commands = []
-    for point in grid:
-        macros = create_sweep_command_args({"args": {k: {"value": v} for k, v in point.items()}})
-        macros.update(env=["/usr/bin/env"], interpreter=[python], program=[spec["program"]])
-        argv = []
-        for chunk in spec["command"]:
-            chunk = str(chunk)
-            argv += (
-                macros.get(chunk[2:-1], [])
-                if chunk.startswith("${") and chunk.endswith("}")
-                else [chunk]
-            )
-        commands.append(argv)
-    return commands
 
 
 def test_sweep_file_expands_to_hydra_commands():

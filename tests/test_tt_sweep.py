@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, run_train
+from tests.helpers import sweep_agent_commands as agent_commands
 
 SWEEP = ROOT / "conf/sweep/ddpm_tt_rank.yaml"
 
@@ -32,29 +33,6 @@ TINY = [
     "logger=csv",
     "trainer.enable_progress_bar=false",
 ]
-
-
-def agent_commands(sweep_file: Path, python: str) -> list[list[str]]:
-    """The argv lists a W&B agent runs for a grid sweep file (wandb's own flag formatting)."""
-    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
-
-    spec = yaml.safe_load(sweep_file.read_text())
-    assert spec["method"] == "grid"
-    grid = [{}]
-    for key, param in spec["parameters"].items():
-        values = param["values"] if "values" in param else [param["value"]]
-        grid = [{**g, key: v} for g in grid for v in values]
-    commands = []
-    for point in grid:
-        macros = create_sweep_command_args({"args": {k: {"value": v} for k, v in point.items()}})
-        macros.update(env=["/usr/bin/env"], interpreter=[python], program=[spec["program"]])
-        argv = []
-        for chunk in spec["command"]:
-            chunk = str(chunk)
-            is_macro = chunk.startswith("${") and chunk.endswith("}")
-            argv += macros.get(chunk[2:-1], []) if is_macro else [chunk]
-        commands.append(argv)
-    return commands
 
 
 def _summaries(root: Path) -> list[dict]:
