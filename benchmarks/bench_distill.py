@@ -103,9 +103,9 @@ def _timed(step, device, repeats, memory) -> dict:
 
 def child_unroll(args, mode: str) -> dict:
     """``full`` / ``recompute`` through the project's plain-torch functions."""
-    from lightning_modules.dsa import DSA
-    from lightning_modules.matching import matching_loss, prune_mask
-    from lightning_modules.unroll import classifier_loss, student_unroll
+    from lightning_modules.condense.dsa import DSA
+    from lightning_modules.condense.matching import matching_loss, prune_mask
+    from lightning_modules.condense.unroll import classifier_loss, student_unroll
 
     device = args.device
     net, layout, start, target, images0, labels = _problem(args, device)
@@ -133,7 +133,7 @@ def child_unroll(args, mode: str) -> dict:
 
 def child_bare(args) -> dict:
     """The same iteration as a bare MTT-style loop (no project code but DSA and the net)."""
-    from lightning_modules.dsa import DSA
+    from lightning_modules.condense.dsa import DSA
 
     device = args.device
     net, layout, start, target, images0, labels = _problem(args, device)
@@ -186,7 +186,7 @@ def child_lightning(args) -> dict:
     from datamodules.expert_pairs import ExpertPairsDataModule
     from datamodules.trajectories import ExpertStore
     from lightning_modules.distillation import DistillationModule
-    from lightning_modules.dsa import DSA
+    from lightning_modules.condense.dsa import DSA
 
     device = args.device
     net, layout, start, target, images0, labels = _problem(args, "cpu")

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from lightning_modules.dsa import DEFAULT_STRATEGY, DSA  # noqa: E402
-from lightning_modules.evaluation import resolve_device  # noqa: E402
+from lightning_modules.condense.dsa import DEFAULT_STRATEGY, DSA  # noqa: E402
+from lightning_modules.condense.evaluation import resolve_device  # noqa: E402
 from lightning_modules.nets import build_classifier  # noqa: E402
 
 

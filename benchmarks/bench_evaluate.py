@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from lightning_modules.evaluation import evaluate_set, resolve_device  # noqa: E402
+from lightning_modules.condense.evaluation import evaluate_set, resolve_device  # noqa: E402
 
 
 def main(argv=None) -> list[dict]:

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_modules.dsa import DSA, parse_strategy  # noqa: E402
-from lightning_modules.expert_training import build_seeded, train_expert  # noqa: E402
+from lightning_modules.condense.dsa import DSA, parse_strategy  # noqa: E402
+from lightning_modules.condense.experts import build_seeded, train_expert  # noqa: E402
 from lightning_modules.nets import build_classifier  # noqa: E402
 
 STRATEGY = "color_crop_cutout_flip_scale_rotate"

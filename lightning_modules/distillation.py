@@ -4,9 +4,9 @@ The LightningModule owns the synthetic images and the learnable student lr α (i
 trainable parameters) and does one distillation iteration per training step with manual
 optimisation; the maths lives in plain-torch modules:
 
-- :func:`lightning_modules.unroll.student_unroll`: J student steps from the expert's θ_i
+- :func:`lightning_modules.condense.unroll.student_unroll`: J student steps from the expert's θ_i
   (``full`` or exact constant-memory ``recompute``), DSA on every step;
-- :func:`lightning_modules.matching.prune_mask` / :func:`~lightning_modules.matching.matching_loss`:
+- :func:`lightning_modules.condense.matching.prune_mask` / :func:`~lightning_modules.condense.matching.matching_loss`:
   the signed-ratio mask (no gradient) and the masked normalised matching loss.
 
 Under DDP each rank unrolls its own (expert, start epoch) pair; the image and α gradients
@@ -25,9 +25,9 @@ from torch import nn
 
 from datamodules.expert_pairs import UNROLL_STREAM, derive_seed
 from lightning_modules.errors import UserError
-from lightning_modules.matching import check_eps, matching_loss, prune_mask
+from lightning_modules.condense.matching import check_eps, matching_loss, prune_mask
 from lightning_modules.nets.functional import FlatParams
-from lightning_modules.unroll import MODES, classifier_loss, student_unroll
+from lightning_modules.condense.unroll import MODES, classifier_loss, student_unroll
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import torch
 
 from datamodules.syn_set import SyntheticSet
 from datamodules.trajectories import ExpertStore
-from lightning_modules.coresets import (
+from lightning_modules.condense.coresets import (
     ForgettingTracker,
     check_ipc,
     forgetting_scores,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lightning_modules.dsa import DEFAULT_STRATEGY, DSA, GROUP_DRAWS, DSAAugment, DSAParams
+from lightning_modules.condense.dsa import DEFAULT_STRATEGY, DSA, GROUP_DRAWS, DSAAugment, DSAParams
 from lightning_modules.errors import UserError
 
 N = 4000  # samples for the statistical checks: uniform means are off by < 4 sigma ~ 0.02

@@ -11,7 +11,7 @@ import train
 from datamodules.cifar import CIFARDataModule
 from datamodules.syn_set import SyntheticSet
 from lightning_modules.errors import UserError
-from lightning_modules.evaluation import (
+from lightning_modules.condense.evaluation import (
     _Protocol,
     check_net_names,
     evaluate_set,

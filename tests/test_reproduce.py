@@ -13,7 +13,7 @@ from omegaconf import open_dict
 
 import train
 from datamodules.syn_set import SyntheticSet
-from lightning_modules import paper_numbers
+from lightning_modules.tasks.reproduce import paper_numbers
 from lightning_modules.errors import UserError
 from lightning_modules.tasks import reproduce
 
@@ -257,7 +257,7 @@ def test_scale_knobs_write_the_sub_task_keys(compose):
 
 
 def test_evaluate_set_builds_nets_with_the_given_options():
-    from lightning_modules.evaluation import evaluate_set
+    from lightning_modules.condense.evaluation import evaluate_set
     from lightning_modules.nets import build_classifier
 
     g = torch.Generator().manual_seed(0)

@@ -12,7 +12,7 @@ import torch
 
 from datamodules.trajectories import ExpertStore, default_store_dir
 from lightning_modules.errors import UserError
-from lightning_modules.expert_training import build_seeded, expert_seed, train_expert
+from lightning_modules.condense.experts import build_seeded, expert_seed, train_expert
 from lightning_modules.nets import FlatParams, build_classifier
 from tests.conftest import ROOT, run_train
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_modules.dsa import DSA
-from lightning_modules.matching import matching_loss, prune_mask
+from lightning_modules.condense.dsa import DSA
+from lightning_modules.condense.matching import matching_loss, prune_mask
 from lightning_modules.nets import FlatParams, build_classifier
-from lightning_modules.unroll import classifier_loss, student_unroll
+from lightning_modules.condense.unroll import classifier_loss, student_unroll
 
 
 def tiny_problem(dtype=torch.float64, n_per_class=3, classes=4, seed=0):

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.syn_set import SyntheticSet
 from datamodules.trajectories import ExpertStore, default_store_dir
-from lightning_modules.coresets import (
+from lightning_modules.condense.coresets import (
     METHODS,
     ForgettingTracker,
     check_ipc,
@@ -24,7 +24,7 @@ from lightning_modules.coresets import (
     random_per_class,
 )
 from lightning_modules.errors import UserError
-from lightning_modules.expert_training import (
+from lightning_modules.condense.experts import (
     accuracy,
     build_seeded,
     embed,

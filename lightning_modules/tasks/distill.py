@@ -28,7 +28,7 @@ from datamodules.expert_pairs import ExpertPairsDataModule, derive_seed
 from datamodules.trajectories import ExpertStore, default_store_dir, teacher_command
 from lightning_modules.distillation import DistillationModule
 from lightning_modules.errors import UserError
-from lightning_modules.matching import check_eps
+from lightning_modules.condense.matching import check_eps
 from lightning_modules.nets.functional import FlatParams
 from lightning_modules.tasks.common import (
     build_datamodule,
@@ -38,7 +38,7 @@ from lightning_modules.tasks.common import (
     log_config,
     require_images,
 )
-from lightning_modules.unroll import MODES
+from lightning_modules.condense.unroll import MODES
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def initial_images(cfg: DictConfig, dm) -> tuple[torch.Tensor, torch.Tensor]:
 def make_dsa(d: DictConfig):
     if not d.dsa or str(d.dsa_strategy).lower() in ("", "none"):
         return None
-    from lightning_modules.dsa import DSA
+    from lightning_modules.condense.dsa import DSA
 
     return DSA(d.dsa_strategy)
 
@@ -308,7 +308,7 @@ def log_image(logger, key: str, png: Path, step: int) -> None:
 
 
 def evaluate_distilled(cfg: DictConfig, dm, syn, device) -> dict:
-    from lightning_modules.evaluation import evaluate_set
+    from lightning_modules.condense.evaluation import evaluate_set
 
     d = cfg.distill
     return evaluate_set(
@@ -455,7 +455,7 @@ def finish(cfg, dm, module, writer, out_dir: Path, trainer, logger) -> dict:
         if key in last_logged:
             metrics[f"last_{key.split('/')[1]}"] = float(last_logged[key])
     if d.final_eval:
-        from lightning_modules.evaluation import results_markdown
+        from lightning_modules.condense.evaluation import results_markdown
 
         results = evaluate_distilled(cfg, dm, syn, module.device)
         final = summarise(results)

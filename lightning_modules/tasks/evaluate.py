@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.syn_set import SyntheticSet
 from lightning_modules.errors import UserError
-from lightning_modules.evaluation import (
+from lightning_modules.condense.evaluation import (
     check_net_names,
     evaluate_set,
     resolve_device,

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.trajectories import ExpertStore, default_store_dir
 from lightning_modules.errors import UserError
-from lightning_modules.expert_training import (
+from lightning_modules.condense.experts import (
     build_seeded,
     expert_seed,
     resolve_device,
@@ -54,7 +54,7 @@ def make_augment(enabled: bool, strategy: str | None):
     """A ``DSA(strategy)`` (callable as ``dsa(x, generator)``), or None when off."""
     if not enabled or strategy in (None, "", "none"):
         return None
-    from lightning_modules.dsa import DSA
+    from lightning_modules.condense.dsa import DSA
 
     return DSA(strategy)
 

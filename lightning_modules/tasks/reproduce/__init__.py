@@ -41,7 +41,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from datamodules.trajectories import ExpertStore, default_store_dir
-from lightning_modules import paper_numbers
+from lightning_modules.tasks.reproduce import paper_numbers
 from lightning_modules.errors import UserError
 from lightning_modules.tasks.common import finite_metrics, write_json
 
@@ -177,7 +177,7 @@ def chosen_methods(cfg: DictConfig, table: str) -> list[str]:
 
 
 def chosen_nets(cfg: DictConfig, table: str) -> list[str]:
-    from lightning_modules.evaluation import check_net_names
+    from lightning_modules.condense.evaluation import check_net_names
 
     nets = cfg.reproduce.nets
     if nets is None:
@@ -493,7 +493,7 @@ def evaluate_all(cfg: DictConfig, entries: dict, nets: list[str], workdir: Path)
     Returns ``{column: {net: {"accs", "mean", "std", "lr", "epochs", "cached"}}}``.
     """
     from datamodules.syn_set import SyntheticSet
-    from lightning_modules.evaluation import evaluate_set
+    from lightning_modules.condense.evaluation import evaluate_set
     from lightning_modules.tasks.common import build_datamodule, require_images
     from lightning_modules.tasks.evaluate import DEFAULT_LR
 

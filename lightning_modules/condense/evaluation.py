@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
-from lightning_modules.dsa import DEFAULT_STRATEGY, DSA, to_device
+from lightning_modules.condense.dsa import DEFAULT_STRATEGY, DSA, to_device
 from lightning_modules.errors import UserError
 from lightning_modules.nets import CLASSIFIERS, build_classifier
 
