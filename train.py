@@ -6,7 +6,6 @@ bad input (``UserError``) into one line on stderr and exit status 2.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import shutil
@@ -52,7 +51,7 @@ def run(cfg: DictConfig) -> dict:
     """Run ``cfg.task`` and return its final metrics (also written to ``summary.json``)."""
     import lightning as L
 
-    from lightning_modules.tasks.common import finite_metrics, write_json
+    from lightning_modules.tasks.common import finish_wandb, finite_metrics, run_task, write_json
 
     if cfg.resume:
         previous = find_resumable(cfg)
@@ -69,25 +68,12 @@ def run(cfg: DictConfig) -> dict:
         OmegaConf.save(cfg, out_dir / "config.yaml", resolve=False)
         OmegaConf.save(cfg, out_dir / "config_resolved.yaml", resolve=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    try:
-        task = importlib.import_module(f"lightning_modules.tasks.{cfg.task.name}")
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("lightning_modules.tasks"):
-            raise UserError(f"unknown task {cfg.task.name!r}") from None
-        raise
     start = time.perf_counter()
-    metrics = task.run(cfg, out_dir)
+    metrics = run_task(cfg.task.name, cfg, out_dir)
     summary = {"task": cfg.task.name, **finite_metrics(metrics), "wall_s": time.perf_counter() - start}
     write_json(out_dir / "summary.json", summary)
-    _finish_wandb()
+    finish_wandb()
     return summary
-
-
-def _finish_wandb() -> None:
-    """Close the W&B run so that the next job of a multirun gets its own."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

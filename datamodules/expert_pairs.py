@@ -17,22 +17,12 @@ Iteration t of rank r draws expert e uniformly from the store and a start epoch 
 from __future__ import annotations
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.trajectories import Expert, ExpertStore
 from lightning_modules.errors import UserError
-
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed from integer keys (seed, rank, iteration, stream) via NumPy's SeedSequence."""
-    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
-    return int(state[0]) << 31 ^ int(state[1])
-
-
-#: stream ids: the pair draw and the unroll draw of one iteration use independent seeds
-PAIR_STREAM, UNROLL_STREAM = 0, 1
+from lightning_modules.utils.seeds import derive_seed
 
 
 class _PairStream(IterableDataset):
@@ -122,7 +112,7 @@ class ExpertPairsDataModule(L.LightningDataModule):
 
     def choose(self, iteration: int, rank: int = 0) -> tuple[int, int]:
         """The (expert index, start epoch) of ``iteration`` on ``rank``."""
-        g = torch.Generator().manual_seed(derive_seed(self.seed, rank, iteration, PAIR_STREAM))
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "pairs", rank, iteration))
         expert = self.experts[int(torch.randint(len(self.experts), (1,), generator=g))]
         start_epoch = int(torch.randint(self.max_start_epoch, (1,), generator=g))
         return expert, start_epoch

@@ -11,12 +11,12 @@ import train
 from datamodules.cifar import CIFARDataModule
 from datamodules.syn_set import SyntheticSet
 from lightning_modules.errors import UserError
+from lightning_modules.utils.seeds import derive_seed
 from lightning_modules.condense.evaluation import (
     _Protocol,
     check_net_names,
     evaluate_set,
     init_parameters,
-    network_seed,
     results_markdown,
 )
 from lightning_modules.nets import build_classifier
@@ -105,9 +105,9 @@ def test_seeded_repeatable_and_global_rng_untouched(tiny_dm):
     wa, wb, wc = (r["_nets"]["convnet"][0].classifier.weight for r in (a, b, c))
     assert torch.equal(wa, wb) and not torch.allclose(wa, wc)
     assert (
-        network_seed(0, "convnet", 0)
-        != network_seed(0, "convnet", 1)
-        != network_seed(1, "convnet", 0)
+        derive_seed(0, "convnet", 0)
+        != derive_seed(0, "convnet", 1)
+        != derive_seed(1, "convnet", 0)
     )
 
 

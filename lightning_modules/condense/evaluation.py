@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,6 +31,12 @@ from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 from lightning_modules.condense.dsa import DEFAULT_STRATEGY, DSA, to_device
 from lightning_modules.errors import UserError
 from lightning_modules.nets import CLASSIFIERS, build_classifier
+from lightning_modules.utils.devices import resolve_device
+from lightning_modules.utils.progress import progress_bar
+from lightning_modules.utils.seeds import derive_seed
+
+#: the lr of the coreset baselines and of real-data training in the field (sets without a learned lr)
+DEFAULT_LR = 0.01
 
 
 def check_net_names(nets: Sequence[str]) -> list[str]:
@@ -47,16 +52,6 @@ def check_net_names(nets: Sequence[str]) -> list[str]:
     if not names:
         raise UserError(f"evaluate.nets is empty; give a list such as [{', '.join(CLASSIFIERS)}]")
     return names
-
-
-def network_seed(seed: int, net: str, index: int) -> int:
-    """An independent 63-bit seed per (run seed, architecture, network index)."""
-    return int(
-        np.random.SeedSequence([int(seed), zlib.crc32(net.encode()), int(index)]).generate_state(
-            2, np.uint64
-        )[0]
-        >> np.uint64(1)
-    )
 
 
 @torch.no_grad()
@@ -95,27 +90,6 @@ def _fresh_net(
 
 def _accuracy(correct: torch.Tensor, total: int) -> float:
     return 100.0 * float(correct) / max(1, total)
-
-
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
 
 
 class _Protocol:
@@ -172,7 +146,7 @@ def _train_one_by_one(nets, gens, proto: _Protocol, images, labels, test_x, test
                 total, count = total + loss.detach() * len(idx), count + len(idx)
             # reading the loss waits for the device: only now and then
             info = f"loss {float(total) / count:.3f}" if proto.report(epoch) else None
-            bar.update(task, advance=1, **({"info": info} if info else {}))
+            bar.update(task, advance=1, **({"status": info} if info else {}))
         losses.append(float(total) / count)
         net.eval()
         correct = torch.zeros((), dtype=torch.long, device=images.device)
@@ -215,7 +189,7 @@ def _train_together(nets, gens, proto: _Protocol, images, labels, test_x, test_y
             opt.step()
             total += loss.detach() * idx.shape[1]
         info = f"loss {float(total.mean()) / len(images):.3f}" if proto.report(epoch) else None
-        bar.update(task, advance=1, **({"info": info} if info else {}))
+        bar.update(task, advance=1, **({"status": info} if info else {}))
     base.eval()
     predict = vmap(
         lambda p, b, x: functional_call(base, (p, b), (x,)).argmax(-1), in_dims=(0, 0, None)
@@ -234,21 +208,6 @@ def _train_together(nets, gens, proto: _Protocol, images, labels, test_x, test_y
             for name, p in net.named_parameters():
                 p.copy_(params[name][i])
     return [_accuracy(c, len(test_x)) for c in correct.tolist()], (total / len(images)).tolist()
-
-
-def resolve_device(device) -> torch.device:
-    """``auto`` → cuda when available, else cpu."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(str(device))
-    except RuntimeError:
-        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:<index>") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            f"device {device!r} asked for but CUDA is not available; use device=auto or cpu"
-        )
-    return dev
 
 
 def evaluate_set(
@@ -292,7 +251,7 @@ def evaluate_set(
         net_options: constructor options per architecture name, e.g. ``{"convnet": {"width":
             32}}`` to evaluate on the ConvNet the experts used; default: the standard networks.
         indices: which of the ``num_eval`` networks per architecture to train (default all).
-            Network ``k`` draws everything from ``network_seed(seed, net, k)``, so a subset
+            Network ``k`` draws everything from ``derive_seed(seed, net, k)``, so a subset
             trains the very networks a full call would (how runs are split across DDP ranks
             and resumed).
 
@@ -333,10 +292,11 @@ def evaluate_set(
     channels, im_size = images.shape[1], images.shape[-1]
     results: dict = {}
     trained: dict = {}
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         for name in names:
-            gens = [torch.Generator().manual_seed(network_seed(seed, name, k)) for k in ks]
+            gens = [torch.Generator().manual_seed(derive_seed(seed, name, k)) for k in ks]
             options = dict((net_options or {}).get(name, {}))
+            options.pop("name", None)  # options may be a whole net config (name + constructor keys)
             models = [
                 _fresh_net(name, channels, num_classes, im_size, g, **options).to(device)
                 for g in gens
@@ -345,7 +305,7 @@ def evaluate_set(
             task = bar.add_task(
                 f"evaluate {name} x{len(ks)} ({'together' if batched else 'one by one'})",
                 total=epochs * (1 if batched else len(ks)),
-                info="",
+                status="",
             )
             start = time.perf_counter()
             train = _train_together if batched else _train_one_by_one

@@ -1,9 +1,13 @@
-"""Pieces every task runner shares: data, nets, logger and trainer built from the config."""
+"""The toolbox every task runner shares: data, nets, logger and trainer built from the config,
+images and results to the logger, files written from rank zero, and ``run_task`` (how one task
+runs another's stage without importing its runner).
+"""
 
 from __future__ import annotations
 
-import json
+import importlib
 import math
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -13,6 +17,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules.errors import UserError
+from lightning_modules.utils import files
+from lightning_modules.utils.progress import progress_bar
 
 
 def instantiate_checked(node: DictConfig, **kwargs):
@@ -90,11 +96,56 @@ def finite_metrics(metrics: dict) -> dict:
 
 @rank_zero_only
 def write_json(path: str | Path, payload) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)
+    """``payload`` as JSON at ``path``, atomically, from rank zero only."""
+    files.write_json(path, payload)
+
+
+def run_task(name: str, cfg: DictConfig, out_dir: str | Path) -> dict:
+    """Run the runner of ``task=<name>`` (``lightning_modules/tasks/<name>.py``) on ``cfg``.
+
+    The one way a task starts another's work (``train.py`` for the command line, ``reproduce``
+    for its stages): runners never import one another.
+
+    Raises:
+        UserError: no runner of that name.
+    """
+    try:
+        runner = importlib.import_module(f"lightning_modules.tasks.{name}")
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("lightning_modules.tasks"):
+            raise UserError(f"unknown task {name!r}") from None
+        raise
+    return runner.run(cfg, Path(out_dir))
+
+
+def finish_wandb() -> None:
+    """Close the active W&B run (if wandb was imported at all) so that the next run, a stage of
+    ``task=reproduce`` or a job of a multirun, gets its own."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
+def log_images(logger, key: str, paths, step: int | None = None) -> None:
+    """Log PNGs to W&B when ``logger`` is a WandbLogger; other loggers keep them in the run dir."""
+    if not logger or type(logger).__name__ != "WandbLogger":  # no wandb import for other loggers
+        return
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    kwargs = {} if step is None else {"step": step}
+    logger.log_image(key=key, images=[str(p) for p in paths], **kwargs)
+
+
+def net_options(net_cfg: DictConfig) -> dict:
+    """The ``net`` config as a plain dict, ``name`` and constructor options, without
+    ``_target_``: what expert and set files record and what evaluation builds networks from."""
+    options = OmegaConf.to_container(net_cfg, resolve=True)
+    options.pop("_target_", None)
+    return options
+
+
+def show_progress(cfg: DictConfig, enabled: bool = True):
+    """The plain loops' progress bar, off with ``trainer.enable_progress_bar=false``."""
+    return progress_bar(enabled and bool(cfg.trainer.get("enable_progress_bar", True)))
 
 
 # a rank of a plain-loop task may wait at its closing barrier for the slowest rank's last job

@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.syn_set import SyntheticSet
-from lightning_modules.errors import UserError
 from lightning_modules.condense.evaluation import (
+    DEFAULT_LR,
     check_net_names,
     evaluate_set,
-    resolve_device,
     results_markdown,
 )
+from lightning_modules.errors import UserError
 from lightning_modules.tasks.common import (
     build_datamodule,
     build_logger,
@@ -33,11 +32,10 @@ from lightning_modules.tasks.common import (
     require_images,
     write_json,
 )
+from lightning_modules.utils import files
+from lightning_modules.utils.devices import resolve_device
 
 log = logging.getLogger(__name__)
-
-DEFAULT_LR = 0.01  # the lr of the coreset baselines and of real-data training in the field
-
 
 def load_training_set(e: DictConfig, dm):
     """``(images, labels, lr, description, SyntheticSet | None)`` for ``evaluate.set``."""
@@ -107,12 +105,6 @@ def log_results(logger, results: dict, metrics: dict, grid: Path | None) -> None
     logger.save()
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 PARTS_DIR = "evaluate_parts"  # one JSON per finished (net, index) network: what a resume skips
 
 
@@ -122,9 +114,7 @@ def _part_path(out_dir: Path, name: str, index: int) -> Path:
 
 def _write_part(out_dir: Path, part: dict) -> None:
     """Atomically, by the rank that trained it (``write_json`` writes on rank zero only)."""
-    path = _part_path(out_dir, part["net"], part["index"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_text(path, json.dumps(part, indent=2))
+    files.write_json(_part_path(out_dir, part["net"], part["index"]), part)
 
 
 def set_digest(images, labels, lr: float) -> str:
@@ -273,7 +263,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     )
     table = results_markdown(results, title)
     print("\n" + table, flush=True)
-    _write_text(out_dir / "results.md", table)
+    files.write_text(out_dir / "results.md", table)
     metrics = summary_metrics(results)
     record = {
         "set": str(e.set),

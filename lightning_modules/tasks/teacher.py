@@ -1,6 +1,6 @@
 """``task=teacher``: train expert trajectories into a store (one file per expert).
 
-Each expert is a fresh ``net`` (init drawn from ``expert_seed(seed, index)``) trained with the
+Each expert is a fresh ``net`` (init drawn from ``derive_seed(seed, "expert", index)``) trained with the
 MTT expert recipe (plain SGD, lr 0.01, batch 256, DSA on); its parameters at epoch 0 and after
 every epoch, and its test accuracy per epoch, go to ``<store>/expert_<index>.pt``. Experts
 already on disk are skipped and indices another process is training are left to it, so
@@ -15,16 +15,12 @@ import logging
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from datamodules.trajectories import ExpertStore, default_store_dir
+from lightning_modules.condense.dsa import make_dsa
+from lightning_modules.condense.experts import RECIPE_KEYS, build_seeded, train_expert
 from lightning_modules.errors import UserError
-from lightning_modules.condense.experts import (
-    build_seeded,
-    expert_seed,
-    resolve_device,
-    train_expert,
-)
 from lightning_modules.nets.functional import FlatParams
 from lightning_modules.tasks.common import (
     build_datamodule,
@@ -33,30 +29,17 @@ from lightning_modules.tasks.common import (
     gather_objects,
     launch_fabric,
     log_config,
+    log_images,
+    net_options,
     rank_zero_first,
     require_images,
+    show_progress,
 )
+from lightning_modules.utils.devices import resolve_device
+from lightning_modules.utils.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
-# settings that make two experts different trajectories: a store must not mix them
-RECIPE_KEYS = ("epochs", "lr", "momentum", "weight_decay", "batch_size", "dsa_strategy")
-
-
-def net_options(net_cfg: DictConfig) -> dict:
-    """The net config as a plain dict (name + options) for metadata, without ``_target_``."""
-    options = OmegaConf.to_container(net_cfg, resolve=True)
-    options.pop("_target_", None)
-    return options
-
-
-def make_augment(enabled: bool, strategy: str | None):
-    """A ``DSA(strategy)`` (callable as ``dsa(x, generator)``), or None when off."""
-    if not enabled or strategy in (None, "", "none"):
-        return None
-    from lightning_modules.condense.dsa import DSA
-
-    return DSA(strategy)
 
 
 def store_for(cfg: DictConfig, dm, out: str | None) -> ExpertStore:
@@ -101,7 +84,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     store = store_for(cfg, dm, t.out)
     net_cfg = net_options(cfg.net)
     layout = FlatParams(build_net(cfg.net, dm))
-    augment = make_augment(t.dsa, t.dsa_strategy)
+    augment = make_dsa(t.dsa_strategy if t.dsa else None)
     recipe = {
         "epochs": int(t.epochs),
         "lr": float(t.lr),
@@ -131,7 +114,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         f" (rank {rank} of {world}: experts {mine})" if world > 1 else "",
     )  # fmt: skip
     steps_per_epoch = -(-len(dm.train_x) // int(t.batch_size))
-    with progress_bar(cfg, enabled=rank == 0) as bar:
+    with show_progress(cfg, enabled=rank == 0) as bar:
         total = len(mine) * int(t.epochs) * steps_per_epoch
         job = bar.add_task("experts", total=total, status="")
         for index in mine:
@@ -188,7 +171,7 @@ def _log_other_ranks(logger, store: ExpertStore, per_rank: list[dict]) -> None:
 
 def _train_one(cfg, dm, layout, net_cfg, recipe, augment, index, device, bar, job, logger) -> dict:
     """Train expert ``index``; its snapshots and metadata as one dict."""
-    seed = expert_seed(cfg.seed, index)
+    seed = derive_seed(cfg.seed, "expert", index)
     net = build_seeded(lambda: build_net(cfg.net, dm), seed).to(device)
     start = time.perf_counter()
 
@@ -243,29 +226,6 @@ def _train_one(cfg, dm, layout, net_cfg, recipe, augment, index, device, bar, jo
     }
 
 
-def progress_bar(cfg: DictConfig, enabled: bool = True):
-    """A rich progress bar with a ``status`` field; off with trainer.enable_progress_bar=false
-    (and on ranks other than zero: ``enabled=False``)."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
-        disable=not (enabled and cfg.trainer.get("enable_progress_bar", True)),
-    )
-
-
 def plot_test_accuracy(
     store: ExpertStore, indices: list[int], path: Path, logger=None
 ) -> Path | None:
@@ -299,13 +259,5 @@ def plot_test_accuracy(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    log_png(logger, "expert_test_acc", path)
+    log_images(logger, "expert_test_acc", path)
     return path
-
-
-def log_png(logger, key: str, path: Path) -> None:
-    """Log a PNG to W&B when the logger is a WandbLogger (other loggers keep it in the run dir)."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    if isinstance(logger, WandbLogger):
-        logger.log_image(key=key, images=[str(path)])
