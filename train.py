@@ -104,5 +104,22 @@ def _fold_into_resumed(hydra_dir: Path, run_dir: Path) -> None:
     shutil.move(str(hydra_dir), str(target))
 
 
+def check_group_choices(argv: list[str]) -> None:
+    """One line and exit 2 for ``group=name`` naming no file of a config group (``method=foo``),
+    instead of Hydra's multi-line composition error."""
+    conf = Path(__file__).resolve().parent / "conf"
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        group = key.lstrip("+~")
+        if not sep or "." in group or "@" in group or not (conf / group).is_dir():
+            continue
+        if value and "," not in value and not (conf / group / f"{value}.yaml").exists():
+            choices = sorted(p.stem for p in (conf / group).glob("*.yaml"))
+            names = ", ".join(choices)
+            print(f"error: unknown {group} {value!r}; choose one of {names}", file=sys.stderr)
+            sys.exit(2)
+
+
 if __name__ == "__main__":
+    check_group_choices(sys.argv[1:])
     main()

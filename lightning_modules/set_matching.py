@@ -37,6 +37,7 @@ from lightning_modules.condense.gradient_matching import (
     train_network_on_set,
 )
 from lightning_modules.errors import UserError
+from lightning_modules.utils.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +131,7 @@ class MatchingModule(L.LightningModule):
 
     # -- pieces of one iteration ----------------------------------------------------------------
     def iteration_generator(self, iteration: int, rank: int) -> torch.Generator:
-        from datamodules.expert_pairs import derive_seed
-
-        return torch.Generator().manual_seed(derive_seed(self.seed, rank, iteration, 3))
+        return torch.Generator().manual_seed(derive_seed(self.seed, self.method, rank, iteration))
 
     def fresh_net(self, generator: torch.Generator) -> nn.Module:
         net = init_parameters(copy.deepcopy(self._template[0]), generator)
@@ -195,11 +194,6 @@ class MatchingModule(L.LightningModule):
             if not ok:
                 break
             if step < steps - 1 and self.inner_loop > 0:
-                dsa = self.dsa
-
-                def augment(x, gen):
-                    return dsa(x, gen)
-
                 train_network_on_set(
                     net,
                     net_opt,
@@ -207,7 +201,7 @@ class MatchingModule(L.LightningModule):
                     self.labels,
                     epochs=self.inner_loop,
                     batch_size=self.batch_train,
-                    augment=augment if dsa is not None else None,
+                    augment=self._augment_per_sample if self.dsa is not None else None,
                     generator=g,
                 )
         if not ok and step < steps - 1:
@@ -228,6 +222,9 @@ class MatchingModule(L.LightningModule):
         self.log_dict(metrics, on_step=True, on_epoch=False)
         self.log_dict({"loss": mean_loss}, prog_bar=True, logger=False)
         return {"loss": torch.tensor(mean_loss)}
+
+    def _augment_per_sample(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.dsa(x, generator)
 
     def _image_step(self, opt, loss: torch.Tensor, last: bool) -> tuple[bool, float, float]:
         """One SGD step on the images with the rank-averaged gradient; skipped if not finite."""

@@ -69,7 +69,7 @@ def check_method_keys(cfg: DictConfig, name: str) -> None:
             if key in cfg.distill and cfg.distill[key] != defaults.get(key):
                 raise UserError(
                     f"distill.{key} is a key of method=mtt (trajectory matching); method={name} "
-                    f"does not use it: drop it, or see conf/method/{name}.yaml for this method's keys"
+                    f"does not use it: drop it (this method's keys: conf/method/{name}.yaml)"
                 )
     allowed = set(method_defaults(name))
     extra = sorted(set(cfg.get("method") or {}) - allowed)
@@ -124,9 +124,7 @@ def validate_matching(cfg: DictConfig, name: str) -> None:
     positive = {"distill.iterations": d.iterations, "distill.checkpoint_every": d.checkpoint_every}
     positive.update({"distill.eval_num": d.eval_num, "method.batch_real": m.batch_real})
     if name in ("dc", "dsa"):
-        positive.update(
-            {"method.outer_loop": m.outer_loop, "method.batch_train": m.batch_train}
-        )
+        positive.update({"method.outer_loop": m.outer_loop, "method.batch_train": m.batch_train})
     for key, value in positive.items():
         if int(value) < 1:
             raise UserError(f"{key} must be at least 1, got {value}")
