@@ -215,3 +215,17 @@ def test_two_ddp_ranks_average_the_image_gradient(tiny_data, tmp_path, compose):
     (grad,) = torch.autograd.grad((losses[0] + losses[1]) / 2, module.images)
     expected = init.images - float(cfg.distill.lr_img) * grad
     torch.testing.assert_close(after.images, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_scale_runs_dsa_and_dm_at_its_scale(compose):
+    from lightning_modules.tasks.matching_settings import matching_stage_config
+    from lightning_modules.tasks.reproduce.config import settle
+
+    cfg = settle(compose("task=reproduce", "ipc=10", "+experiment=cpu_scale"))
+    assert {"dsa", "dm"} <= set(cfg.reproduce.methods)
+    dsa = resolve_matching_settings(matching_stage_config(cfg, "dsa", iterations=20))
+    assert (dsa.method.outer_loop, dsa.method.inner_loop, dsa.method.batch_real) == (2, 5, 64)
+    assert dsa.distill.iterations == 20 and dsa.distill.lr_img == 0.1
+    assert dsa.dataset.zca == cfg.dataset.zca  # the row's one pixel space
+    dm = resolve_matching_settings(matching_stage_config(cfg, "dm", iterations=None))
+    assert dm.distill.iterations == 20000 and dm.distill.lr_img == 1.0

@@ -148,3 +148,26 @@ def validate_matching(cfg: DictConfig, name: str) -> None:
 def batched_value(value) -> bool | str:
     text = str(value).lower()
     return "auto" if text == "auto" else text == "true"
+
+
+def matching_stage_config(cfg: DictConfig, method: str, iterations=None) -> DictConfig:
+    """``cfg`` (a composed ``task=reproduce`` config, MTT settings applied) made into the config of
+    a ``task=distill method=<method>`` stage: the method's own keys from ``conf/method``, the MTT
+    keys back at their defaults, ``reproduce.method_keys.<method>`` on top (scale knobs such as
+    ``outer_loop``), ``iterations`` (None: the method's published row) and its ``lr_img`` from
+    the row; ``dataset.zca`` and the shared keys stay as they are."""
+    import copy
+
+    sub = copy.deepcopy(cfg)
+    defaults = OmegaConf.load(CONF_DIR / "task" / "distill.yaml").distill
+    with open_dict(sub):
+        sub.method = OmegaConf.create(method_defaults(method))
+        scale = (cfg.get("reproduce") or {}).get("method_keys") or {}
+        for key, value in (scale.get(method) or {}).items():
+            sub.method[key] = value  # an unknown key is refused by check_method_keys
+        for key in MTT_KEYS:
+            sub.distill[key] = defaults.get(key)
+        sub.distill.preset = "auto"
+        sub.distill.iterations = None if iterations is None else int(iterations)
+        sub.distill.lr_img = None
+    return sub
