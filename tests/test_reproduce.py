@@ -13,10 +13,10 @@ from omegaconf import open_dict
 
 import train
 from datamodules.syn_set import SyntheticSet
-from lightning_modules.tasks.reproduce import paper_numbers
 from lightning_modules.errors import UserError
 from lightning_modules.tasks import reproduce
 from lightning_modules.tasks.common import net_options
+from lightning_modules.tasks.reproduce import paper_numbers
 
 ALL = ["random", "forgetting", "herding", "dsa", "dm", "mtt", "pruning"]
 
