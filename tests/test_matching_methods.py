@@ -229,3 +229,18 @@ def test_cpu_scale_runs_dsa_and_dm_at_its_scale(compose):
     assert dsa.dataset.zca == cfg.dataset.zca  # the row's one pixel space
     dm = resolve_matching_settings(matching_stage_config(cfg, "dm", iterations=None))
     assert dm.distill.iterations == 20000 and dm.distill.lr_img == 1.0
+
+
+@pytest.mark.parametrize("method", ["dc", "dsa", "dm"])
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+@pytest.mark.parametrize("ipc", [1, 10, 50])
+def test_every_published_row_resolves(compose, method, dataset, ipc):
+    from lightning_modules.tasks.matching_settings import published_matching_row
+
+    row = published_matching_row(method, dataset, ipc)
+    assert row is not None and row["zca"] is False
+    cfg = resolve_matching_settings(
+        compose("task=distill", f"method={method}", f"dataset={dataset}", f"ipc={ipc}")
+    )
+    assert cfg.distill.iterations == row["iterations"] and cfg.distill.lr_img == row["lr_img"]
+    assert all(cfg.method[k] == v for k, v in row.items() if k in cfg.method)
