@@ -33,5 +33,7 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q $(ARGS)
 
+# what CI runs before the tests: ruff's lint rules and its formatter, both clean
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .

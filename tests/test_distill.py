@@ -418,6 +418,41 @@ def only_run(runs: Path) -> Path:
     return dirs[0]
 
 
+def test_run_from_python_equals_the_command_line(compose, tiny_data, store, tmp_path):
+    """``train.run(cfg)`` with the overrides of a ``python train.py ...`` call makes the same run:
+    same settings after the preset (ZCA included), same set, same metrics."""
+    import train
+
+    overrides = tiny(tiny_data, store, **{"distill.eval_epochs": 1})
+    overrides.remove("dataset.zca=false")  # dataset.zca: null (follow the row) on both sides
+    overrides += ["distill.preset=none", "distill.lr_img=100", "distill.lr_lr=1e-5"]
+    overrides += ["distill.lr_teacher=0.01", "distill.batch_syn=all"]
+    cli = tmp_path / "cli"
+    r = run_train(*overrides, f"paths.runs_dir={cli}", f"paths.cache_dir={cli}/cache", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cli_dir = only_run(cli)
+
+    cfg = compose(*overrides)
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "py" / "run")
+    summary = train.run(cfg)
+    py_dir = tmp_path / "py" / "run"
+
+    a = yaml.safe_load((cli_dir / "distill_config.yaml").read_text())
+    b = yaml.safe_load((py_dir / "distill_config.yaml").read_text())
+    for c in (a, b):
+        c.pop("paths")
+    assert a == b
+    assert a["dataset"]["zca"] is False  # no row (preset=none): off on both sides
+    sa, sb = SyntheticSet.load(cli_dir / "set.pt"), SyntheticSet.load(py_dir / "set.pt")
+    assert torch.equal(sa.images, sb.images) and sa.lr == sb.lr
+    cli_summary = json.loads((cli_dir / "summary.json").read_text())
+    for key in ("final_acc", "learned_lr", "last_loss", "iterations"):
+        assert cli_summary[key] == summary[key], key
+
+
 @pytest.mark.slow
 def test_teacher_then_distill_then_evaluate(tiny_data, tmp_path):
     """The issue's 'done when': tiny experts from task=teacher, distil ipc=1, the set is usable."""
