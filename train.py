@@ -120,6 +120,34 @@ def check_group_choices(argv: list[str]) -> None:
             sys.exit(2)
 
 
+def check_method_overrides(argv: list[str]) -> None:
+    """One line and exit 2 for ``method.<key>=...`` naming a key the chosen method does not have
+    (``method=dm method.learn_labels=true``), instead of Hydra's multi-line struct error."""
+    conf = Path(__file__).resolve().parent / "conf" / "method"
+    chosen = [a.partition("=")[2] for a in argv if a.lstrip("+~").partition("=")[0] == "method"]
+    name = chosen[-1] if chosen else "mtt"
+    path = conf / f"{name}.yaml"
+    if not path.exists():
+        return
+    import yaml
+
+    own = set(yaml.safe_load(path.read_text()) or {})
+    for arg in argv:
+        key, sep, _ = arg.partition("=")
+        if not sep or not key.startswith("method.") or "." in key[len("method.") :]:
+            continue
+        leaf = key[len("method.") :]
+        if leaf in own:
+            continue
+        owners = sorted(
+            p.stem for p in conf.glob("*.yaml") if leaf in (yaml.safe_load(p.read_text()) or {})
+        )
+        owner = f" (a key of method={'/'.join(owners)})" if owners else ""
+        print(f"error: method.{leaf}{owner} is not a key of method={name}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
     check_group_choices(sys.argv[1:])
+    check_method_overrides(sys.argv[1:])
     main()

@@ -1,9 +1,12 @@
-"""Dataset condensation by gradient matching (DC, DSA) and by distribution matching (DM).
+"""Dataset condensation by gradient matching (DC, DSA), distribution matching (DM), feature
+alignment (CAFE) and kernel inducing points (KIP).
 
-The LightningModule owns the synthetic images (its only trainable parameter) and does one
-iteration of the method per training step with manual optimisation; the maths lives in
-:mod:`lightning_modules.condense.gradient_matching` and
-:mod:`lightning_modules.condense.distribution_matching`.
+The LightningModule owns the synthetic images (and KIP's learned labels) and does one iteration
+of the method per training step with manual optimisation; the maths lives in
+:mod:`lightning_modules.condense.gradient_matching`,
+:mod:`lightning_modules.condense.distribution_matching`,
+:mod:`lightning_modules.condense.feature_alignment` and
+:mod:`lightning_modules.condense.kernel_ridge`.
 
 - ``dc`` / ``dsa`` (REFERENCE.md C): a freshly initialised network per iteration; ``outer_loop``
   times: one image step on the summed per-class gradient-matching loss (``dsa``: one siamese
@@ -11,6 +14,13 @@ iteration of the method per training step with manual optimisation; the maths li
   SGD on the synthetic set (``dsa``: per-sample augmentation).
 - ``dm``: a freshly initialised, untrained network per iteration; one image step on the summed
   per-class squared distance of mean embeddings under a siamese draw per class.
+- ``cafe``: a fresh network per iteration; image steps on the CAFE loss (siamese draw per class)
+  until the network's accuracy on real images stops moving (range below ``lambda_outer`` over the
+  last ``window`` steps, at most ``max_outer`` steps), between them network epochs on the
+  synthetic set until that accuracy has moved by more than ``lambda_inner`` (at most
+  ``max_inner``); the image lr halves at each of ``lr_milestones``.
+- ``kip``: one Adam step per iteration on the KRR loss from the support to a real target batch;
+  the ``rf_convnet`` kernel draws ``rf_models`` fresh networks per iteration.
 
 One training step is one iteration, so ``global_step`` counts iterations (the set writer and
 checkpoints key on it): the first ``outer_loop - 1`` image steps go through the plain torch
@@ -32,21 +42,44 @@ from torch import nn
 
 from lightning_modules.condense.distribution_matching import distribution_matching_loss
 from lightning_modules.condense.evaluation import init_parameters
+from lightning_modules.condense.feature_alignment import (
+    AccuracyWatcher,
+    cafe_loss,
+    class_accuracies,
+)
 from lightning_modules.condense.gradient_matching import (
     gradient_matching_loss,
     train_network_on_set,
+)
+from lightning_modules.condense.kernel_ridge import (
+    chunked_kernel,
+    embedding_features,
+    fc_kernel,
+    kip_loss,
+    kip_loss_from_features,
+    one_hot_targets,
 )
 from lightning_modules.errors import UserError
 from lightning_modules.utils.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
-METHODS = ("dc", "dsa", "dm")
+METHODS = ("dc", "dsa", "dm", "cafe", "kip")
+#: CAFE's defaults (the reference's argparse values; conf/method/cafe.yaml)
+CAFE_DEFAULTS = dict(
+    layer_weights=None, beta=0.01, lambda_outer=0.04, lambda_inner=0.03, window=10,
+    batch_test=128, max_outer=100, max_inner=100, lr_milestones=(),
+)  # fmt: skip
+#: KIP's defaults (conf/method/kip.yaml)
+KIP_DEFAULTS = dict(
+    kernel="rf_convnet", depth=1, w_var=2.0, b_var=0.01, rf_models=8, reg=1e-6, chunk=None,
+    learn_labels=False, lr_labels=None,
+)  # fmt: skip
 
 
 class MatchingModule(L.LightningModule):
-    """Learns a synthetic set by gradient matching (``dc``, ``dsa``) or distribution matching
-    (``dm``).
+    """Learns a synthetic set by gradient matching (``dc``, ``dsa``), distribution matching
+    (``dm``), feature alignment (``cafe``) or kernel inducing points (``kip``).
 
     Args:
         net: the architecture; a fresh copy with fresh weights is drawn every iteration.
@@ -64,6 +97,8 @@ class MatchingModule(L.LightningModule):
             (vmap on CUDA, loop on CPU, where measured faster: benchmarks/bench_matching.py).
         class_chunk: classes per batched pass (memory bound); None = all.
         seed: base seed of the per-iteration generators.
+        cafe: CAFE options (keys of :data:`CAFE_DEFAULTS`); kip: KIP options
+            (:data:`KIP_DEFAULTS`; ``lr_labels`` None = ``lr_img``).
     """
 
     def __init__(
@@ -87,6 +122,8 @@ class MatchingModule(L.LightningModule):
         class_chunk: int | None = None,
         max_bad_steps: int = 10,
         seed: int = 0,
+        cafe: dict | None = None,
+        kip: dict | None = None,
     ):
         super().__init__()
         if method not in METHODS:
@@ -102,12 +139,17 @@ class MatchingModule(L.LightningModule):
         self.batch_real, self.batch_train = int(batch_real), int(batch_train)
         self.outer_loop, self.inner_loop = int(outer_loop), int(inner_loop)
         self.lr_net = float(lr_net)
-        self.dsa = None if method == "dc" else dsa
+        self.dsa = None if method in ("dc", "kip") else dsa
+        self.cafe = {**CAFE_DEFAULTS, **(cafe or {})}
+        self.kip = {**KIP_DEFAULTS, **(kip or {})}
         self.batched, self.class_chunk = batched, class_chunk
         self.max_bad_steps, self.seed = int(max_bad_steps), int(seed)
         self._template = [net.cpu()]  # a list: Lightning neither moves nor checkpoints it
         self.images = nn.Parameter(images.detach().clone().float())
         self.register_buffer("labels", labels.detach().clone().long())
+        self.soft_labels = None  # KIP's learned labels (one-hot at the start)
+        if method == "kip" and self.kip["learn_labels"]:
+            self.soft_labels = nn.Parameter(one_hot_targets(labels, self.num_classes))
         self._real = (real_images, real_labels.long())
         self._class_index = [
             torch.nonzero(real_labels == c).flatten() for c in range(self.num_classes)
@@ -122,7 +164,17 @@ class MatchingModule(L.LightningModule):
 
     # -- optimiser ------------------------------------------------------------------------------
     def configure_optimizers(self):
+        if self.method == "kip":
+            groups = [{"params": [self.images], "lr": self.lr_img}]
+            if self.soft_labels is not None:
+                lr_labels = self.kip["lr_labels"]
+                lr_labels = self.lr_img if lr_labels is None else float(lr_labels)
+                groups.append({"params": [self.soft_labels], "lr": lr_labels})
+            return torch.optim.Adam(groups)
         return torch.optim.SGD([self.images], lr=self.lr_img, momentum=self.momentum)
+
+    def learned(self) -> list[nn.Parameter]:
+        return [self.images] + ([self.soft_labels] if self.soft_labels is not None else [])
 
     def on_fit_start(self) -> None:
         x, y = self._real
@@ -161,6 +213,12 @@ class MatchingModule(L.LightningModule):
             return distribution_matching_loss(
                 net.embed, real, syn, dsa=self.dsa, generator=generator, chunk=self.class_chunk
             )
+        if self.method == "cafe":
+            c = self.cafe
+            return cafe_loss(
+                net, real, syn, weights=c["layer_weights"], beta=float(c["beta"]), dsa=self.dsa,
+                generator=generator,
+            )["loss"]  # fmt: skip
         return gradient_matching_loss(
             net,
             dict(net.named_parameters()),
@@ -172,40 +230,51 @@ class MatchingModule(L.LightningModule):
             chunk_size=self.class_chunk,
         )
 
+    def kip_objective(self, generator: torch.Generator) -> torch.Tensor:
+        """KIP: the KRR loss from the support to a class-balanced real target batch."""
+        k = self.kip
+        target = self.real_batches(generator)
+        y_t = one_hot_targets(
+            torch.arange(self.num_classes, device=target.device).repeat_interleave(target.shape[1]),
+            self.num_classes,
+        )
+        target = target.reshape(-1, *target.shape[2:])
+        y_s = self.soft_labels if self.soft_labels is not None else one_hot_targets(
+            self.labels, self.num_classes
+        )  # fmt: skip
+        chunk, reg = k["chunk"], float(k["reg"])
+        if k["kernel"] in ("nngp_fc", "ntk_fc"):
+            opts = dict(depth=int(k["depth"]), w_var=float(k["w_var"]), b_var=float(k["b_var"]))
+            kind = k["kernel"].split("_")[0]
+
+            def kern(a, b):
+                return fc_kernel(a, b, kind=kind, **opts)
+
+            k_ss = chunked_kernel(kern, self.images, self.images, chunk)
+            k_ts = chunked_kernel(kern, target, self.images, chunk)
+            return kip_loss(k_ss, k_ts, y_s, y_t, reg)
+        nets = [self.fresh_net(generator).requires_grad_(False) for _ in range(k["rf_models"])]
+        embeds = [n.embed for n in nets]
+        with torch.no_grad():
+            phi_t = embedding_features(embeds, target, chunk)
+        phi_s = embedding_features(embeds, self.images, chunk)
+        return kip_loss_from_features(phi_s, phi_t, y_s, y_t, reg)
+
     # -- one iteration --------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         tic = time.perf_counter()
         opt = self.optimizers()
         iteration = int(batch["iteration"])
         g = self.iteration_generator(iteration, self.global_rank)
-        net = self.fresh_net(g)
-        if self.method == "dm":
-            net.requires_grad_(False)
-            steps = 1
+        if self.method == "kip":
+            losses, norms, ok = self._steps(opt, [self.kip_objective(g)], g)
+        elif self.method == "cafe":
+            milestones = self.cafe["lr_milestones"] or ()
+            for group in opt.optimizer.param_groups:
+                group["lr"] = self.lr_img * 0.5 ** sum(iteration >= int(m) for m in milestones)
+            losses, norms, ok = self._cafe_iteration(opt, self.fresh_net(g), g)
         else:
-            steps = self.outer_loop
-            net_opt = torch.optim.SGD(net.parameters(), lr=self.lr_net)
-        losses, norms = [], []
-        for step in range(steps):
-            loss = self.matching_loss(net, g)
-            ok, mean_loss, grad_norm = self._image_step(opt, loss, last=step == steps - 1)
-            losses.append(mean_loss)
-            norms.append(grad_norm)
-            if not ok:
-                break
-            if step < steps - 1 and self.inner_loop > 0:
-                train_network_on_set(
-                    net,
-                    net_opt,
-                    self.images,
-                    self.labels,
-                    epochs=self.inner_loop,
-                    batch_size=self.batch_train,
-                    augment=self._augment_per_sample if self.dsa is not None else None,
-                    generator=g,
-                )
-        if not ok and step < steps - 1:
-            opt.step()  # count the iteration (no gradient: the images do not move)
+            losses, norms, ok = self._steps(opt, None, g)
         if self.bad_in_row >= self.max_bad_steps:
             raise UserError(
                 f"{self.bad_in_row} non-finite {self.method} losses in a row (last at iteration "
@@ -218,37 +287,114 @@ class MatchingModule(L.LightningModule):
             "distill/grad_norm_images": norms[-1],
             "distill/iteration_s": time.perf_counter() - tic,
             "distill/skipped_total": float(self.bad_total),
+            "distill/image_steps": float(len(losses)),
         }
         self.log_dict(metrics, on_step=True, on_epoch=False)
         self.log_dict({"loss": mean_loss}, prog_bar=True, logger=False)
         return {"loss": torch.tensor(mean_loss)}
 
+    def _steps(self, opt, loss, g):
+        """DC / DSA (``outer_loop`` image steps with network epochs between), DM and KIP (one
+        step; ``loss`` given for KIP)."""
+        if loss is not None:
+            ok, mean_loss, norm = self._image_step(opt, loss[0], last=True)
+            return [mean_loss], [norm], ok
+        net = self.fresh_net(g)
+        if self.method == "dm":
+            net.requires_grad_(False)
+            steps = 1
+        else:
+            steps = self.outer_loop
+            net_opt = torch.optim.SGD(net.parameters(), lr=self.lr_net)
+        losses, norms = [], []
+        for step in range(steps):
+            ok, mean_loss, grad_norm = self._image_step(
+                opt, self.matching_loss(net, g), last=step == steps - 1
+            )
+            losses.append(mean_loss)
+            norms.append(grad_norm)
+            if not ok:
+                break
+            if step < steps - 1 and self.inner_loop > 0:
+                self._train_net(net, net_opt, self.inner_loop, g)
+        if not ok and step < steps - 1:
+            opt.step()  # count the iteration (no gradient: the images do not move)
+        return losses, norms, ok
+
+    def _train_net(self, net, net_opt, epochs: int, g) -> None:
+        augment = self._augment_per_sample if self.dsa is not None else None
+        train_network_on_set(
+            net, net_opt, self.images, self.labels, epochs=epochs, batch_size=self.batch_train,
+            augment=augment, generator=g,
+        )  # fmt: skip
+
+    def _real_accuracy(self, net, g) -> torch.Tensor:
+        x = self._real[0]
+        rows = []
+        for idx in self._class_index:
+            pick = torch.randperm(len(idx), generator=g)[: int(self.cafe["batch_test"])]
+            rows.append(idx[pick.to(idx.device)])
+        return class_accuracies(net, x[torch.stack(rows)])
+
+    def _cafe_iteration(self, opt, net, g):
+        """CAFE's bi-level loop (REFERENCE.md C; kaiwang960112/CAFE ``distill.py``): image steps
+        while the network's real accuracy still moves, network epochs on the synthetic set between
+        them until that accuracy has moved. The accuracy after an image step is the accuracy
+        before it (the step changes only the images), so the stop is known before the step and
+        the last step goes through Lightning's optimiser (it counts the iteration)."""
+        c = self.cafe
+        net_opt = torch.optim.SGD(net.parameters(), lr=self.lr_net)
+        outer = AccuracyWatcher(c["lambda_outer"], "flat", c["window"])
+        losses, norms = [], []
+        for step in range(int(c["max_outer"])):
+            stop = outer.add(self._real_accuracy(net, g)) or step == int(c["max_outer"]) - 1
+            ok, mean_loss, grad_norm = self._image_step(opt, self.matching_loss(net, g), last=stop)
+            losses.append(mean_loss)
+            norms.append(grad_norm)
+            if not ok and not stop:
+                opt.step()  # count the iteration (no gradient: the images do not move)
+            if stop or not ok:
+                break
+            inner = AccuracyWatcher(c["lambda_inner"], "moved", c["window"])
+            for _ in range(int(c["max_inner"])):
+                self._train_net(net, net_opt, 1, g)
+                if inner.add(self._real_accuracy(net, g)):
+                    break
+        return losses, norms, ok
+
     def _augment_per_sample(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return self.dsa(x, generator)
 
     def _image_step(self, opt, loss: torch.Tensor, last: bool) -> tuple[bool, float, float]:
-        """One SGD step on the images with the rank-averaged gradient; skipped if not finite."""
+        """One optimiser step on the images (and learned labels) with the rank-averaged gradient;
+        skipped if not finite."""
+        params = self.learned()
         finite = bool(torch.isfinite(loss))
-        grad = torch.autograd.grad(loss, self.images)[0] if finite else None
-        if grad is None:
-            grad = torch.full_like(self.images, float("nan"))
-        packed = torch.cat([grad.reshape(-1), loss.detach().reshape(1)])
+        grads = torch.autograd.grad(loss, params) if finite else None
+        if grads is None:
+            grads = [torch.full_like(p, float("nan")) for p in params]
+        packed = torch.cat([gr.reshape(-1) for gr in grads] + [loss.detach().reshape(1)])
         if self.trainer.world_size > 1:
             packed = self.trainer.strategy.reduce(packed, reduce_op="mean")
-        grad, mean_loss = packed[:-1].view_as(self.images), float(packed[-1])
+        mean_loss = float(packed[-1])
         ok = bool(torch.isfinite(packed).all())
         if ok:
-            self.images.grad = grad
+            offset = 0
+            for p in params:
+                p.grad = packed[offset : offset + p.numel()].view_as(p)
+                offset += p.numel()
             self.bad_in_row = 0
         else:
-            self.images.grad = None
+            for p in params:
+                p.grad = None
             self.bad_in_row += 1
             self.bad_total += 1
             log.warning("non-finite %s loss or gradient; image step skipped", self.method)
         # the last step of an iteration goes through Lightning (it counts global_step)
         (opt if last else opt.optimizer).step()
         opt.zero_grad(set_to_none=True)
-        return ok, mean_loss, float(grad.norm()) if ok else float("nan")
+        norm = float(packed[: self.images.numel()].norm()) if ok else float("nan")
+        return ok, mean_loss, norm
 
     # -- state ----------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

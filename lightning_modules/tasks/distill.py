@@ -47,6 +47,7 @@ from lightning_modules.tasks.matching_settings import (
     batched_value,
     check_method_keys,
     method_name,
+    method_options,
     resolve_matching_settings,
 )
 from lightning_modules.tasks.settings import batch_syn_value, offload_value, resolve_settings
@@ -304,10 +305,10 @@ def build_mtt(cfg: DictConfig, dm, net):
 
 
 def build_matching(cfg: DictConfig, dm, net):
-    """DC / DSA / DM: the module (it draws its networks and real batches itself) and the
+    """DC / DSA / DM / CAFE / KIP: the module (it draws its networks and real batches itself) and the
     iteration stream."""
     from datamodules.iterations import IterationsDataModule
-    from lightning_modules.set_matching import MatchingModule
+    from lightning_modules.set_matching import CAFE_DEFAULTS, KIP_DEFAULTS, MatchingModule
 
     d, m = cfg.distill, cfg.method
     dm.prepare_data()
@@ -322,6 +323,11 @@ def build_matching(cfg: DictConfig, dm, net):
             batch_train=int(m.batch_train),
             batched=batched_value(m.batched),
         )
+    if m.name == "cafe":
+        loops = dict(lr_net=float(m.lr_net), batch_train=int(m.batch_train))
+        loops["cafe"] = method_options(m, CAFE_DEFAULTS)
+    if m.name == "kip":
+        loops = dict(kip=method_options(m, KIP_DEFAULTS))
     module = MatchingModule(
         net,
         images,
@@ -374,6 +380,9 @@ def finish(cfg, dm, module, writer, out_dir: Path, trainer, logger) -> dict:
     }
     if syn.method in ("mtt", "distill"):
         metrics.update(eps=float(d.eps), lr_floor_hits=module.floor_hits)
+    if getattr(module, "soft_labels", None) is not None:  # KIP's learned labels, kept beside
+        torch.save(module.soft_labels.detach().cpu(), out_dir / "learned_labels.pt")
+        metrics["learned_labels"] = str(out_dir / "learned_labels.pt")
     last_logged = trainer.callback_metrics
     for key in ("distill/loss", "distill/pruned_fraction"):
         if key in last_logged:

@@ -1,4 +1,5 @@
-"""The settings of a DC / DSA / DM distillation (``task=distill method=dc|dsa|dm``).
+"""The settings of a DC / DSA / DM / CAFE / KIP distillation
+(``task=distill method=dc|dsa|dm|cafe|kip``).
 
 ``method.*`` holds the method's own keys (``conf/method/<name>.yaml``); the keys every method
 shares stay in ``distill.*`` (``iterations``, ``lr_img``, ``momentum``, ``init``, ``dsa_strategy``,
@@ -19,7 +20,9 @@ from lightning_modules.condense.gradient_matching import PUBLISHED_LOOPS
 from lightning_modules.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-METHODS = ("mtt", "dc", "dsa", "dm")
+METHODS = ("mtt", "dc", "dsa", "dm", "cafe", "kip")
+#: kernels a user can choose for method=kip (rf_fc is a measuring aid of condense.kernel_ridge)
+KIP_KERNELS = ("ntk_fc", "nngp_fc", "rf_convnet")
 #: distill.* keys only trajectory matching reads
 MTT_KEYS = (
     "eps",
@@ -40,6 +43,8 @@ REFERENCE_DEFAULTS = {
     "dc": {"iterations": 1000, "lr_img": 0.1},
     "dsa": {"iterations": 1000, "lr_img": 0.1},
     "dm": {"iterations": 20000, "lr_img": 1.0},
+    "cafe": {"iterations": 2000, "lr_img": 0.1},  # kaiwang960112/CAFE distill.py
+    "kip": {"iterations": 1000, "lr_img": 0.01},  # Adam; not verified against the KIP code
 }
 
 
@@ -135,6 +140,10 @@ def validate_matching(cfg: DictConfig, name: str) -> None:
             raise UserError("method.inner_loop must be >= 0 and method.lr_net positive")
         if str(m.batched).lower() not in ("auto", "true", "false"):
             raise UserError(f"method.batched={m.batched!r}; use auto, true or false")
+    if name == "cafe":
+        validate_cafe(m)
+    if name == "kip":
+        validate_kip(m)
     if m.get("class_chunk") is not None and int(m.class_chunk) < 1:
         raise UserError(f"method.class_chunk must be at least 1 (or null), got {m.class_chunk}")
     if int(d.eval_every or 0) < 0 or int(d.eval_epochs) < 1:
@@ -143,6 +152,32 @@ def validate_matching(cfg: DictConfig, name: str) -> None:
         )
     if d.init not in ("real", "noise"):
         raise UserError(f"distill.init={d.init!r}; use real (random real images) or noise")
+
+
+def validate_cafe(m: DictConfig) -> None:
+    for key in ("window", "max_outer", "max_inner", "batch_test", "batch_train"):
+        if key in m and int(m[key]) < 1:
+            raise UserError(f"method.{key} must be at least 1, got {m[key]}")
+    if float(m.lr_net) <= 0 or float(m.beta) < 0:
+        raise UserError("method.lr_net must be positive and method.beta >= 0")
+    if m.layer_weights is not None and len(m.layer_weights) < 2:
+        raise UserError("method.layer_weights: one weight per ConvNet block and one for the output")
+
+
+def validate_kip(m: DictConfig) -> None:
+    if str(m.kernel) not in KIP_KERNELS:
+        raise UserError(f"unknown kernel {m.kernel!r}; choose one of {', '.join(KIP_KERNELS)}")
+    if m.chunk is not None and int(m.chunk) < 1:
+        raise UserError(f"method.chunk must be at least 1 (or null: one block), got {m.chunk}")
+    if int(m.rf_models) < 1 or int(m.depth) < 1:
+        raise UserError("method.rf_models and method.depth must be at least 1")
+    if float(m.reg) < 0:
+        raise UserError(f"method.reg must be >= 0, got {m.reg}")
+
+
+def method_options(m: DictConfig, keys) -> dict:
+    """``{key: value}`` of ``m`` for ``keys`` present in it (lists as lists)."""
+    return {k: OmegaConf.to_object(m[k]) if OmegaConf.is_config(m[k]) else m[k] for k in keys if k in m}
 
 
 def batched_value(value) -> bool | str:
