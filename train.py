@@ -56,7 +56,9 @@ def run(cfg: DictConfig) -> dict:
     if cfg.resume:
         previous = find_resumable(cfg)
         if previous is None:
-            log.warning("resume=true but no earlier %s run with this config: starting fresh", cfg.task.name)
+            log.warning(
+                "resume=true but no earlier %s run with this config: starting fresh", cfg.task.name
+            )
         else:
             log.info("resuming %s", previous)
             with open_dict(cfg):
@@ -70,7 +72,11 @@ def run(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     start = time.perf_counter()
     metrics = run_task(cfg.task.name, cfg, out_dir)
-    summary = {"task": cfg.task.name, **finite_metrics(metrics), "wall_s": time.perf_counter() - start}
+    summary = {
+        "task": cfg.task.name,
+        **finite_metrics(metrics),
+        "wall_s": time.perf_counter() - start,
+    }
     write_json(out_dir / "summary.json", summary)
     finish_wandb()
     return summary

@@ -88,14 +88,19 @@ def test_exact_ntk_against_the_empirical_ntk_of_a_wide_network():
 
 def test_chunked_kernels_equal_one_block():
     g = torch.Generator().manual_seed(2)
-    a, b = torch.randn(7, 3, 4, 4, generator=g, dtype=D), torch.randn(5, 3, 4, 4, generator=g, dtype=D)
+    a, b = (
+        torch.randn(7, 3, 4, 4, generator=g, dtype=D),
+        torch.randn(5, 3, 4, 4, generator=g, dtype=D),
+    )
 
     def kern(u, v):
         return fc_kernel(u, v, depth=2, kind="ntk")
 
     torch.testing.assert_close(chunked_kernel(kern, a, b, 3), kern(a, b))
     torch.manual_seed(0)
-    nets = [ConvNet(channels=3, num_classes=2, im_size=4, depth=1, width=3).double() for _ in range(2)]
+    nets = [
+        ConvNet(channels=3, num_classes=2, im_size=4, depth=1, width=3).double() for _ in range(2)
+    ]
     embeds = [n.embed for n in nets]
     phi = embedding_features(embeds, a, chunk=2)
     torch.testing.assert_close(phi, embedding_features(embeds, a))

@@ -1,4 +1,4 @@
-"""task=distill method=dc|dsa|dm: settings, bad input, the run end to end, resume, DDP."""
+"""task=distill method=dc|dsa|dm|cafe|kip: settings, bad input, the run end to end, resume, DDP."""
 
 from __future__ import annotations
 
@@ -39,6 +39,13 @@ def tiny(data: Path, method: str, **extra) -> list[str]:
     }
     if method in ("dc", "dsa"):
         values.update({"method.outer_loop": 2, "method.inner_loop": 1})
+    if method == "cafe":
+        values.update(
+            {"method.window": 2, "method.max_outer": 3, "method.max_inner": 2,
+             "method.batch_test": 4}
+        )  # fmt: skip
+    if method == "kip":
+        values.update({"method.rf_models": 2, "method.chunk": 16})
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
 
@@ -88,7 +95,17 @@ def test_explicit_loops_for_an_unpublished_ipc(compose):
 @pytest.mark.parametrize(
     "args,match",
     [
-        (["method=foo"], "error: unknown method 'foo'; choose one of dc, dm, dsa, mtt"),
+        (["method=foo"], "error: unknown method 'foo'; choose one of cafe, dc, dm, dsa, kip, mtt"),
+        (["method=kip", "method.kernel=rbf"], "error: unknown kernel 'rbf'; choose one of ntk_fc"),
+        (["method=kip", "method.chunk=0"], "error: method.chunk must be at least 1"),
+        (
+            ["method=dm", "method.learn_labels=true"],
+            "error: method.learn_labels (a key of method=kip) is not a key of method=dm",
+        ),
+        (
+            ["method=cafe", "+method.learn_labels=true"],
+            "error: method.learn_labels (a key of method=kip) is not a key of method=cafe",
+        ),
         (["method=dm", "distill.eps=0.3"], "error: distill.eps is a key of method=mtt"),
         (["method=dc", "ipc=7"], "error: method=dc has no published loop schedule"),
     ],
@@ -101,7 +118,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, match):
 
 
 # -- end to end ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["dc", "dsa", "dm"])
+@pytest.mark.parametrize("method", ["dc", "dsa", "dm", "cafe", "kip"])
 def test_distill_writes_a_set_that_evaluate_accepts(tiny_data, compose, method):
     import train
 
@@ -135,7 +152,7 @@ def test_distill_writes_a_set_that_evaluate_accepts(tiny_data, compose, method):
 
 
 # -- the module: resume and DDP -----------------------------------------------------------------
-def make_module(method: str, seed: int = 0) -> MatchingModule:
+def make_module(method: str, seed: int = 0, **kip) -> MatchingModule:
     g = torch.Generator().manual_seed(0)
     k, ipc = 3, 2
     real_x = torch.randn(k * 6, 3, 8, 8, generator=g)
@@ -144,6 +161,10 @@ def make_module(method: str, seed: int = 0) -> MatchingModule:
     labels = torch.arange(k).repeat_interleave(ipc)
     net = build_classifier("convnet", channels=3, num_classes=k, im_size=8, depth=2, width=4)
     loops = {"outer_loop": 2, "inner_loop": 2, "batch_train": 4} if method != "dm" else {}
+    if method == "cafe":
+        loops = {"batch_train": 4, "cafe": {"window": 2, "max_outer": 3, "batch_test": 3}}
+    if method == "kip":
+        loops = {"kip": {"rf_models": 2, "learn_labels": True, **kip}}
     return MatchingModule(
         net, images, labels, real_x, real_y, method=method, lr_img=0.5, batch_real=4,
         dsa=DSA("color_crop_cutout_flip_scale_rotate"), seed=seed, **loops,
@@ -170,7 +191,7 @@ def fit(module, steps: int, root: Path, ckpt: str | None = None, every: int = 0)
     return trainer
 
 
-@pytest.mark.parametrize("method", ["dsa", "dm"])
+@pytest.mark.parametrize("method", ["dsa", "dm", "cafe", "kip"])
 def test_resumed_run_equals_uninterrupted(tmp_path, method):
     """Everything random in an iteration comes from (seed, rank, iteration): resumed from the
     checkpoint of iteration 2, a run ends where the uninterrupted one does (momentum included)."""
@@ -231,7 +252,7 @@ def test_cpu_scale_runs_dsa_and_dm_at_its_scale(compose):
     assert dm.distill.iterations == 20000 and dm.distill.lr_img == 1.0
 
 
-@pytest.mark.parametrize("method", ["dc", "dsa", "dm"])
+@pytest.mark.parametrize("method", ["dc", "dsa", "dm", "cafe"])
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
 @pytest.mark.parametrize("ipc", [1, 10, 50])
 def test_every_published_row_resolves(compose, method, dataset, ipc):
@@ -244,3 +265,44 @@ def test_every_published_row_resolves(compose, method, dataset, ipc):
     )
     assert cfg.distill.iterations == row["iterations"] and cfg.distill.lr_img == row["lr_img"]
     assert all(cfg.method[k] == v for k, v in row.items() if k in cfg.method)
+
+
+# -- CAFE and KIP -------------------------------------------------------------------------------
+def test_cafe_row_is_the_reference(compose):
+    cfg = resolve_matching_settings(compose("task=distill", "method=cafe", "ipc=10"))
+    assert cfg.distill.iterations == 2000 and cfg.distill.lr_img == 0.1
+    assert list(cfg.method.lr_milestones) == [1200, 1600, 1800]
+    assert (cfg.method.beta, cfg.method.lambda_outer, cfg.method.lambda_inner) == (0.01, 0.04, 0.03)
+    assert cfg.method.batch_real == 256 and cfg.dataset.zca is False
+
+
+def test_cafe_halves_the_image_lr_at_the_milestones(tmp_path):
+    module = make_module("cafe")
+    module.cafe["lr_milestones"] = [1, 2]
+    fit(module, 3, tmp_path)
+    assert module.optimizers().optimizer.param_groups[0]["lr"] == pytest.approx(0.5 / 4)
+
+
+@pytest.mark.parametrize("kernel", ["nngp_fc", "ntk_fc", "rf_convnet"])
+def test_kip_learns_images_and_labels(tmp_path, kernel):
+    module = make_module("kip", kernel=kernel, chunk=4)
+    images, labels = module.images.detach().clone(), module.soft_labels.detach().clone()
+    fit(module, 2, tmp_path)
+    assert isinstance(module.optimizers().optimizer, torch.optim.Adam)
+    assert not torch.allclose(module.images, images)
+    assert not torch.allclose(module.soft_labels, labels)
+    assert torch.equal(module.synthetic()[1], module.labels)  # the set keeps its hard labels
+
+
+def test_kip_learned_labels_are_written_beside_the_set(tiny_data, compose):
+    import train
+
+    cfg = compose(*tiny(tiny_data, "kip", **{"method.learn_labels": "true",
+                                             "method.kernel": "nngp_fc",
+                                             "distill.final_eval": "false"}))  # fmt: skip
+    summary = train.run(cfg)
+    soft = torch.load(summary["learned_labels"])
+    assert soft.shape == (10, 10)
+    assert SyntheticSet.load(Path(cfg.paths.output_dir) / "set.pt").labels.tolist() == list(
+        range(10)
+    )

@@ -36,7 +36,10 @@ KERNELS = ("ntk_fc", "nngp_fc", "rf_convnet", "rf_fc")
 def _relu_expectations(k12, k11, k22):
     """(E[relu(u) relu(v)], E[relu'(u) relu'(v)]) for (u, v) ~ N(0, [[k11, k12], [k12, k22]])."""
     norm = torch.sqrt(k11 * k22).clamp_min(1e-30)
-    cos = (k12 / norm).clamp(-1.0, 1.0)
+    # strictly inside [-1, 1]: arccos has an infinite slope at +-1 (the diagonal), and
+    # autograd would multiply it by 0 into NaN; the kernel changes by O(sqrt(eps)) there
+    edge = 1.0 - 16 * torch.finfo(k12.dtype).eps
+    cos = (k12 / norm).clamp(-edge, edge)
     theta = torch.arccos(cos)
     k1 = norm * (torch.sin(theta) + (math.pi - theta) * cos) / (2 * math.pi)
     k0 = (math.pi - theta) / (2 * math.pi)

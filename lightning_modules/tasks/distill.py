@@ -74,8 +74,8 @@ def check_store(cfg: DictConfig, store: ExpertStore, num_params: int) -> None:
         raise UserError(
             f"no expert trajectories in {store.root} (dataset={cfg.dataset.name}, dataset.zca="
             f"{str(zca).lower()}, net={cfg.net.name}); train them first with: {cmd} "
-            f"teacher.num_experts=<n> (at least {needed_epochs(cfg.distill)} epochs each), or point "
-            "distill.trajectories at a store"
+            f"teacher.num_experts=<n> (at least {needed_epochs(cfg.distill)} epochs each), or "
+            "point distill.trajectories at a store"
         )
     store.check(net=net_options(cfg.net), dataset=cfg.dataset.name, zca=zca, num_params=num_params)
 
@@ -305,8 +305,8 @@ def build_mtt(cfg: DictConfig, dm, net):
 
 
 def build_matching(cfg: DictConfig, dm, net):
-    """DC / DSA / DM / CAFE / KIP: the module (it draws its networks and real batches itself) and the
-    iteration stream."""
+    """DC / DSA / DM / CAFE / KIP: the module (it draws its networks and real batches itself)
+    and the iteration stream."""
     from datamodules.iterations import IterationsDataModule
     from lightning_modules.set_matching import CAFE_DEFAULTS, KIP_DEFAULTS, MatchingModule
 

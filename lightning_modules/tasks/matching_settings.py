@@ -177,7 +177,9 @@ def validate_kip(m: DictConfig) -> None:
 
 def method_options(m: DictConfig, keys) -> dict:
     """``{key: value}`` of ``m`` for ``keys`` present in it (lists as lists)."""
-    return {k: OmegaConf.to_object(m[k]) if OmegaConf.is_config(m[k]) else m[k] for k in keys if k in m}
+    return {
+        k: OmegaConf.to_object(m[k]) if OmegaConf.is_config(m[k]) else m[k] for k in keys if k in m
+    }
 
 
 def batched_value(value) -> bool | str:
