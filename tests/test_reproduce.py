@@ -292,14 +292,43 @@ def test_evaluate_set_builds_nets_with_the_given_options():
 
 
 def test_paper_numbers_are_complete():
-    methods = {"random", "forgetting", "herding", "dsa", "dm", "mtt", "pruning"}
+    methods = {"random", "forgetting", "herding", "dsa", "dm", "cafe", "mtt", "pruning"}
     for dataset in ("cifar10", "cifar100"):
         for ipc in (1, 10, 50):
             row = paper_numbers.table1(dataset, ipc)
-            assert set(row) == methods | {"full"}
+            kip = set() if (dataset, ipc) == ("cifar100", 50) else {"kip"}  # not reported
+            assert set(row) == methods | kip | {"full"}
             assert row["pruning"] >= row["mtt"]  # the paper's claim, as published
     assert paper_numbers.table1("cifar10", 10)["herding"] == 31.6
     assert paper_numbers.table1("cifar100", 10)["pruning"] == 43.1
     assert paper_numbers.table1("cifar10", 3) == {}
     assert paper_numbers.cross_arch("cifar10", 10)["mtt"]["resnet18"] == 46.4
     assert paper_numbers.cross_arch("cifar10", 1) == {}
+    # REFERENCE.md C: CAFE 31.6/50.9/62.3 | 14.0/31.5/42.9; KIP width 128 from Table II
+    cafe = [
+        paper_numbers.table1(d, i)["cafe"] for d in ("cifar10", "cifar100") for i in (1, 10, 50)
+    ]
+    assert cafe == [31.6, 50.9, 62.3, 14.0, 31.5, 42.9]
+    assert [paper_numbers.table1("cifar10", i)["kip"] for i in (1, 10, 50)] == [38.3, 57.6, 65.8]
+    assert paper_numbers.KIP_TABLE2[("cifar100", 10)] == {128: 32.8, 1024: 28.3}
+
+
+def test_row_with_cafe_and_kip_columns(compose, tiny_data, tmp_path, monkeypatch):
+    """reproduce.methods=[cafe,kip]: each distilled by task=distill method=<name> in its own
+    stage, the paper's CAFE (Table I) and KIP (Table II, width 128) numbers beside them."""
+    monkeypatch.chdir(tmp_path)
+    keys = (
+        "+reproduce.method_keys={cafe: {window: 2, max_outer: 3, max_inner: 2, batch_test: 4, "
+        "batch_real: 8}, kip: {rf_models: 2, batch_real: 8, chunk: 16}}"
+    )
+    out = tmp_path / "row"
+    summary = run_in(compose, out, *tiny(tiny_data, "reproduce.methods=[cafe,kip]", keys))
+    row = json.loads((out / "row.json").read_text())
+    assert row["columns"][:2] == ["cafe", "kip"]
+    paper_line = next(line for line in summary["row_md"].splitlines() if line.startswith("| paper"))
+    assert paper_line.split("|")[2:4] == [" 31.6 ", " 38.3 "]
+    assert "CAFE (+DSA)" in summary["row_md"] and "KIP (width 128)" in summary["row_md"]
+    workdir = Path(summary["workdir"])
+    for method in ("cafe", "kip"):
+        assert SyntheticSet.load(workdir / method / "set.pt").method == method
+        assert json.loads((workdir / method / "summary.json").read_text())["iterations"] == 2

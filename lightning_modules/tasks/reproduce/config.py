@@ -16,11 +16,11 @@ from lightning_modules.errors import UserError
 from lightning_modules.tasks import settings
 from lightning_modules.tasks.reproduce import paper_numbers
 
-METHODS = ("random", "forgetting", "herding", "dc", "dsa", "dm", "mtt", "pruning")
+METHODS = ("random", "forgetting", "herding", "dc", "dsa", "dm", "cafe", "kip", "mtt", "pruning")
 
 
 #: distillations by gradient or distribution matching (task=distill method=<name>)
-MATCHING = ("dc", "dsa", "dm")
+MATCHING = ("dc", "dsa", "dm", "cafe", "kip")
 
 
 CORESETS = ("random", "forgetting", "herding")
@@ -153,8 +153,8 @@ def chosen_methods(cfg: DictConfig, table: str) -> list[str]:
     if unknown or not methods:
         raise UserError(
             f"reproduce.methods={methods}: choose from {', '.join(METHODS)} "
-            "(pruning = distillation with reproduce.eps, mtt = ε 0; dc, dsa, dm = task=distill "
-            "method=<name>)"
+            "(pruning = distillation with reproduce.eps, mtt = ε 0; dc, dsa, dm, cafe, kip = "
+            "task=distill method=<name>)"
         )
     return [m for m in METHODS if m in methods]  # table order
 

@@ -21,6 +21,8 @@ def column_label(method: str, eps: float) -> str:
         "dc": "DC",
         "dsa": "DSA",
         "dm": "DM",
+        "cafe": "CAFE (+DSA)",
+        "kip": "KIP (width 128)",
         "mtt": "MTT (ε=0)",
         "pruning": f"pruning (ε={eps:g})",
         "full": "full dataset",
