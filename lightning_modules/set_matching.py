@@ -341,13 +341,16 @@ class MatchingModule(L.LightningModule):
         while the network's real accuracy still moves, network epochs on the synthetic set between
         them until that accuracy has moved. The accuracy after an image step is the accuracy
         before it (the step changes only the images), so the stop is known before the step and
-        the last step goes through Lightning's optimiser (it counts the iteration)."""
+        the last step goes through Lightning's optimiser (it counts the iteration). Under DDP
+        rank 0's watcher decides when every rank stops (the image gradients are averaged)."""
         c = self.cafe
         net_opt = torch.optim.SGD(net.parameters(), lr=self.lr_net)
         outer = AccuracyWatcher(c["lambda_outer"], "flat", c["window"])
         losses, norms = [], []
         for step in range(int(c["max_outer"])):
             stop = outer.add(self._real_accuracy(net, g)) or step == int(c["max_outer"]) - 1
+            if self.trainer.world_size > 1:  # every rank takes the same number of image steps
+                stop = bool(self.trainer.strategy.broadcast(stop, src=0))
             ok, mean_loss, grad_norm = self._image_step(opt, self.matching_loss(net, g), last=stop)
             losses.append(mean_loss)
             norms.append(grad_norm)
