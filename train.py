@@ -50,9 +50,14 @@ def find_resumable(cfg: DictConfig) -> Path | None:
 def run(cfg: DictConfig) -> dict:
     """Run ``cfg.task`` and return its final metrics (also written to ``summary.json``)."""
     import lightning as L
+    import torch
 
+    from lightning_modules.tasks.checks import check_config
     from lightning_modules.tasks.common import finish_wandb, finite_metrics, run_task, write_json
 
+    check_config(cfg)  # a bad count or an ignored trainer key: one line, nothing started
+    if cfg.get("threads") is not None:
+        torch.set_num_threads(int(cfg.threads))  # before any work: results depend on it
     if cfg.resume:
         previous = find_resumable(cfg)
         if previous is None:
@@ -70,7 +75,12 @@ def run(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     start = time.perf_counter()
     metrics = run_task(cfg.task.name, cfg, out_dir)
-    summary = {"task": cfg.task.name, **finite_metrics(metrics), "wall_s": time.perf_counter() - start}
+    summary = {
+        "task": cfg.task.name,
+        **finite_metrics(metrics),
+        "wall_s": time.perf_counter() - start,
+        "threads": torch.get_num_threads(),
+    }
     write_json(out_dir / "summary.json", summary)
     finish_wandb()
     return summary
