@@ -86,9 +86,34 @@ def run(cfg: DictConfig) -> dict:
     return summary
 
 
+def quiet_lightning() -> None:
+    """One copy of each Lightning log line, and none of the lines that are not about the run.
+
+    Lightning attaches its own console handler to its loggers at import; under Hydra the root
+    logger (console + the run's log file) prints the same records again. Keep Hydra's. Drop
+    Lightning's advertising tip and a deprecation warning Lightning raises about its own code.
+    """
+    import warnings
+
+    import lightning.fabric  # noqa: F401  (attach Lightning's handlers now, then remove them)
+    import lightning.pytorch  # noqa: F401
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                logger.removeHandler(handler)
+        logger.propagate = True
+    for handler in logging.getLogger().handlers:  # Hydra's console and log-file handlers
+        handler.addFilter(lambda record: "Tip:" not in str(record.msg))
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
+
+    quiet_lightning()
 
     hydra_dir = HydraConfig.get().runtime.output_dir
     with open_dict(cfg):
