@@ -7,7 +7,6 @@ bad input (``UserError``) into one line on stderr and exit status 2.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import sys
 import time
@@ -53,7 +52,15 @@ def run(cfg: DictConfig) -> dict:
     import torch
 
     from lightning_modules.tasks.checks import check_config
-    from lightning_modules.tasks.common import finish_wandb, finite_metrics, run_task, write_json
+    from lightning_modules.tasks.common import (
+        check_multi_node,
+        check_shared_dir,
+        finish_wandb,
+        finite_metrics,
+        process_rank,
+        run_task,
+        write_json,
+    )
 
     check_config(cfg)  # a bad count or an ignored trainer key: one line, nothing started
     if cfg.get("threads") is not None:
@@ -66,10 +73,12 @@ def run(cfg: DictConfig) -> dict:
             log.info("resuming %s", previous)
             with open_dict(cfg):
                 cfg.paths.output_dir = str(previous)
+    check_multi_node(cfg)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    check_shared_dir(out_dir, cfg, "the run dir")  # several nodes: one run dir they all see
     # rank zero writes the config; other DDP ranks share the directory
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:
+    if process_rank(cfg) == 0:
         OmegaConf.save(cfg, out_dir / "config.yaml", resolve=False)
         OmegaConf.save(cfg, out_dir / "config_resolved.yaml", resolve=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -132,12 +141,33 @@ def _fold_into_resumed(hydra_dir: Path, run_dir: Path) -> None:
     """A resumed run works in the earlier directory; keep Hydra's fresh one (its log) inside it."""
     if hydra_dir.resolve() == run_dir.resolve() or not hydra_dir.is_dir():
         return
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) != 0:
+    from lightning_modules.utils.ranks import global_rank
+
+    if global_rank() != 0:
         return
     target = run_dir / "resumed" / hydra_dir.name
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(hydra_dir), str(target))
 
 
+def check_launcher(argv: list[str]) -> str | None:
+    """The one-line error for ``hydra/launcher=slurm|local`` without the submitit plugin."""
+    import importlib.util
+
+    chosen = [a.split("=", 1)[1] for a in argv if a.startswith("hydra/launcher=")]
+    if not chosen or chosen[-1] not in ("slurm", "local"):
+        return None
+    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+        return (
+            f"hydra/launcher={chosen[-1]} needs the submitit launcher: "
+            'pip install -e ".[slurm]" (hydra-submitit-launcher)'
+        )
+    return None
+
+
 if __name__ == "__main__":
+    problem = check_launcher(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()

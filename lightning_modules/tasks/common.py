@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -19,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_modules.errors import UserError
 from lightning_modules.utils import files
 from lightning_modules.utils.progress import progress_bar
+from lightning_modules.utils.ranks import global_rank, multi_node_environment
 
 
 def instantiate_checked(node: DictConfig, **kwargs):
@@ -119,6 +122,57 @@ def run_task(name: str, cfg: DictConfig, out_dir: str | Path) -> dict:
             raise UserError(f"unknown task {name!r}") from None
         raise
     return runner.run(cfg, Path(out_dir))
+
+
+def process_rank(cfg: DictConfig) -> int:
+    """This process's global rank from the environment (before Lightning sets it up)."""
+    devices = cfg.trainer.get("devices", 1)
+    return global_rank(int(devices) if str(devices).isdigit() else 1)
+
+
+def num_nodes(cfg: DictConfig) -> int:
+    return int(cfg.trainer.get("num_nodes", 1) or 1)
+
+
+def check_multi_node(cfg: DictConfig) -> None:
+    """``trainer.num_nodes`` > 1 needs processes started on every node by someone."""
+    if num_nodes(cfg) > 1 and not multi_node_environment():
+        raise UserError(
+            f"trainer.num_nodes={num_nodes(cfg)} but no multi-node environment: submit with "
+            "hydra/launcher=slurm (or srun), or start one process per node with NODE_RANK, "
+            "MASTER_ADDR and MASTER_PORT set (README: Clusters)"
+        )
+
+
+#: seconds the other nodes wait for rank zero's marker in a folder that must be shared
+SHARED_DIR_TIMEOUT_S = float(os.environ.get("TTDISTILL_SHARED_DIR_TIMEOUT_S", 300))
+
+
+def check_shared_dir(path: str | Path, cfg: DictConfig, what: str) -> None:
+    """On several nodes, ``path`` (run dir, expert store) must be one folder that every node
+    sees: rank zero writes a marker naming this job, every other rank waits to read it.
+
+    Raises:
+        UserError: a rank other than zero did not see rank zero's marker in time.
+    """
+    if num_nodes(cfg) <= 1:
+        return
+    env = os.environ
+    job = ":".join(env.get(k, "") for k in ("SLURM_JOB_ID", "MASTER_ADDR", "MASTER_PORT"))
+    marker = Path(path) / ".rank0_marker"
+    if process_rank(cfg) == 0:
+        files.write_text(marker, job)
+        return
+    deadline = time.monotonic() + SHARED_DIR_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if marker.exists() and marker.read_text() == job:
+            return
+        time.sleep(0.5)
+    raise UserError(
+        f"{what} {path} is not shared between the nodes: rank {process_rank(cfg)} cannot see "
+        f"rank zero's marker there after {SHARED_DIR_TIMEOUT_S:g} s; put it on a file system "
+        "every node mounts (paths.runs_dir, teacher.out / distill.trajectories)"
+    )
 
 
 def finish_wandb() -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from lightning_modules.tasks.common import (
     log_config,
     log_images,
     net_options,
+    process_rank,
     require_images,
 )
 from lightning_modules.tasks.settings import batch_syn_value, offload_value, resolve_settings
@@ -336,6 +336,6 @@ def finish(cfg, dm, module, writer, out_dir: Path, trainer, logger) -> dict:
 
 def write_config(cfg: DictConfig, path: Path) -> None:
     """The settings after the preset, from rank zero (the other DDP ranks share the run dir)."""
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:
+    if process_rank(cfg) == 0:
         with atomic_path(path) as tmp:
             OmegaConf.save(cfg, tmp, resolve=True)
