@@ -106,9 +106,7 @@ def test_seeded_repeatable_and_global_rng_untouched(tiny_dm):
     wa, wb, wc = (r["_nets"]["convnet"][0].classifier.weight for r in (a, b, c))
     assert torch.equal(wa, wb) and not torch.allclose(wa, wc)
     assert (
-        derive_seed(0, "convnet", 0)
-        != derive_seed(0, "convnet", 1)
-        != derive_seed(1, "convnet", 0)
+        derive_seed(0, "convnet", 0) != derive_seed(0, "convnet", 1) != derive_seed(1, "convnet", 0)
     )
 
 

@@ -23,17 +23,20 @@ from lightning_modules.tasks.common import (
     epoch_checkpoints,
     log_config,
     require_images,
+    require_positive_int,
 )
 
 
-def check_settings(t: DictConfig) -> None:
-    """One clear line for counts that cannot work (before any data is loaded)."""
+def check_settings(cfg: DictConfig) -> None:
+    """One clear line for counts and rates that cannot work (before any data is loaded)."""
+    t = cfg.task
     for key in ("epochs", "val_every"):
-        value = t.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(f"task.{key} must be a positive integer, got {value!r}")
-    if not float(t.lr) > 0:
-        raise UserError(f"task.lr must be positive, got {t.lr!r}")
+        require_positive_int(t.get(key), f"task.{key}")
+    for key in ("batch_size", "eval_batch_size"):
+        if key in cfg.dataset:
+            require_positive_int(cfg.dataset[key], f"dataset.{key}")
+    if isinstance(t.lr, bool) or not isinstance(t.lr, (int, float)) or not t.lr > 0:
+        raise UserError(f"task.lr must be a positive number, got {t.lr!r}")
 
 
 def _resume_point(cfg: DictConfig, last: Path) -> tuple[str | None, int | None]:
@@ -46,7 +49,7 @@ def _resume_point(cfg: DictConfig, last: Path) -> tuple[str | None, int | None]:
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     t = cfg.task
-    check_settings(t)
+    check_settings(cfg)
     dm = build_datamodule(cfg)
     require_images(dm, "classify")
     dm.prepare_data()

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.syn_set import SyntheticSet
 from lightning_modules.condense.evaluation import (
     DEFAULT_LR,
+    PROTOCOLS,
     arch_options,
     check_net_names,
     evaluate_set,
@@ -33,6 +34,7 @@ from lightning_modules.tasks.common import (
     log_config,
     rank_zero_first,
     require_images,
+    require_positive_int,
     write_json,
 )
 from lightning_modules.utils import files
@@ -241,9 +243,15 @@ def _assemble(nets: list[str], num_eval: int, parts: dict) -> dict:
 def _check_config(e: DictConfig) -> list[str]:
     """The evaluation networks; ``UserError`` for a bad count (before any data is loaded)."""
     nets = check_net_names(list(e.nets) if not isinstance(e.nets, str) else [e.nets])
-    if int(e.num_eval) < 1 or int(e.epochs) < 1:
+    for key in ("num_eval", "epochs", "batch_size", "eval_batch_size"):
+        require_positive_int(e.get(key), f"evaluate.{key}")
+    if e.lr is not None and (
+        isinstance(e.lr, bool) or not isinstance(e.lr, (int, float)) or not e.lr > 0
+    ):
+        raise UserError(f"evaluate.lr must be a positive number or null, got {e.lr!r}")
+    if str(e.protocol) not in PROTOCOLS:
         raise UserError(
-            f"evaluate.num_eval and evaluate.epochs must be >= 1 (got {e.num_eval}, {e.epochs})"
+            f"evaluate.protocol must be one of {', '.join(PROTOCOLS)}, got {e.protocol!r}"
         )
     return nets
 
