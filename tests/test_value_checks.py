@@ -19,7 +19,10 @@ CASES = {
         ["task=classify", "dataset.batch_size=0"],
         "dataset.batch_size must be a positive integer, got 0",
     ),
-    "classify-lr-zero": (["task=classify", "task.lr=0"], "task.lr must be a positive number"),
+    "classify-lr-zero": (
+        ["task=classify", "task.lr=0"],
+        "task.lr must be a positive number, got 0",
+    ),
     "evaluate-num-eval-zero": (
         ["task=evaluate", "evaluate.set=full", "evaluate.num_eval=0"],
         "evaluate.num_eval must be a positive integer, got 0",
