@@ -50,9 +50,14 @@ def find_resumable(cfg: DictConfig) -> Path | None:
 def run(cfg: DictConfig) -> dict:
     """Run ``cfg.task`` and return its final metrics (also written to ``summary.json``)."""
     import lightning as L
+    import torch
 
+    from lightning_modules.tasks.checks import check_config
     from lightning_modules.tasks.common import finish_wandb, finite_metrics, run_task, write_json
 
+    check_config(cfg)  # a bad count or an ignored trainer key: one line, nothing started
+    if cfg.get("threads") is not None:
+        torch.set_num_threads(int(cfg.threads))  # before any work: results depend on it
     if cfg.resume:
         previous = find_resumable(cfg)
         if previous is None:
@@ -70,15 +75,45 @@ def run(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     start = time.perf_counter()
     metrics = run_task(cfg.task.name, cfg, out_dir)
-    summary = {"task": cfg.task.name, **finite_metrics(metrics), "wall_s": time.perf_counter() - start}
+    summary = {
+        "task": cfg.task.name,
+        **finite_metrics(metrics),
+        "wall_s": time.perf_counter() - start,
+        "threads": torch.get_num_threads(),
+    }
     write_json(out_dir / "summary.json", summary)
     finish_wandb()
     return summary
 
 
+def quiet_lightning() -> None:
+    """One copy of each Lightning log line, and none of the lines that are not about the run.
+
+    Lightning attaches its own console handler to its loggers at import; under Hydra the root
+    logger (console + the run's log file) prints the same records again. Keep Hydra's. Drop
+    Lightning's advertising tip and a deprecation warning Lightning raises about its own code.
+    """
+    import warnings
+
+    import lightning.fabric  # noqa: F401  (attach Lightning's handlers now, then remove them)
+    import lightning.pytorch  # noqa: F401
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                logger.removeHandler(handler)
+        logger.propagate = True
+    for handler in logging.getLogger().handlers:  # Hydra's console and log-file handlers
+        handler.addFilter(lambda record: "Tip:" not in str(record.msg))
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
+
+    quiet_lightning()
 
     hydra_dir = HydraConfig.get().runtime.output_dir
     with open_dict(cfg):

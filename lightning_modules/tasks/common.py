@@ -101,6 +101,9 @@ def log_config(logger, cfg: DictConfig) -> None:
 
 def build_trainer(cfg: DictConfig, logger=None, callbacks=(), **overrides) -> L.Trainer:
     """A Trainer from ``cfg.trainer`` with a rich progress bar and the run dir as root."""
+    from lightning_modules.tasks.checks import check_trainer_overrides
+
+    check_trainer_overrides(cfg, overrides)
     callbacks = list(callbacks)
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar(leave=True))
