@@ -1,4 +1,5 @@
-"""Counts that cannot work in task=evaluate / task=classify: one line, exit 2, before any data."""
+"""Values that cannot work in task=evaluate / task=classify: one line, exit 2, before any data
+(the counts through tasks.checks, the lr, val_every and protocol through the runners)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,15 @@ from tests.conftest import run_train
 CASES = {
     "classify-epochs-negative": (
         ["task=classify", "task.epochs=-1"],
-        "task.epochs must be a positive integer, got -1",
+        "task.epochs must be a positive whole number, got -1",
     ),
     "classify-epochs-fraction": (
         ["task=classify", "task.epochs=1.5"],
-        "task.epochs must be a positive integer, got 1.5",
+        "task.epochs must be a positive whole number, got 1.5",
     ),
     "classify-batch-zero": (
         ["task=classify", "dataset.batch_size=0"],
-        "dataset.batch_size must be a positive integer, got 0",
+        "dataset.batch_size must be a positive whole number, got 0",
     ),
     "classify-lr-zero": (
         ["task=classify", "task.lr=0"],
@@ -25,15 +26,23 @@ CASES = {
     ),
     "evaluate-num-eval-zero": (
         ["task=evaluate", "evaluate.set=full", "evaluate.num_eval=0"],
-        "evaluate.num_eval must be a positive integer, got 0",
+        "evaluate.num_eval must be a positive whole number, got 0",
     ),
     "evaluate-epochs-negative": (
         ["task=evaluate", "evaluate.set=full", "evaluate.epochs=-1"],
-        "evaluate.epochs must be a positive integer, got -1",
+        "evaluate.epochs must be a positive whole number, got -1",
     ),
     "evaluate-batch-text": (
         ["task=evaluate", "evaluate.set=full", "evaluate.batch_size=many"],
-        "evaluate.batch_size must be a positive integer, got 'many'",
+        "evaluate.batch_size must be a positive whole number, got 'many'",
+    ),
+    "classify-val-every-zero": (
+        ["task=classify", "task.val_every=0"],
+        "task.val_every must be a positive whole number, got 0",
+    ),
+    "evaluate-lr-negative": (
+        ["task=evaluate", "evaluate.set=full", "evaluate.lr=-0.1"],
+        "evaluate.lr must be a positive number or null, got -0.1",
     ),
     "evaluate-protocol": (
         ["task=evaluate", "evaluate.set=full", "evaluate.protocol=cosine"],

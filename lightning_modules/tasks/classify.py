@@ -23,18 +23,16 @@ from lightning_modules.tasks.common import (
     epoch_checkpoints,
     log_config,
     require_images,
-    require_positive_int,
 )
 
 
 def check_settings(cfg: DictConfig) -> None:
-    """One clear line for counts and rates that cannot work (before any data is loaded)."""
+    """One clear line for settings that cannot work (before any data is loaded); the counts
+    (``task.epochs``, ``dataset.batch_size``, ...) are checked by ``tasks.checks`` before that."""
     t = cfg.task
-    for key in ("epochs", "val_every"):
-        require_positive_int(t.get(key), f"task.{key}")
-    for key in ("batch_size", "eval_batch_size"):
-        if key in cfg.dataset:
-            require_positive_int(cfg.dataset[key], f"dataset.{key}")
+    val_every = t.get("val_every")
+    if isinstance(val_every, bool) or not isinstance(val_every, int) or val_every < 1:
+        raise UserError(f"task.val_every must be a positive whole number, got {val_every!r}")
     if isinstance(t.lr, bool) or not isinstance(t.lr, (int, float)) or not t.lr > 0:
         raise UserError(f"task.lr must be a positive number, got {t.lr!r}")
 

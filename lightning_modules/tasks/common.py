@@ -278,11 +278,3 @@ class ShuffleState(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.generator.set_state(state_dict["generator"])
-
-
-def require_positive_int(value, key: str) -> int:
-    """``value`` as an int, or a one-line ``UserError`` naming ``key`` (bools, floats such as 1.5,
-    strings, zero and negatives are refused)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{key} must be a positive integer, got {value!r}")
-    return value

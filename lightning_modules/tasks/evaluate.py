@@ -34,7 +34,6 @@ from lightning_modules.tasks.common import (
     log_config,
     rank_zero_first,
     require_images,
-    require_positive_int,
     write_json,
 )
 from lightning_modules.utils import files
@@ -243,8 +242,8 @@ def _assemble(nets: list[str], num_eval: int, parts: dict) -> dict:
 def _check_config(e: DictConfig) -> list[str]:
     """The evaluation networks; ``UserError`` for a bad count (before any data is loaded)."""
     nets = check_net_names(list(e.nets) if not isinstance(e.nets, str) else [e.nets])
-    for key in ("num_eval", "epochs", "batch_size", "eval_batch_size"):
-        require_positive_int(e.get(key), f"evaluate.{key}")
+    # the counts (num_eval, epochs, batch sizes) are checked by tasks.checks before the run;
+    # evaluate_set refuses non-positive ones again for library calls
     if e.lr is not None and (
         isinstance(e.lr, bool) or not isinstance(e.lr, (int, float)) or not e.lr > 0
     ):
