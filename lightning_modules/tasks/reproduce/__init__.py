@@ -91,15 +91,13 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     make = cross_arch_table if table == "cross_arch" else row_table
     markdown, record = make(cfg, methods, nets, results, info, images)
     record.update(workdir=str(workdir), expert_store=cfg.teacher.out)
-    record["stages"] = {
-        m: {"dir": str(s.dir), "reused": reused[m], "metrics": s.metrics()}
-        for m, s in stages.items()
-    }
+    record["stages"] = {m: str(s.dir) for m, s in stages.items()}
     if experts:
         record["experts"] = {k: v for k, v in experts.items() if k != "identity"}
     print("\n" + markdown, flush=True)
     write_text(out_dir / "row.md", markdown)
-    write_json(out_dir / "row.json", record)
+    write_json(out_dir / "row.json", record)  # what was measured: the same on every rerun
+    write_json(out_dir / "stages.json", stage_details(stages, reused, results))
     summary = summarise(cfg, table, nets, workdir, markdown, record, results, info, images)
     summary["reused"] = reused
     log_table(cfg, record, summary, images, out_dir)
@@ -162,6 +160,21 @@ def set_images(cfg, methods, nets, stages, results, out_dir: Path) -> dict[str, 
         {m: stages[m].set_path for m in methods}, titles, out_dir / "sets" / "compare.png"
     )
     return {"all sets": str(compare.relative_to(out_dir)), **images}
+
+
+def stage_details(stages: dict, reused: dict, results: dict) -> dict:
+    """How this run got there: which stages were reused, their metrics and timings, which
+    evaluations came from the cache (kept out of row.json so that a rerun writes the same row)."""
+    return {
+        "stages": {
+            m: {"dir": str(s.dir), "reused": reused[m], "metrics": s.metrics()}
+            for m, s in stages.items()
+        },
+        "evaluations": {
+            column: {n: {"cached": r["cached"], "seconds": r["seconds"]} for n, r in by_net.items()}
+            for column, by_net in results.items()
+        },
+    }
 
 
 def summarise(cfg, table, nets, workdir, markdown, record, results, info, images) -> dict:
