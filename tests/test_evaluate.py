@@ -10,8 +10,6 @@ import torch
 import train
 from datamodules.cifar import CIFARDataModule
 from datamodules.syn_set import SyntheticSet
-from lightning_modules.errors import UserError
-from lightning_modules.utils.seeds import derive_seed
 from lightning_modules.condense.evaluation import (
     _Protocol,
     check_net_names,
@@ -19,7 +17,9 @@ from lightning_modules.condense.evaluation import (
     init_parameters,
     results_markdown,
 )
+from lightning_modules.errors import UserError
 from lightning_modules.nets import build_classifier
+from lightning_modules.utils.seeds import derive_seed
 from tests.conftest import run_train
 
 
