@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
@@ -56,13 +57,43 @@ def build_net(net_cfg: DictConfig, dm):
     )
 
 
-def build_logger(cfg: DictConfig):
-    """The configured Lightning logger, or False for ``logger=none``."""
+def build_logger(cfg: DictConfig, resume_epoch: int | None = None):
+    """The configured Lightning logger, or False for ``logger=none``.
+
+    With ``resume=true`` a CSV logger keeps the rows the killed run wrote to ``metrics.csv``
+    (Lightning's writer would delete the file) and appends the new ones: all of them, or, when
+    ``resume_epoch`` (the epoch of the checkpoint the run restarts from) is given, the rows of
+    that epoch and before: the resumed run logs the later epochs again.
+    """
     if cfg.get("logger") is None or cfg.logger.get("_target_") is None:
         return False
     logger = instantiate(cfg.logger)
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
+    if cfg.get("resume") and type(logger).__name__ == "CSVLogger" and rank_zero_only.rank == 0:
+        _keep_csv_rows(logger, resume_epoch)
     return logger
+
+
+def _keep_csv_rows(logger, resume_epoch: int | None) -> None:
+    """Put the earlier ``metrics.csv`` rows (up to ``resume_epoch``) back under a CSV logger."""
+    import csv
+
+    path = Path(logger.log_dir) / "metrics.csv"
+    if not path.is_file():
+        return
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        keys, rows = sorted(reader.fieldnames or []), list(reader)
+    if resume_epoch is not None:
+        rows = [
+            r for r in rows if r.get("epoch", "") in ("", None) or int(r["epoch"]) <= resume_epoch
+        ]
+    writer = logger.experiment  # created now: it deletes metrics.csv
+    with path.open("w", newline="") as f:
+        out = csv.DictWriter(f, fieldnames=keys)
+        out.writeheader()
+        out.writerows(rows)
+    writer.metrics_keys = keys  # later saves append under this header (or widen it)
 
 
 def log_config(logger, cfg: DictConfig) -> None:
@@ -287,3 +318,17 @@ def epoch_checkpoints(ckpt_dir: str | Path):
     return ModelCheckpoint(
         dirpath=ckpt_dir, save_last=True, save_top_k=1, save_on_train_epoch_end=True
     )
+
+
+class ShuffleState(L.Callback):
+    """Checkpoints a loader's shuffle generator, so a resumed run draws the batch order the
+    uninterrupted run would (under DDP Lightning's DistributedSampler orders by epoch instead)."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.generator.set_state(state_dict["generator"])

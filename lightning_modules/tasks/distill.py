@@ -161,7 +161,10 @@ class DistilledSetWriter(Callback):
 
 
 def evaluate_distilled(cfg: DictConfig, dm, syn, device) -> dict:
-    from lightning_modules.condense.evaluation import evaluate_set
+    """The set on ``distill.eval_nets``, the distillation net with its own options (``net.*``),
+    under ``evaluate.protocol`` when the config has it (task=reproduce; ``+evaluate.protocol=``
+    on a plain task=distill), else the evaluation's default (``mtt``)."""
+    from lightning_modules.condense.evaluation import DEFAULT_PROTOCOL, evaluate_set
 
     d = cfg.distill
     return evaluate_set(
@@ -179,6 +182,8 @@ def evaluate_distilled(cfg: DictConfig, dm, syn, device) -> dict:
         seed=int(cfg.seed),
         device=device,
         progress=bool(cfg.trainer.get("enable_progress_bar", True)),
+        net_options={cfg.net.name: net_options(cfg.net)},
+        protocol=str(OmegaConf.select(cfg, "evaluate.protocol", default=DEFAULT_PROTOCOL)),
     )
 
 
