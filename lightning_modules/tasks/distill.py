@@ -266,6 +266,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     )
     # the warning says checkpoints hold the state after the update: that is what resuming needs
     warnings.filterwarnings("ignore", message=".*manual optimization and every_n_train_steps.*")
+    # the pair stream's __len__ is exact: it runs in the main process (num_workers=0)
+    warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined.*")
     resume_from = str(last) if cfg.resume and last.exists() else None
     if resume_from:
         done = finished_summary(last, out_dir, int(d.iterations))
