@@ -85,7 +85,29 @@ class SwissRollDataModule(VectorDataModule):
             return x[:, [0, 2]] if self.dim_ == 2 else x
 
         # the reference sample uses its own seed so it is independent of the training sample
-        self._standardise(draw(self.num_samples, self.seed), draw(self.num_reference, self.seed + 10_000))
+        self._standardise(
+            draw(self.num_samples, self.seed), draw(self.num_reference, self.seed + 10_000)
+        )
+
+    def structure_metric(self, x_data: torch.Tensor, band: float = 3.0) -> dict | None:
+        """2-D only: share of samples within ``band`` noise stds of the noiseless roll."""
+        if self.dim_ != 2:
+            return None
+        curve = swiss_roll_curve(np.linspace(0, 1, 8000))
+        return {"mode_share": curve_band_share(x_data.cpu().numpy(), curve, band * self.noise)}
+
+
+def curve_band_share(x: np.ndarray, curve: np.ndarray, band: float, chunk: int = 1024) -> float:
+    """Share of the points ``x [N, 2]`` within ``band`` of a densely drawn curve ``[M, 2]``."""
+    x, curve = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(curve, dtype=torch.float64)
+    near = [torch.cdist(x[i : i + chunk], curve).amin(1) <= band for i in range(0, len(x), chunk)]
+    return float(torch.cat(near).double().mean()) if near else float("nan")
+
+
+def swiss_roll_curve(u: np.ndarray) -> np.ndarray:
+    """sklearn's roll without noise in the (x, z) plane: ``t (cos t, sin t)``, t in [1.5π, 4.5π]."""
+    t = 1.5 * np.pi * (1 + 2 * u)
+    return np.stack([t * np.cos(t), t * np.sin(t)], 1)
 
 
 class PointsDataModule(VectorDataModule):
