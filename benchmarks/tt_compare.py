@@ -181,6 +181,7 @@ def main(argv=None) -> str:
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "tt_compare")
     parser.add_argument("--overrides", nargs="*", default=[], help="extra overrides for every run")
     args = parser.parse_args(argv)
+    args.out = args.out.resolve()  # the runs' cwd is the output folder
     args.out.mkdir(parents=True, exist_ok=True)
     runs = []
     for dataset in args.datasets:

@@ -43,7 +43,9 @@ class VectorDataModule(L.LightningDataModule):
         self.shift = train_t.mean(0)
         self.scale = float((train_t - self.shift).std()) or 1.0
         self.train_x = (train_t - self.shift) / self.scale
-        self.reference_x = (torch.as_tensor(reference, dtype=torch.float32) - self.shift) / self.scale
+        self.reference_x = (
+            torch.as_tensor(reference, dtype=torch.float32) - self.shift
+        ) / self.scale
 
     def to_data_space(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale + self.shift.to(x)
@@ -156,7 +158,9 @@ def load_points(path: str | None) -> np.ndarray:
         raise UserError(f"points file {p} could not be read ({type(e).__name__}: {e})") from None
     data = np.asarray(data)
     if data.ndim != 2 or not 1 <= data.shape[1] <= 64 or data.shape[0] < 2:
-        raise UserError(f"points file {p} has shape {data.shape}; expected N x D with N > 1 and D <= 64")
+        raise UserError(
+            f"points file {p} has shape {data.shape}; expected N x D with N > 1 and D <= 64"
+        )
     if not np.issubdtype(data.dtype, np.number):
         raise UserError(f"points file {p} is not numeric (dtype {data.dtype})")
     if not np.isfinite(data).all():

@@ -69,8 +69,9 @@ def test_every_optimiser_lowers_the_loss_with_each_basis(name, optimizer):
     from lightning_modules.diffusion.steppers import make_stepper
 
     torch.manual_seed(0)
-    target = FunctionalTT(data_shape=(2,), timesteps=20, basis=name, num_basis=4, rank=2,
-                          init="random", seed=1)
+    target = FunctionalTT(
+        data_shape=(2,), timesteps=20, basis=name, num_basis=4, rank=2, init="random", seed=1
+    )
     init = "linear" if optimizer == "riemannian" else "identity"
     net = FunctionalTT(data_shape=(2,), timesteps=20, basis=name, num_basis=4, rank=2, init=init)
     sweep = {"ridge": 1e-6, "sweeps": 1, "samples": 512, "batch": 256, "fixed": True}

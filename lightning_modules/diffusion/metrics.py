@@ -221,6 +221,17 @@ def load_feature_extractor(path: str | Path) -> Callable[[Tensor], Tensor]:
         ) from None
 
 
+def image_sample_metrics(samples01: Tensor, real01: Tensor, path, *, seed: int = 0) -> dict:
+    """FID and KID of images in [0, 1] against real ones, on the features of the net at ``path``."""
+    net = load_feature_extractor(path)
+    f_fake = extract_features(net, samples01)
+    f_real = extract_features(net, real01[: len(samples01)])
+    n = min(len(f_fake), len(f_real))
+    fid = frechet_distance(f_fake[:n], f_real[:n])
+    kid = kernel_inception_distance(f_fake[:n], f_real[:n], seed=seed)
+    return {"fid": fid, "kid": kid, "fid_samples": n, "fid_note": f"features: {path}"}
+
+
 @torch.no_grad()
 def extract_features(
     net: Callable[[Tensor], Tensor], images01: Tensor, batch_size: int = 200

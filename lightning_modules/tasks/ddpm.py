@@ -204,74 +204,35 @@ class Sampler:
             "mode_share_ok": bool(share >= own["mode_share"] - 0.03),
         }
         if "mode_counts" in own:
-            out["mode_counts"], out["mode_counts_data"] = per_draw[0]["mode_counts"], own[
-                "mode_counts"
-            ]
+            out["mode_counts"], out["mode_counts_data"] = (
+                per_draw[0]["mode_counts"],
+                own["mode_counts"],
+            )
         return out
 
     def image_metrics(self, samples: Tensor) -> dict:
         path = self.d.get("feature_extractor")
         if not path:
-            log.info(
-                "FID/KID: not computed: no feature extractor configured "
-                "(ddpm.feature_extractor=<.pt2 or TorchScript file>)"
-            )
+            log.info("FID/KID: not computed: no ddpm.feature_extractor (.pt2 or TorchScript)")
             return {"fid": None, "kid": None, "fid_note": "no feature extractor configured"}
         if self.data.test_images01 is None:
             return {"fid": None, "kid": None, "fid_note": "no test images to compare with"}
-        net = metrics.load_feature_extractor(path)
-        real = self.data.test_images01[: len(samples)]
-        f_fake = metrics.extract_features(net, self.data.to_view(samples))
-        f_real = metrics.extract_features(net, real)
-        n = min(len(f_fake), len(f_real))
-        fid = metrics.frechet_distance(f_fake[:n], f_real[:n])
-        kid = metrics.kernel_inception_distance(f_fake[:n], f_real[:n], seed=self.seed)
-        log.info(
-            "FID %.3f  KID %.5f  (%d samples vs %d test images, features from %s)",
-            fid,
-            kid,
-            n,
-            n,
-            path,
+        out = metrics.image_sample_metrics(
+            self.data.to_view(samples), self.data.test_images01, path, seed=self.seed
         )
-        return {"fid": fid, "kid": kid, "fid_samples": n, "fid_note": f"features: {path}"}
+        log.info(
+            "FID %.3f  KID %.5f  (%d vs %d test images)",
+            out["fid"],
+            out["kid"],
+            *[out["fid_samples"]] * 2,
+        )
+        return out
 
     def pictures(self, samples: Tensor, snaps, tag: str = "") -> list[Path]:
-        view = self.data.to_view
-        paths = []
-        if self.data.images:
-            paths.append(
-                plots.image_grid(
-                    view(samples[:64]),
-                    self.out_dir / f"samples_grid{tag}.png",
-                    title=tag.strip("_"),
-                )
-            )
-            if snaps:
-                paths.append(
-                    plots.reverse_process_images(
-                        snaps, self.out_dir / "reverse_process.png", to_unit=view
-                    )
-                )
-        else:
-            real = view(self.data.reference)
-            paths.append(
-                plots.scatter_samples(
-                    view(samples),
-                    real,
-                    self.out_dir / f"samples_scatter{tag}.png",
-                    title=tag.strip("_"),
-                )
-            )
-            if snaps:
-                snaps = [Snapshot(step=s.step, x=view(s.x)) for s in snaps]
-                pair = (0, 2) if samples.shape[1] == 3 else (0, min(1, samples.shape[1] - 1))
-                paths.append(
-                    plots.reverse_process_scatter(
-                        snaps, self.out_dir / "reverse_process.png", data=real, pair=pair
-                    )
-                )
-        return paths
+        reference = None if self.data.images else self.data.reference
+        return plots.sample_pictures(
+            samples, snaps, self.out_dir, view=self.data.to_view, reference=reference, tag=tag
+        )
 
     def on_epoch_end(self, module: DDPMModule, epoch: int) -> None:
         """Every ``ddpm.sample_every`` epochs: a smaller sample, its metrics and picture."""
@@ -373,7 +334,9 @@ def build(cfg: DictConfig, out_dir: Path) -> Run:
     ema = d.ema
     if ema is not None and d.optimizer in TT_OPTIMIZERS:
         # ALS/DMRG/TT-SVD re-gauge the cores every step: an average of cores is not an average
-        log.warning("ddpm.ema=%s ignored for ddpm.optimizer=%s (cores change gauge)", ema, d.optimizer)
+        log.warning(
+            "ddpm.ema=%s ignored for ddpm.optimizer=%s (cores change gauge)", ema, d.optimizer
+        )
         ema = None
     options = stepper_options(cfg, d.optimizer)
     module = DDPMModule(
@@ -392,7 +355,12 @@ def build(cfg: DictConfig, out_dir: Path) -> Run:
     steps = d.get("steps")
     if steps is None and d.optimizer in ("als", "dmrg"):
         steps = int(cfg[d.optimizer].steps)
-        log.info("ddpm.optimizer=%s: %d steps (%s.steps; ddpm.steps overrides)", d.optimizer, steps, d.optimizer)
+        log.info(
+            "ddpm.optimizer=%s: %d steps (%s.steps; ddpm.steps overrides)",
+            d.optimizer,
+            steps,
+            d.optimizer,
+        )
     ckpt_dir = out_dir / "checkpoints"
     trainer = build_trainer(
         cfg,
@@ -401,7 +369,9 @@ def build(cfg: DictConfig, out_dir: Path) -> Run:
         max_epochs=-1 if steps else int(d.epochs),
         max_steps=int(steps) if steps else -1,
     )
-    return Run(cfg, out_dir, data, schedule, module, sampler, logger, trainer, loader, params, flops)
+    return Run(
+        cfg, out_dir, data, schedule, module, sampler, logger, trainer, loader, params, flops
+    )
 
 
 def train(r: Run) -> None:

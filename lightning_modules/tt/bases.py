@@ -31,7 +31,9 @@ class _GlobalBasis:
         lower = torch.as_tensor(lower, dtype=torch.float64).reshape(-1)
         upper = torch.as_tensor(upper, dtype=torch.float64).reshape(-1)
         if num_basis < 1:
-            raise UserError(f"eps_net.num_basis={num_basis}: need at least one {self.name} function")
+            raise UserError(
+                f"eps_net.num_basis={num_basis}: need at least one {self.name} function"
+            )
         if lower.shape != upper.shape or not bool((upper > lower).all()):
             raise UserError(f"{self.name} support: every upper bound must exceed its lower bound")
         self.lower, self.upper, self.num_basis = lower, upper, int(num_basis)

@@ -15,8 +15,9 @@ Because the current cores are one point of each merged problem, an exact solve c
 (ridge-regularised) loss on the sweep's samples; the truncation can. So after the split the core
 holding the weight is refitted by the one-site (ALS) solve, and if the pair still fits the
 sweep's samples worse than before, the old pair is kept: a sweep never raises the loss on its
-samples. (The SVD truncates in coefficient norm, not in the data's norm: poorly sampled
-coefficients can dominate it, which is why ``dmrg.ridge`` defaults higher than ``als.ridge``.)
+samples (once every bond is within ``max_rank``; a wider starting bond is cut regardless).
+(The SVD truncates in coefficient norm, not in the data's norm: poorly sampled coefficients
+can dominate it, which is why ``dmrg.ridge`` defaults higher than ``als.ridge``.)
 
 Cost per pair: a normal matrix of ``F = r_{k-1} n_k n_{k+1} r_{k+1}`` unknowns per TT (``F²``
 memory, ``F³/3`` to factor): fine for the 2-D/3-D toy problems; refused above ``max_unknowns``.
@@ -104,9 +105,7 @@ class DMRG(ALS):
         tol: float,
         max_unknowns: int,
     ):
-        super().__init__(
-            net, ridge=ridge, sweeps=sweeps, samples=samples, batch=batch, fixed=fixed
-        )
+        super().__init__(net, ridge=ridge, sweeps=sweeps, samples=samples, batch=batch, fixed=fixed)
         if max_rank < 1 or tol < 0:
             raise UserError(f"dmrg.max_rank={max_rank}, dmrg.tol={tol}: need >= 1 and >= 0")
         self.max_rank, self.tol, self.max_unknowns = int(max_rank), float(tol), int(max_unknowns)
@@ -164,7 +163,7 @@ class DMRG(ALS):
         self.split(cores, k, self.solve_pair(cores, k, chunks, reduce_sum), centre_right)
         centre = k + 1 if centre_right else k
         new_loss = self.solve_core(cores, centre, chunks, reduce_sum)
-        if new_loss <= loss:
+        if new_loss <= loss or old[0].shape[3] > self.max_rank:  # the old bond is too wide
             return new_loss
         cores[k], cores[k + 1] = old
         if centre_right:
@@ -195,7 +194,9 @@ class DMRG(ALS):
         net = self.net
         dtype, device = net.cores[0].dtype, net.cores[0].device
         with torch.no_grad():
-            net.cores = nn.ParameterList(nn.Parameter(c.to(dtype=dtype, device=device)) for c in cores)
+            net.cores = nn.ParameterList(
+                nn.Parameter(c.to(dtype=dtype, device=device)) for c in cores
+            )
         net.ranks = [1] + [int(c.shape[3]) for c in cores[:-1]] + [1]
         net.rank = max(net.ranks)
 
