@@ -84,3 +84,16 @@ def test_dmrg_sweeps_never_raise_the_loss_on_their_samples():
 def test_dmrg_refuses_merged_cores_too_big():
     with pytest.raises(UserError, match="unknowns"):
         _dmrg(_ftt(rank=4, seed=0), max_unknowns=10).step(_draw_from(_ftt(rank=1, seed=1)))
+
+
+def test_an_ftt_loads_weights_whose_ranks_dmrg_changed():
+    target = _ftt(rank=2, seed=1)
+    model = _ftt(rank=5, seed=2)
+    _dmrg(model).step(_draw_from(target))
+    assert model.ranks == [1, 2, 2, 1]
+    fresh = _ftt(rank=5, seed=3)
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.ranks == [1, 2, 2, 1]
+    x, t, _ = _draw_from(target, seed=5)()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, t), model(x, t))
