@@ -63,6 +63,7 @@ def main(argv=None) -> list[dict]:
         lo, hi = x0.amin(0), x0.amax(0)
         clip = (lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
         own = dm.structure_metric(dm.to_data_space(dm.reference_x))["mode_share"]
+        floors = metrics.floor_bands(dm.reference_x, x0, len(dm.reference_x), seed=args.seed)
         for sampler in ("ancestral", "ddim"):
             for steps in args.steps:
                 g = torch.Generator().manual_seed(args.seed + 1)
@@ -72,7 +73,9 @@ def main(argv=None) -> list[dict]:
                         net, 2000, (2,), g, steps=steps, sampler=sampler, clip=clip
                     )
                 sample_s = time.perf_counter() - start
-                m = metrics.vector_sample_metrics(x, dm.reference_x, x0, seed=args.seed)
+                m = metrics.vector_sample_metrics(
+                    x, dm.reference_x, x0, seed=args.seed, floors=floors
+                )
                 share = dm.structure_metric(dm.to_data_space(x))["mode_share"]
                 row = {
                     "dataset": density,

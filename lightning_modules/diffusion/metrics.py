@@ -120,37 +120,8 @@ def _band(values: list[float]) -> tuple[float, float, float]:
     return float(np.median(v)), float(np.quantile(v, 0.05)), float(np.quantile(v, 0.95))
 
 
-def vector_sample_metrics(
-    draws: Tensor | list[Tensor],
-    reference: Tensor,
-    real: Tensor,
-    *,
-    num_projections: int = 1000,
-    floor_pairs: int = 10,
-    sinkhorn_reg: float = 0.05,
-    sinkhorn_samples: int = 1000,
-    seed: int = 0,
-) -> dict:
-    """SW, MMD and Sinkhorn of each sample draw against ``reference``, beside their floor bands.
-
-    Args:
-        draws: one sample ``[n, D]`` or several independent draws of it.
-        reference: the held-out real sample.
-        real: more real data (the training sample): the floor pairs are drawn, without
-            replacement within a pair, from ``real`` and ``reference`` pooled.
-        floor_pairs: real-vs-real pairs behind each floor band.
-
-    Returns:
-        per metric ``m``: ``m`` (median over draws), ``m_draws``, ``m_floor`` (median),
-        ``m_floor_lo``/``m_floor_hi`` (5 %/95 %), ``m_in_band``; plus ``metric_samples``,
-        ``floor_pairs``.
-    """
-    draws = [draws] if isinstance(draws, Tensor) else list(draws)
-    pool = torch.cat([torch.as_tensor(real), torch.as_tensor(reference)]).double()
-    n = min(min(len(d) for d in draws), len(reference), len(pool) // 2)
-    if n < 2:
-        raise UserError(f"too few samples to score ({n}); need at least 2 model and 4 real")
-    reference = reference[:n]
+def _scorer(reference: Tensor, *, num_projections, sinkhorn_reg, sinkhorn_samples, seed):
+    """``scores(x, y)``: SW, MMD (bandwidth: the median distance within ``reference``), Sinkhorn."""
     h = median_bandwidth(reference, seed=seed)
 
     def scores(x: Tensor, y: Tensor) -> dict[str, float]:
@@ -162,20 +133,92 @@ def vector_sample_metrics(
             ),
         }
 
-    model = [scores(d[:n], reference) for d in draws]
+    return scores
+
+
+def floor_bands(
+    reference: Tensor,
+    real: Tensor,
+    n: int,
+    *,
+    num_projections: int = 1000,
+    floor_pairs: int = 10,
+    sinkhorn_reg: float = 0.05,
+    sinkhorn_samples: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """``m_floor`` (median), ``m_floor_lo``/``m_floor_hi`` (5 %/95 %) per metric over
+    ``floor_pairs`` pairs of disjoint size-``n`` samples of ``real`` and ``reference`` pooled."""
+    pool = torch.cat([torch.as_tensor(real), torch.as_tensor(reference)]).double()
+    if len(pool) < 2 * n:
+        raise UserError(f"too little real data ({len(pool)}) for floor pairs of {n}")
+    scores = _scorer(
+        reference[:n],
+        num_projections=num_projections,
+        sinkhorn_reg=sinkhorn_reg,
+        sinkhorn_samples=sinkhorn_samples,
+        seed=seed,
+    )
     g = torch.Generator().manual_seed(seed + 1)
     floors = []
     for _ in range(floor_pairs):
         order = torch.randperm(len(pool), generator=g)
         floors.append(scores(pool[order[:n]], pool[order[n : 2 * n]]))
-    out: dict = {"metric_samples": n, "floor_pairs": floor_pairs}
+    out: dict = {"floor_pairs": floor_pairs}
+    for key in VECTOR_METRICS:
+        out[f"{key}_floor"], out[f"{key}_floor_lo"], out[f"{key}_floor_hi"] = _band(
+            [f[key] for f in floors]
+        )
+    return out
+
+
+def vector_sample_metrics(
+    draws: Tensor | list[Tensor],
+    reference: Tensor,
+    real: Tensor,
+    *,
+    num_projections: int = 1000,
+    floor_pairs: int = 10,
+    sinkhorn_reg: float = 0.05,
+    sinkhorn_samples: int = 1000,
+    seed: int = 0,
+    floors: dict | None = None,
+) -> dict:
+    """SW, MMD and Sinkhorn of each sample draw against ``reference``, beside their floor bands.
+
+    Args:
+        draws: one sample ``[n, D]`` or several independent draws of it.
+        reference: the held-out real sample.
+        real: more real data (the training sample): the floor pairs are drawn, without
+            replacement within a pair, from ``real`` and ``reference`` pooled (:func:`floor_bands`).
+        floor_pairs: real-vs-real pairs behind each floor band.
+        floors: a :func:`floor_bands` result to reuse (same ``n``) instead of recomputing it.
+
+    Returns:
+        per metric ``m``: ``m`` (median over draws), ``m_draws``, ``m_floor`` (median),
+        ``m_floor_lo``/``m_floor_hi`` (5 %/95 %), ``m_in_band``; plus ``metric_samples``,
+        ``floor_pairs``.
+    """
+    draws = [draws] if isinstance(draws, Tensor) else list(draws)
+    n = min(min(len(d) for d in draws), len(reference), (len(real) + len(reference)) // 2)
+    if n < 2:
+        raise UserError(f"too few samples to score ({n}); need at least 2 model and 4 real")
+    options = {
+        "num_projections": num_projections,
+        "sinkhorn_reg": sinkhorn_reg,
+        "sinkhorn_samples": sinkhorn_samples,
+        "seed": seed,
+    }
+    if floors is None:
+        floors = floor_bands(reference, real, n, floor_pairs=floor_pairs, **options)
+    scores = _scorer(reference[:n], **options)
+    model = [scores(d[:n], reference[:n]) for d in draws]
+    out: dict = {"metric_samples": n, **floors}
     for key in VECTOR_METRICS:
         values = [m[key] for m in model]
-        floor, lo, hi = _band([f[key] for f in floors])
         out[key] = float(np.median(values))
         out[f"{key}_draws"] = values
-        out[f"{key}_floor"], out[f"{key}_floor_lo"], out[f"{key}_floor_hi"] = floor, lo, hi
-        out[f"{key}_in_band"] = bool(out[key] <= hi)
+        out[f"{key}_in_band"] = bool(out[key] <= out[f"{key}_floor_hi"])
     return out
 
 

@@ -190,11 +190,11 @@ class Sampler:
 
     def structure(self, draws: list[Tensor]) -> dict:
         """``mode_share`` (median over draws) beside the reference sample's own value."""
-        if self.data.structure is None or self.data.structure(self.data.reference) is None:
-            return {}
         view = self.data.to_view
+        own = self.data.structure(view(self.data.reference)) if self.data.structure else None
+        if own is None:  # no known structure (points, the 3-D roll)
+            return {}
         per_draw = [self.data.structure(view(d)) for d in draws]
-        own = self.data.structure(view(self.data.reference))
         share = float(np.median([m["mode_share"] for m in per_draw]))
         out = {
             "mode_share": share,
