@@ -39,7 +39,11 @@ def test_points_from_file(tmp_path, suffix):
 
 @pytest.mark.parametrize(
     "array,match",
-    [(np.zeros(5), "shape"), (np.zeros((3, 2, 2)), "shape"), (np.array([[1.0, np.nan], [0, 0], [1, 1]]), "NaN")],
+    [
+        (np.zeros(5), "shape"),
+        (np.zeros((3, 2, 2)), "shape"),
+        (np.array([[1.0, np.nan], [0, 0], [1, 1]]), "NaN"),
+    ],
 )
 def test_points_bad_files(tmp_path, array, match):
     path = tmp_path / "bad.npy"
