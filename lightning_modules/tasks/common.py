@@ -88,7 +88,11 @@ def _keep_csv_rows(logger, resume_epoch: int | None) -> None:
         rows = [
             r for r in rows if r.get("epoch", "") in ("", None) or int(r["epoch"]) <= resume_epoch
         ]
-    writer = logger.experiment  # created now: it deletes metrics.csv
+    import warnings
+
+    with warnings.catch_warnings():  # "previous log files will be deleted": put back below
+        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+        writer = logger.experiment  # created now: it deletes metrics.csv
     with path.open("w", newline="") as f:
         out = csv.DictWriter(f, fieldnames=keys)
         out.writeheader()
