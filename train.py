@@ -68,7 +68,9 @@ def run(cfg: DictConfig) -> dict:
     if cfg.resume:
         previous = find_resumable(cfg)
         if previous is None:
-            log.warning("resume=true but no earlier %s run with this config: starting fresh", cfg.task.name)
+            log.warning(
+                "resume=true but no earlier %s run with this config: starting fresh", cfg.task.name
+            )
         else:
             log.info("resuming %s", previous)
             with open_dict(cfg):

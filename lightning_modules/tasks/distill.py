@@ -73,8 +73,8 @@ def check_store(cfg: DictConfig, store: ExpertStore, num_params: int) -> None:
         raise UserError(
             f"no expert trajectories in {store.root} (dataset={cfg.dataset.name}, dataset.zca="
             f"{str(zca).lower()}, net={cfg.net.name}); train them first with: {cmd} "
-            f"teacher.num_experts=<n> (at least {needed_epochs(cfg.distill)} epochs each), or point "
-            "distill.trajectories at a store"
+            f"teacher.num_experts=<n> (at least {needed_epochs(cfg.distill)} epochs each), or "
+            "point distill.trajectories at a store"
         )
     store.check(net=net_options(cfg.net), dataset=cfg.dataset.name, zca=zca, num_params=num_params)
 
