@@ -7,7 +7,6 @@ bad input (``UserError``) into one line on stderr and exit status 2.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import sys
 import time
@@ -50,9 +49,22 @@ def find_resumable(cfg: DictConfig) -> Path | None:
 def run(cfg: DictConfig) -> dict:
     """Run ``cfg.task`` and return its final metrics (also written to ``summary.json``)."""
     import lightning as L
+    import torch
 
-    from lightning_modules.tasks.common import finish_wandb, finite_metrics, run_task, write_json
+    from lightning_modules.tasks.checks import check_config
+    from lightning_modules.tasks.common import (
+        check_multi_node,
+        check_shared_dir,
+        finish_wandb,
+        finite_metrics,
+        process_rank,
+        run_task,
+        write_json,
+    )
 
+    check_config(cfg)  # a bad count or an ignored trainer key: one line, nothing started
+    if cfg.get("threads") is not None:
+        torch.set_num_threads(int(cfg.threads))  # before any work: results depend on it
     if cfg.resume:
         previous = find_resumable(cfg)
         if previous is None:
@@ -63,10 +75,12 @@ def run(cfg: DictConfig) -> dict:
             log.info("resuming %s", previous)
             with open_dict(cfg):
                 cfg.paths.output_dir = str(previous)
+    check_multi_node(cfg)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    check_shared_dir(out_dir, cfg, "the run dir")  # several nodes: one run dir they all see
     # rank zero writes the config; other DDP ranks share the directory
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:
+    if process_rank(cfg) == 0:
         OmegaConf.save(cfg, out_dir / "config.yaml", resolve=False)
         OmegaConf.save(cfg, out_dir / "config_resolved.yaml", resolve=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -76,15 +90,41 @@ def run(cfg: DictConfig) -> dict:
         "task": cfg.task.name,
         **finite_metrics(metrics),
         "wall_s": time.perf_counter() - start,
+        "threads": torch.get_num_threads(),
     }
     write_json(out_dir / "summary.json", summary)
     finish_wandb()
     return summary
 
 
+def quiet_lightning() -> None:
+    """One copy of each Lightning log line, and none of the lines that are not about the run.
+
+    Lightning attaches its own console handler to its loggers at import; under Hydra the root
+    logger (console + the run's log file) prints the same records again. Keep Hydra's. Drop
+    Lightning's advertising tip and a deprecation warning Lightning raises about its own code.
+    """
+    import warnings
+
+    import lightning.fabric  # noqa: F401  (attach Lightning's handlers now, then remove them)
+    import lightning.pytorch  # noqa: F401
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                logger.removeHandler(handler)
+        logger.propagate = True
+    for handler in logging.getLogger().handlers:  # Hydra's console and log-file handlers
+        handler.addFilter(lambda record: "Tip:" not in str(record.msg))
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
+
+    quiet_lightning()
 
     hydra_dir = HydraConfig.get().runtime.output_dir
     with open_dict(cfg):
@@ -103,38 +143,54 @@ def _fold_into_resumed(hydra_dir: Path, run_dir: Path) -> None:
     """A resumed run works in the earlier directory; keep Hydra's fresh one (its log) inside it."""
     if hydra_dir.resolve() == run_dir.resolve() or not hydra_dir.is_dir():
         return
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) != 0:
+    from lightning_modules.utils.ranks import global_rank
+
+    if global_rank() != 0:
         return
     target = run_dir / "resumed" / hydra_dir.name
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(hydra_dir), str(target))
 
 
-def check_group_choices(argv: list[str]) -> None:
-    """One line and exit 2 for ``group=name`` naming no file of a config group (``method=foo``),
+def check_group_choices(argv: list[str]) -> str | None:
+    """The one-line error for ``group=name`` naming no file of a config group (``method=foo``),
     instead of Hydra's multi-line composition error."""
     conf = Path(__file__).resolve().parent / "conf"
     for arg in argv:
         key, sep, value = arg.partition("=")
         group = key.lstrip("+~")
-        if not sep or "." in group or "@" in group or not (conf / group).is_dir():
+        if not sep or any(c in group for c in "./@") or not (conf / group).is_dir():
             continue
         if value and "," not in value and not (conf / group / f"{value}.yaml").exists():
-            choices = sorted(p.stem for p in (conf / group).glob("*.yaml"))
-            names = ", ".join(choices)
-            print(f"error: unknown {group} {value!r}; choose one of {names}", file=sys.stderr)
-            sys.exit(2)
+            names = ", ".join(sorted(p.stem for p in (conf / group).glob("*.yaml")))
+            return f"unknown {group} {value!r}; choose one of {names}"
+    return None
 
 
-def check_method_overrides(argv: list[str]) -> None:
-    """One line and exit 2 for ``method.<key>=...`` naming a key the chosen method does not have
+def check_launcher(argv: list[str]) -> str | None:
+    """The one-line error for ``hydra/launcher=slurm|local`` without the submitit plugin."""
+    import importlib.util
+
+    chosen = [a.split("=", 1)[1] for a in argv if a.startswith("hydra/launcher=")]
+    if not chosen or chosen[-1] not in ("slurm", "local"):
+        return None
+    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+        return (
+            f"hydra/launcher={chosen[-1]} needs the submitit launcher: "
+            'pip install -e ".[slurm]" (hydra-submitit-launcher)'
+        )
+    return None
+
+
+def check_method_overrides(argv: list[str]) -> str | None:
+    """The one-line error for ``method.<key>=...`` naming a key the chosen method does not have
     (``method=dm method.learn_labels=true``), instead of Hydra's multi-line struct error."""
     conf = Path(__file__).resolve().parent / "conf" / "method"
     chosen = [a.partition("=")[2] for a in argv if a.lstrip("+~").partition("=")[0] == "method"]
     name = chosen[-1] if chosen else "mtt"
     path = conf / f"{name}.yaml"
     if not path.exists():
-        return
+        return None
     import yaml
 
     own = set(yaml.safe_load(path.read_text()) or {})
@@ -149,11 +205,14 @@ def check_method_overrides(argv: list[str]) -> None:
             p.stem for p in conf.glob("*.yaml") if leaf in (yaml.safe_load(p.read_text()) or {})
         )
         owner = f" (a key of method={'/'.join(owners)})" if owners else ""
-        print(f"error: method.{leaf}{owner} is not a key of method={name}", file=sys.stderr)
-        sys.exit(2)
+        return f"method.{leaf}{owner} is not a key of method={name}"
+    return None
 
 
 if __name__ == "__main__":
-    check_group_choices(sys.argv[1:])
-    check_method_overrides(sys.argv[1:])
+    argv = sys.argv[1:]
+    problem = check_launcher(argv) or check_group_choices(argv) or check_method_overrides(argv)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -1,15 +1,14 @@
-"""Issue 6's target, measured end to end through ``train.py``: on the 2-D swiss roll, does an FTT
-trained by ALS or Riemannian GD reach the sliced Wasserstein of the ResNet-MLP trained by Adam,
-in less training time and with fewer parameters?
+"""The TT study on the toy-density suite, end to end through ``train.py``: every density x
+method x basis x seed is one ``python train.py task=ddpm dataset=<density> ...`` run in its own
+process (the commands are stored); the table reads their ``summary.json``: parameters, training
+and sampling seconds, SW / Sinkhorn / MMD as the median of the sample draws beside the floor
+band (5-95 % over real-vs-real pairs), and the structure metric beside the data's own.
 
-Each method is one ``python train.py task=ddpm dataset=swiss_roll ...`` run in its own process
-(the commands are printed and stored); the table reads their ``summary.json``: parameters,
-training seconds (sampling excluded), SW and MMD of 2000 samples against the held-out reference,
-each beside its floor (real vs real).
-
-    python benchmarks/tt_compare.py                       # one seed, ~8 minutes on 2 CPU cores
-    python benchmarks/tt_compare.py --seeds 0 1 2         # median over seeds
-    python benchmarks/tt_compare.py --methods "FTT + ALS" "ResNet + Adam" --out /tmp/cmp
+    python benchmarks/tt_compare.py                                    # swiss roll, all methods
+    python benchmarks/tt_compare.py --datasets moons circles 8gaussians checkerboard pinwheel \
+        2spirals swiss_roll --methods "ResNet + Adam" "FTT + ALS" "FTT + DMRG" \
+        --overrides ddpm.sampler=ddim ddpm.sample_steps=50 --out benchmarks/results/tt_suite
+    python benchmarks/tt_compare.py --bases bspline legendre fourier --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = ["task=ddpm", "dataset=swiss_roll", "logger=csv", "trainer.enable_progress_bar=false"]
+BASE = ["task=ddpm", "logger=csv", "trainer.enable_progress_bar=false"]
 METHODS = {
     # the task's defaults: 100 epochs of Adam (lr 2e-3, EMA 0.995) on the ResNet-MLP
     "ResNet + Adam": ["eps_net=resnet"],
@@ -45,6 +44,8 @@ METHODS = {
         "als.samples=32768",
         "ddpm.ema=null",
     ],
+    # DMRG: the task's dmrg block (2 steps of 2 sweeps on 32768 triples, ridge 1e-4, max rank 8)
+    "FTT + DMRG": ["eps_net=ftt", "ddpm.optimizer=dmrg", "ddpm.ema=null"],
     "FTT + Riemannian": [
         "eps_net=ftt",
         "eps_net.init=linear",
@@ -54,34 +55,35 @@ METHODS = {
         "ddpm.ema=null",
     ],
 }
-KEYS = ["params", "train_s", "sample_s", "sw", "sw_floor", "mmd", "mmd_floor", "final_loss"]
+BANDED = ["sw", "sinkhorn", "mmd"]
+KEYS = ["params", "train_s", "sample_s", "final_loss", "mode_share", "mode_share_data"]
+KEYS += [f"{m}{s}" for m in BANDED for s in ("", "_floor", "_floor_lo", "_floor_hi")]
+KEYS += ["sw_in_band", "sinkhorn_in_band", "mmd_in_band", "mode_share_ok", "bond_ranks"]
 
 
-def run_one(label: str, seed: int, out: Path, extra: list[str]) -> dict:
-    run_dir = (
-        out
-        / f"{label.replace(' ', '_').replace('+', '').replace('(', '').replace(')', '')}_seed{seed}"
-    )
-    argv = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        *BASE,
-        *METHODS[label],
-        f"seed={seed}",
-        f"paths.output_dir={run_dir}",
-        *extra,
-    ]
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_")
+
+
+def run_one(label: str, dataset: str, basis: str, seed: int, out: Path, extra: list[str]) -> dict:
+    run_dir = out / f"{dataset}_{_slug(label)}_{basis}_seed{seed}"
+    basis_arg = [f"eps_net.basis={basis}"] if "FTT" in label else []
+    args = [f"dataset={dataset}", *METHODS[label], *basis_arg, f"seed={seed}", *extra]
+    argv = [sys.executable, str(ROOT / "train.py"), *BASE, *args, f"paths.output_dir={run_dir}"]
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     env.setdefault("OMP_NUM_THREADS", "1")
     start = time.perf_counter()
     r = subprocess.run(argv, cwd=out, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         print(r.stderr[-2000:], file=sys.stderr)
-        return {"method": label, "seed": seed, "error": r.stderr.strip().splitlines()[-1][:120]}
+        error = (r.stderr.strip().splitlines() or ["?"])[-1][:160]
+        return {"method": label, "dataset": dataset, "basis": basis, "seed": seed, "error": error}
     summary = json.loads((run_dir / "summary.json").read_text())
-    command = "python train.py " + " ".join([*BASE, *METHODS[label], f"seed={seed}", *extra])
+    command = "python train.py " + " ".join([*BASE, *args])
     return {
         "method": label,
+        "dataset": dataset,
+        "basis": basis,
         "seed": seed,
         "command": command,
         "wall_s": time.perf_counter() - start,
@@ -89,60 +91,124 @@ def run_one(label: str, seed: int, out: Path, extra: list[str]) -> dict:
     }
 
 
+def _cell(ok: list[dict], key: str) -> str:
+    """Median over seeds with the floor band and an in-band mark."""
+    med = statistics.median(r[key] for r in ok)
+    lo = statistics.median(r[f"{key}_floor_lo"] for r in ok)
+    hi = statistics.median(r[f"{key}_floor_hi"] for r in ok)
+    inside = sum(bool(r[f"{key}_in_band"]) for r in ok)
+    return f"{med:.3f} [{lo:.3f}, {hi:.3f}] {inside}/{len(ok)}"
+
+
+def table(runs: list[dict]) -> str:
+    header = (
+        "| density | method | basis | params | train s | sample s | SW [floor band] in | "
+        "Sinkhorn [floor band] in | MMD [floor band] in | mode share (data) | ranks |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    rows, seen = [], []
+    for r in runs:
+        key = (r["dataset"], r["method"], r["basis"])
+        if key not in seen:
+            seen.append(key)
+    for dataset, label, basis in seen:
+        group = [
+            r for r in runs if (r["dataset"], r["method"], r["basis"]) == (dataset, label, basis)
+        ]
+        ok = [r for r in group if "error" not in r]
+        basis_txt = basis if "FTT" in label else "-"
+        if not ok:
+            rows.append(f"| {dataset} | {label} | {basis_txt} | failed: {group[0]['error']} |")
+            continue
+        med = {k: statistics.median(r[k] for r in ok) for k in ("params", "train_s", "sample_s")}
+        if ok[0].get("mode_share") is not None:
+            share = statistics.median(r["mode_share"] for r in ok)
+            mode = f"{100 * share:.1f} % ({100 * ok[0]['mode_share_data']:.1f} %)"
+        else:
+            mode = "-"
+        ranks = ok[0].get("bond_ranks") or "-"
+        rows.append(
+            f"| {dataset} | {label} | {basis_txt} | {med['params']:,.0f} | {med['train_s']:.1f} | "
+            f"{med['sample_s']:.2f} | {_cell(ok, 'sw')} | {_cell(ok, 'sinkhorn')} | "
+            f"{_cell(ok, 'mmd')} | {mode} | {ranks} |"
+        )
+    return header + "\n" + "\n".join(rows)
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    """SW of each method per density, as a ratio to the floor band's upper end (1 = its edge)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in runs if "error" not in r]
+    datasets = list(dict.fromkeys(r["dataset"] for r in ok))
+    methods = list(dict.fromkeys(f"{r['method']} ({r['basis']})" for r in ok))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for j, method in enumerate(methods):
+        for ax, key in zip(axes, ("sw", "sinkhorn")):
+            xs, ys = [], []
+            for i, d in enumerate(datasets):
+                vals = [
+                    r[key] / r[f"{key}_floor_hi"]
+                    for r in ok
+                    if r["dataset"] == d and f"{r['method']} ({r['basis']})" == method
+                ]
+                if vals:
+                    xs.append(i + 0.8 * (j / max(len(methods), 1) - 0.4))
+                    ys.append(statistics.median(vals))
+            ax.bar(xs, ys, width=0.8 / max(len(methods), 1), label=method)
+    for ax, key in zip(axes, ("SW", "Sinkhorn")):
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(datasets)), datasets, rotation=30)
+        ax.set_ylabel(f"{key} / floor band top (<= 1: inside)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--datasets", nargs="+", default=["swiss_roll"])
+    parser.add_argument("--bases", nargs="+", default=["bspline"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "tt_compare")
     parser.add_argument("--overrides", nargs="*", default=[], help="extra overrides for every run")
     args = parser.parse_args(argv)
+    args.out = args.out.resolve()  # the runs' cwd is the output folder
     args.out.mkdir(parents=True, exist_ok=True)
     runs = []
-    for label in args.methods:
-        for seed in args.seeds:
-            res = run_one(label, seed, args.out, args.overrides)
-            runs.append(res)
-            print(
-                f"  {label} seed {seed}: "
-                + ", ".join(
-                    f"{k}={res.get(k)}"
-                    for k in ("sw", "train_s", "error")
-                    if res.get(k) is not None
-                ),
-                flush=True,
-            )
-    rows = []
-    for label in args.methods:
-        ok = [r for r in runs if r["method"] == label and "error" not in r]
-        if not ok:
-            rows.append(
-                f"| {label} | failed: {next(r['error'] for r in runs if r['method'] == label)} |"
-            )
-            continue
-        med = {k: statistics.median(r[k] for r in ok) for k in KEYS if ok[0].get(k) is not None}
-        sws = ", ".join(f"{r['sw']:.3f}" for r in ok)
-        rows.append(
-            f"| {label} | {med['params']:,.0f} | {med['train_s']:.1f} | {med['sw']:.3f} ({sws}) | "
-            f"{med['sw_floor']:.3f} | {med['mmd']:.4f} | {med['mmd_floor']:.4f} | "
-            f"{med['final_loss']:.3f} |"
-        )
-    header = (
-        "| method | params | train s | SW (per seed) | SW floor | MMD | MMD floor | final loss |\n"
-        "|---|---|---|---|---|---|---|---|"
-    )
+    for dataset in args.datasets:
+        for label in args.methods:
+            for basis in args.bases if "FTT" in label else ["bspline"]:
+                for seed in args.seeds:
+                    res = run_one(label, dataset, basis, seed, args.out, args.overrides)
+                    runs.append(res)
+                    shown = ("sw", "sw_floor_hi", "sinkhorn", "mode_share", "train_s", "error")
+                    print(
+                        f"  {dataset} | {label} | {basis} | seed {seed}: "
+                        + ", ".join(f"{k}={res.get(k)}" for k in shown if res.get(k) is not None),
+                        flush=True,
+                    )
+                    (args.out / "runs.json").write_text(json.dumps(runs, indent=2))
     commands = "\n".join(f"    {r['command']}" for r in runs if "command" in r)
     text = (
-        f"## tt_compare (median over seeds {args.seeds})\n\n{header}\n"
-        + "\n".join(rows)
+        f"## tt_compare (median over seeds {args.seeds}; cells: median of the sample draws "
+        "[floor band 5-95 %] and how many seeds are inside the band)\n\n"
+        + table(runs)
         + f"\n\nCommands:\n\n{commands}\n"
     )
     print(text)
     tmp = args.out / ".table.md.tmp"
     tmp.write_text(text)
     tmp.replace(args.out / "table.md")
-    (args.out / "runs.json").write_text(json.dumps(runs, indent=2))
+    plot(runs, args.out / "suite.png")
     return text
 
 

@@ -39,6 +39,18 @@ class _PairStream(IterableDataset):
             yield self.dm.pair(t, self.rank)
 
 
+class _PairLoader(DataLoader):
+    """The pair stream's loader. Its position is the trainer's ``global_step`` (restored from the
+    checkpoint), so it is resumable by construction; the ``state_dict`` interface says so to
+    Lightning (which otherwise warns that a mid-epoch resume is unreliable)."""
+
+    def state_dict(self) -> dict:
+        return {"resumes_at": "trainer.global_step"}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass  # nothing to restore: _PairStream starts at the restored global_step
+
+
 class ExpertPairsDataModule(L.LightningDataModule):
     """(expert, start epoch) pairs with their start and target parameter vectors.
 
@@ -137,4 +149,4 @@ class ExpertPairsDataModule(L.LightningDataModule):
         return int(self.trainer.global_rank) if self.trainer is not None else 0
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_PairStream(self, self._rank()), batch_size=None, num_workers=0)
+        return _PairLoader(_PairStream(self, self._rank()), batch_size=None, num_workers=0)

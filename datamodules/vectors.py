@@ -43,7 +43,9 @@ class VectorDataModule(L.LightningDataModule):
         self.shift = train_t.mean(0)
         self.scale = float((train_t - self.shift).std()) or 1.0
         self.train_x = (train_t - self.shift) / self.scale
-        self.reference_x = (torch.as_tensor(reference, dtype=torch.float32) - self.shift) / self.scale
+        self.reference_x = (
+            torch.as_tensor(reference, dtype=torch.float32) - self.shift
+        ) / self.scale
 
     def to_data_space(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale + self.shift.to(x)
@@ -85,7 +87,29 @@ class SwissRollDataModule(VectorDataModule):
             return x[:, [0, 2]] if self.dim_ == 2 else x
 
         # the reference sample uses its own seed so it is independent of the training sample
-        self._standardise(draw(self.num_samples, self.seed), draw(self.num_reference, self.seed + 10_000))
+        self._standardise(
+            draw(self.num_samples, self.seed), draw(self.num_reference, self.seed + 10_000)
+        )
+
+    def structure_metric(self, x_data: torch.Tensor, band: float = 3.0) -> dict | None:
+        """2-D only: share of samples within ``band`` noise stds of the noiseless roll."""
+        if self.dim_ != 2:
+            return None
+        curve = swiss_roll_curve(np.linspace(0, 1, 8000))
+        return {"mode_share": curve_band_share(x_data.cpu().numpy(), curve, band * self.noise)}
+
+
+def curve_band_share(x: np.ndarray, curve: np.ndarray, band: float, chunk: int = 1024) -> float:
+    """Share of the points ``x [N, 2]`` within ``band`` of a densely drawn curve ``[M, 2]``."""
+    x, curve = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(curve, dtype=torch.float64)
+    near = [torch.cdist(x[i : i + chunk], curve).amin(1) <= band for i in range(0, len(x), chunk)]
+    return float(torch.cat(near).double().mean()) if near else float("nan")
+
+
+def swiss_roll_curve(u: np.ndarray) -> np.ndarray:
+    """sklearn's roll without noise in the (x, z) plane: ``t (cos t, sin t)``, t in [1.5π, 4.5π]."""
+    t = 1.5 * np.pi * (1 + 2 * u)
+    return np.stack([t * np.cos(t), t * np.sin(t)], 1)
 
 
 class PointsDataModule(VectorDataModule):
@@ -115,7 +139,8 @@ class PointsDataModule(VectorDataModule):
 
 
 def load_points(path: str | None) -> np.ndarray:
-    """Read and check an N x D float array (N > 1, 1 <= D <= 64, all finite)."""
+    """Read and check an N x D float array (N > 1, 1 <= D <= 64, all finite); a 1-D array or a
+    one-column CSV is N x 1 (one rule for both formats)."""
     if not path:
         raise UserError("dataset=points needs dataset.path=<file.npy or file.csv> (an N x D array)")
     p = Path(path).expanduser()
@@ -133,8 +158,12 @@ def load_points(path: str | None) -> np.ndarray:
     except Exception as e:
         raise UserError(f"points file {p} could not be read ({type(e).__name__}: {e})") from None
     data = np.asarray(data)
+    if data.ndim == 1:  # N values are N points in one dimension, from .npy as from a 1-column CSV
+        data = data.reshape(-1, 1)
     if data.ndim != 2 or not 1 <= data.shape[1] <= 64 or data.shape[0] < 2:
-        raise UserError(f"points file {p} has shape {data.shape}; expected N x D with N > 1 and D <= 64")
+        raise UserError(
+            f"points file {p} has shape {data.shape}; expected N x D with N > 1 and D <= 64"
+        )
     if not np.issubdtype(data.dtype, np.number):
         raise UserError(f"points file {p} is not numeric (dtype {data.dtype})")
     if not np.isfinite(data).all():

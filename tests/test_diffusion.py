@@ -179,7 +179,8 @@ def test_a_few_steps_lower_the_loss(name, lr):
     s = NoiseSchedule(make_betas("linear", 100))
     x0 = torch.randn(64, 2) * 0.5 + torch.tensor([2.0, -1.0])
     net = ResNetMLP((2,), timesteps=100, width=32, depth=2)
-    stepper = make_stepper(name, net, {"ddpm": {"lr": lr, "grad_clip": 1.0, "momentum": 0.9}})
+    options = {"lr": lr, "grad_clip": 1.0, "weight_decay": 0.0}
+    stepper = make_stepper(name, net, **options, **({"momentum": 0.9} if name == "sgd" else {}))
     g = torch.Generator().manual_seed(0)
     before = _fixed_loss(s, net, x0)
     for _ in range(60):
@@ -206,16 +207,17 @@ def test_gradient_stepper_averages_over_ranks():
 def test_make_stepper_rejects_unknown_names_and_tt_steppers_on_other_nets():
     net = ResNetMLP((2,), width=8, depth=1)
     with pytest.raises(UserError, match="ddpm.optimizer"):
-        make_stepper("lbfgs", net, {"ddpm": {"lr": 1e-3}})
+        make_stepper("lbfgs", net, lr=1e-3)
+    with pytest.raises(UserError, match="takes the options"):
+        make_stepper("adam", net, lr=1e-3)  # every option is given: defaults live in conf/
     pytest.importorskip("lightning_modules.tt.steppers")
-    cfg = {
-        "ddpm": {"lr": 1e-3},
+    blocks = {
         "als": {"ridge": 1e-6, "sweeps": 2, "samples": 64, "batch": 32, "fixed": False},
         "riemannian": {"lr": 0.5, "armijo": True, "shrink": 0.5, "max_backtracks": 20},
     }
-    for name in ("als", "riemannian"):
+    for name, options in blocks.items():
         with pytest.raises(UserError):
-            make_stepper(name, net, cfg)
+            make_stepper(name, net, **options)
 
 
 # -- metrics -----------------------------------------------------------------------------------

@@ -164,7 +164,7 @@ def test_a_few_adam_steps_lower_the_loss(name):
     x0 = (0.3 * torch.randn(32, *shape, generator=torch.Generator().manual_seed(1))).clamp(
         -1, 1
     ) + 0.5
-    stepper = make_stepper("adam", net, {"ddpm": {"lr": lr, "grad_clip": 1.0}})
+    stepper = make_stepper("adam", net, lr=lr, grad_clip=1.0, weight_decay=0.0)
 
     def fixed_loss():
         with torch.no_grad():

@@ -149,3 +149,33 @@ def reverse_process_images(snapshots, path: str | Path, to_unit=lambda x: (x + 1
     ax.set_xticklabels([f"t={s.step}" for s in snapshots], fontsize=7)
     ax.set_yticks([])
     return save_figure(fig, path)
+
+
+def sample_pictures(samples, snaps, out_dir, *, view, reference=None, tag: str = "") -> list:
+    """The run's pictures of a sample: an image grid (+ reverse process) when ``reference`` is
+    None, else a scatter against the reference (+ the reverse process); ``view`` maps model
+    space to what is drawn."""
+    from pathlib import Path
+
+    from lightning_modules.diffusion.schedules import Snapshot
+
+    out_dir = Path(out_dir)
+    title = tag.strip("_")
+    if reference is None:
+        paths = [image_grid(view(samples[:64]), out_dir / f"samples_grid{tag}.png", title=title)]
+        if snaps:
+            paths.append(
+                reverse_process_images(snaps, out_dir / "reverse_process.png", to_unit=view)
+            )
+        return paths
+    real = view(reference)
+    paths = [
+        scatter_samples(view(samples), real, out_dir / f"samples_scatter{tag}.png", title=title)
+    ]
+    if snaps:
+        snaps = [Snapshot(step=s.step, x=view(s.x)) for s in snaps]
+        pair = (0, 2) if samples.shape[1] == 3 else (0, min(1, samples.shape[1] - 1))
+        paths.append(
+            reverse_process_scatter(snaps, out_dir / "reverse_process.png", data=real, pair=pair)
+        )
+    return paths

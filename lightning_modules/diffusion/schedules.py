@@ -19,6 +19,7 @@ from torch import Tensor
 from lightning_modules.errors import UserError
 
 SCHEDULES = ("linear", "cosine")
+SAMPLERS = ("ancestral", "ddim")
 
 
 def make_betas(
@@ -162,6 +163,8 @@ class NoiseSchedule:
             "c_x0": beta * ab_prev.sqrt() / (1 - ab),
             "c_xt": (1 - ab_prev) * (1 - beta).sqrt() / (1 - ab),
             "sigma": (posterior_var if variance == "posterior" else beta).sqrt(),
+            "ab": ab,
+            "ab_prev": ab_prev,
         }
 
     @torch.no_grad()
@@ -181,8 +184,10 @@ class NoiseSchedule:
         device=None,
         dtype=torch.float32,
         progress: Callable | None = None,
+        sampler: str = "ancestral",
+        eta: float = 0.0,
     ) -> tuple[Tensor, list[Snapshot]]:
-        """Ancestral sampling from x_T ~ N(0, I) down to x_0.
+        """Ancestral (Ho et al.) or DDIM (Song et al. 2021) sampling from x_T ~ N(0, I) to x_0.
 
         Args:
             eps_net: ``eps_net(x_t, t)`` with 0-based ``t``.
@@ -195,11 +200,20 @@ class NoiseSchedule:
                 last = the output (0 = none).
             snapshot_samples: keep only the first this many samples in each snapshot.
             progress: optional ``progress(done, total)`` callback per reverse step.
+            sampler: ``ancestral`` (the posterior chain) or ``ddim`` (the non-Markovian chain of
+                Song et al. eq. 12 over the same respaced indices; ``variance`` is unused).
+            eta: DDIM's noise scale η (0 = deterministic, 1 = the ancestral variance).
 
         Returns:
             ``(samples [num_samples, *data_shape], snapshots)``.
         """
+        if sampler not in SAMPLERS:
+            raise UserError(f"ddpm.sampler={sampler!r}: use one of {', '.join(SAMPLERS)}")
+        if eta < 0:
+            raise UserError(f"ddpm.eta={eta}: DDIM's eta must be >= 0")
         coef = self.sampling_coefficients(steps, variance)
+        step_fn = self._reverse_step if sampler == "ancestral" else self._ddim_step
+        coef["eta"] = float(eta)
         if isinstance(clip, (tuple, list)):
             clip = tuple(torch.as_tensor(c).to(device=device, dtype=dtype) for c in clip)
         num_steps = len(coef["t"])
@@ -224,7 +238,7 @@ class NoiseSchedule:
                 if done == num_steps:
                     break
                 k = num_steps - 1 - done
-                x = self._reverse_step(eps_net, x, k, coef, generator, clip)
+                x = step_fn(eps_net, x, k, coef, generator, clip)
                 if progress is not None:
                     progress(
                         done + 1 + start // batch_size * num_steps,
@@ -240,8 +254,9 @@ class NoiseSchedule:
             )
         return torch.cat(outputs), snaps
 
-    def _reverse_step(self, eps_net, x: Tensor, k: int, coef: dict, generator, clip) -> Tensor:
-        """One step x_{s_k} → x_{s_{k-1}} of the (respaced) reverse chain."""
+    @staticmethod
+    def _predict_x0(eps_net, x: Tensor, k: int, coef: dict, clip) -> tuple[Tensor, Tensor]:
+        """``(x̂_0, ε̂)`` at respaced step ``k``: one network call for the whole batch."""
         t = torch.full((len(x),), int(coef["t"][k]), device=x.device, dtype=torch.long)
         eps = eps_net(x, t)
         x0_hat = (x - float(coef["sqrt_1m_ab"][k]) * eps) / float(coef["sqrt_ab"][k])
@@ -249,13 +264,37 @@ class NoiseSchedule:
             x0_hat = torch.maximum(torch.minimum(x0_hat, clip[1]), clip[0])
         elif clip is not None:
             x0_hat = x0_hat.clamp(-clip, clip)
-        mean = float(coef["c_x0"][k]) * x0_hat + float(coef["c_xt"][k]) * x
-        if k == 0:
-            return mean
+        return x0_hat, eps
+
+    @staticmethod
+    def _noise(x: Tensor, generator) -> Tensor:
         noise = torch.randn(
             x.shape,
             generator=generator,
             device=generator.device if generator is not None else x.device,
             dtype=x.dtype,
         )
-        return mean + float(coef["sigma"][k]) * noise.to(x.device)
+        return noise.to(x.device)
+
+    def _reverse_step(self, eps_net, x: Tensor, k: int, coef: dict, generator, clip) -> Tensor:
+        """One step x_{s_k} → x_{s_{k-1}} of the (respaced) ancestral chain."""
+        x0_hat, _ = self._predict_x0(eps_net, x, k, coef, clip)
+        mean = float(coef["c_x0"][k]) * x0_hat + float(coef["c_xt"][k]) * x
+        if k == 0:
+            return mean
+        return mean + float(coef["sigma"][k]) * self._noise(x, generator)
+
+    def _ddim_step(self, eps_net, x: Tensor, k: int, coef: dict, generator, clip) -> Tensor:
+        """One DDIM step (Song et al. eq. 12): x' = √ᾱ' x̂_0 + √(1 - ᾱ' - σ²) ε̂ + σ z."""
+        x0_hat, eps = self._predict_x0(eps_net, x, k, coef, clip)
+        ab, ab_prev = float(coef["ab"][k]), float(coef["ab_prev"][k])
+        if clip is not None:
+            # the direction consistent with the clipped x̂_0
+            eps = (x - math.sqrt(ab) * x0_hat) / math.sqrt(1 - ab)
+        if k == 0:
+            return x0_hat
+        sigma = coef["eta"] * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+        out = math.sqrt(ab_prev) * x0_hat + math.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * eps
+        if sigma > 0:
+            out = out + sigma * self._noise(x, generator)
+        return out

@@ -5,13 +5,13 @@ A stepper owns its optimiser state and is handed two callables by the training l
 training data, and ``reduce_sum`` all-reduces a tensor over DDP ranks (identity on one
 process). Gradient steppers (adam, sgd) average their gradients with ``reduce_sum`` themselves,
 so they work the same with or without a DDP wrapper; the tensor-train steppers (als,
-riemannian, in ``lightning_modules.tt.steppers``) reduce their normal equations / tangent
+dmrg, riemannian, in ``lightning_modules.tt.steppers``) reduce their normal equations / tangent
 gradients the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -23,7 +23,7 @@ Draw = Callable[[], tuple[Tensor, Tensor, Tensor]]
 ReduceSum = Callable[[Tensor], Tensor]
 
 GRADIENT_STEPPERS = ("adam", "sgd")
-TT_STEPPERS = ("als", "riemannian")
+TT_STEPPERS = ("als", "dmrg", "riemannian")
 
 
 class Stepper(Protocol):
@@ -78,37 +78,35 @@ class GradientStepper:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-def _ddpm_cfg(cfg: Mapping) -> Mapping:
-    block = cfg.get("ddpm") if hasattr(cfg, "get") else None
-    return block if block is not None else cfg
+def make_stepper(name: str, eps_net: nn.Module, **options) -> Stepper:
+    """The stepper called ``name`` (``ddpm.optimizer``): adam | sgd | als | dmrg | riemannian.
 
-
-def make_stepper(name: str, eps_net: nn.Module, cfg: Mapping) -> Stepper:
-    """The stepper called ``name`` (``ddpm.optimizer``): adam | sgd | als | riemannian.
-
-    ``cfg`` is the whole run config: gradient steppers read ``ddpm.lr``, ``ddpm.grad_clip``,
-    ``ddpm.weight_decay`` and (sgd) ``ddpm.momentum``; als / riemannian are built by
-    ``lightning_modules.tt.steppers.make_tt_stepper`` from the ``als:`` / ``riemannian:`` blocks.
+    ``options`` are the stepper's keyword options, all given (their defaults live in
+    ``conf/task/ddpm.yaml``): adam ``lr, weight_decay, grad_clip``; sgd those and ``momentum``;
+    the tensor-train steppers the keys of their ``als:`` / ``dmrg:`` / ``riemannian:`` block
+    (``lightning_modules.tt.steppers.make_tt_stepper``).
     """
     if name in TT_STEPPERS:
         # imported lazily: the tensor-train package is only needed for eps_net=ftt
         from lightning_modules.tt.steppers import make_tt_stepper
 
-        return make_tt_stepper(name, eps_net, cfg)
+        return make_tt_stepper(name, eps_net, **options)
     if name not in GRADIENT_STEPPERS:
         raise UserError(
             f"ddpm.optimizer={name!r}: use one of {', '.join(GRADIENT_STEPPERS + TT_STEPPERS)}"
         )
-    d = _ddpm_cfg(cfg)
-    lr = float(d.get("lr", 1e-3))
-    weight_decay = float(d.get("weight_decay", 0.0) or 0.0)
+    want = {"lr", "weight_decay", "grad_clip"} | ({"momentum"} if name == "sgd" else set())
+    if set(options) != want:
+        raise UserError(
+            f"ddpm.optimizer={name} takes the options {sorted(want)}; got {sorted(options)}"
+        )
     params = [p for p in eps_net.parameters() if p.requires_grad]
     if not params:
         raise UserError(f"ddpm.optimizer={name}: the eps-net has no trainable parameters")
+    lr, weight_decay = float(options["lr"]), float(options["weight_decay"] or 0.0)
     if name == "adam":
         opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     else:
-        opt = torch.optim.SGD(
-            params, lr=lr, momentum=float(d.get("momentum", 0.9) or 0.0), weight_decay=weight_decay
-        )
-    return GradientStepper(eps_net, opt, grad_clip=d.get("grad_clip"))
+        momentum = float(options["momentum"] or 0.0)
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return GradientStepper(eps_net, opt, grad_clip=options["grad_clip"])

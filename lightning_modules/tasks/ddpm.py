@@ -20,12 +20,12 @@ import logging
 import os
 import resource
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
@@ -36,6 +36,7 @@ from lightning_modules.diffusion.schedules import NoiseSchedule, Snapshot
 from lightning_modules.diffusion.steppers import make_stepper
 from lightning_modules.errors import UserError
 from lightning_modules.tasks.common import (
+    ShuffleState,
     build_logger,
     build_trainer,
     epoch_checkpoints,
@@ -55,6 +56,7 @@ class DiffusionData:
     reference: Tensor | None = None  # vectors: held-out real sample (model space)
     to_view: object = None  # model space -> data coordinates (vectors) or [0, 1] (images)
     test_images01: Tensor | None = None  # images: real test images in [0, 1] for FID/KID
+    structure: object = None  # vectors: data coordinates -> {"mode_share", ...} (or None)
 
     @property
     def data_shape(self) -> tuple[int, ...]:
@@ -80,7 +82,11 @@ def load_data(cfg: DictConfig) -> DiffusionData:
             test_images01=to_unit(dm.test_x) if len(dm.test_x) else None,
         )
     return DiffusionData(
-        train=dm.train_x, images=False, reference=dm.reference_x, to_view=dm.to_data_space
+        train=dm.train_x,
+        images=False,
+        reference=dm.reference_x,
+        to_view=dm.to_data_space,
+        structure=getattr(dm, "structure_metric", None),
     )
 
 
@@ -159,86 +165,75 @@ class Sampler:
             g,
             steps=self.d.sample_steps,
             variance=self.d.variance,
+            sampler=self.d.sampler,
+            eta=float(self.d.eta),
             clip=self.clip,
             batch_size=self.d.sample_batch,
             snapshots=snapshots,
             snapshot_samples=8 if self.data.images else None,
         )
 
-    def score(self, samples: Tensor) -> dict:
+    def score(self, draws: list[Tensor]) -> dict:
+        """Image metrics of the first draw, or the vector metrics of all draws (module doc)."""
         if self.data.images:
-            return self.image_metrics(samples)
-        return metrics.vector_sample_metrics(
-            samples,
+            return self.image_metrics(draws[0])
+        result = metrics.vector_sample_metrics(
+            draws,
             self.data.reference,
             self.data.train,
             num_projections=int(self.d.sw_projections),
+            floor_pairs=int(self.d.floor_pairs),
+            sinkhorn_reg=float(self.d.sinkhorn_reg),
+            sinkhorn_samples=int(self.d.sinkhorn_samples),
             seed=self.seed,
         )
+        return {**result, **self.structure(draws)}
+
+    def structure(self, draws: list[Tensor]) -> dict:
+        """``mode_share`` (median over draws) beside the reference sample's own value."""
+        view = self.data.to_view
+        own = self.data.structure(view(self.data.reference)) if self.data.structure else None
+        if own is None:  # no known structure (points, the 3-D roll)
+            return {}
+        per_draw = [self.data.structure(view(d)) for d in draws]
+        share = float(np.median([m["mode_share"] for m in per_draw]))
+        out = {
+            "mode_share": share,
+            "mode_share_draws": [m["mode_share"] for m in per_draw],
+            "mode_share_data": own["mode_share"],
+            # the issue's bar: within 3 points of the data's own share
+            "mode_share_ok": bool(share >= own["mode_share"] - 0.03),
+        }
+        if "mode_counts" in own:
+            out["mode_counts"], out["mode_counts_data"] = (
+                per_draw[0]["mode_counts"],
+                own["mode_counts"],
+            )
+        return out
 
     def image_metrics(self, samples: Tensor) -> dict:
         path = self.d.get("feature_extractor")
         if not path:
-            log.info(
-                "FID/KID: not computed: no feature extractor configured "
-                "(ddpm.feature_extractor=<.pt2 or TorchScript file>)"
-            )
+            log.info("FID/KID: not computed: no ddpm.feature_extractor (.pt2 or TorchScript)")
             return {"fid": None, "kid": None, "fid_note": "no feature extractor configured"}
         if self.data.test_images01 is None:
             return {"fid": None, "kid": None, "fid_note": "no test images to compare with"}
-        net = metrics.load_feature_extractor(path)
-        real = self.data.test_images01[: len(samples)]
-        f_fake = metrics.extract_features(net, self.data.to_view(samples))
-        f_real = metrics.extract_features(net, real)
-        n = min(len(f_fake), len(f_real))
-        fid = metrics.frechet_distance(f_fake[:n], f_real[:n])
-        kid = metrics.kernel_inception_distance(f_fake[:n], f_real[:n], seed=self.seed)
-        log.info(
-            "FID %.3f  KID %.5f  (%d samples vs %d test images, features from %s)",
-            fid,
-            kid,
-            n,
-            n,
-            path,
+        out = metrics.image_sample_metrics(
+            self.data.to_view(samples), self.data.test_images01, path, seed=self.seed
         )
-        return {"fid": fid, "kid": kid, "fid_samples": n, "fid_note": f"features: {path}"}
+        log.info(
+            "FID %.3f  KID %.5f  (%d vs %d test images)",
+            out["fid"],
+            out["kid"],
+            *[out["fid_samples"]] * 2,
+        )
+        return out
 
     def pictures(self, samples: Tensor, snaps, tag: str = "") -> list[Path]:
-        view = self.data.to_view
-        paths = []
-        if self.data.images:
-            paths.append(
-                plots.image_grid(
-                    view(samples[:64]),
-                    self.out_dir / f"samples_grid{tag}.png",
-                    title=tag.strip("_"),
-                )
-            )
-            if snaps:
-                paths.append(
-                    plots.reverse_process_images(
-                        snaps, self.out_dir / "reverse_process.png", to_unit=view
-                    )
-                )
-        else:
-            real = view(self.data.reference)
-            paths.append(
-                plots.scatter_samples(
-                    view(samples),
-                    real,
-                    self.out_dir / f"samples_scatter{tag}.png",
-                    title=tag.strip("_"),
-                )
-            )
-            if snaps:
-                snaps = [Snapshot(step=s.step, x=view(s.x)) for s in snaps]
-                pair = (0, 2) if samples.shape[1] == 3 else (0, min(1, samples.shape[1] - 1))
-                paths.append(
-                    plots.reverse_process_scatter(
-                        snaps, self.out_dir / "reverse_process.png", data=real, pair=pair
-                    )
-                )
-        return paths
+        reference = None if self.data.images else self.data.reference
+        return plots.sample_pictures(
+            samples, snaps, self.out_dir, view=self.data.to_view, reference=reference, tag=tag
+        )
 
     def on_epoch_end(self, module: DDPMModule, epoch: int) -> None:
         """Every ``ddpm.sample_every`` epochs: a smaller sample, its metrics and picture."""
@@ -253,35 +248,63 @@ class Sampler:
         paths = self.pictures(samples, [], tag)
         _log_images(self.logger, "samples", paths)
         if not self.data.images:
-            m = self.score(samples)
-            module.log_dict({"val/sw": m["sw"], "val/mmd": m["mmd"]}, rank_zero_only=True)
-            log.info("epoch %d: %s", epoch + 1, " | ".join(metrics.metrics_lines(m)))
+            # cheap: one draw, no floor band, no Sinkhorn
+            ref = self.data.reference[: len(samples)]
+            sw = metrics.sliced_wasserstein(
+                samples[: len(ref)], ref, num_projections=int(self.d.sw_projections)
+            )
+            mmd = metrics.mmd_rbf(samples[: len(ref)], ref)
+            module.log_dict({"val/sw": sw, "val/mmd": mmd}, rank_zero_only=True)
+            log.info("epoch %d: SW %.4f  MMD %.4f", epoch + 1, sw, mmd)
         self.callback_s += time.perf_counter() - start
 
 
-class ShuffleState(Callback):
-    """Checkpoints the loader's shuffle generator, so a resumed run draws the batch order the
-    uninterrupted run would (under DDP Lightning's DistributedSampler orders by epoch instead)."""
-
-    def __init__(self, generator: torch.Generator):
-        self.generator = generator
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.generator.set_state(state_dict["generator"])
+TT_OPTIMIZERS = ("als", "dmrg", "riemannian")
 
 
-def run(cfg: DictConfig, out_dir: Path) -> dict:
+@dataclass
+class Run:
+    """What :func:`build` puts together and the later parts read."""
+
+    cfg: DictConfig
+    out_dir: Path
+    data: DiffusionData
+    schedule: NoiseSchedule
+    module: DDPMModule
+    sampler: Sampler
+    logger: object
+    trainer: object
+    loader: object
+    params: int
+    flops: int | None
+    timings: dict = field(default_factory=dict)
+
+
+def stepper_options(cfg: DictConfig, name: str) -> dict:
+    """The keyword options of the ``ddpm.optimizer=name`` stepper, read from its config block."""
+    d = cfg.ddpm
+    if name in ("adam", "sgd"):
+        options = {"lr": d.lr, "weight_decay": d.weight_decay, "grad_clip": d.grad_clip}
+        return {**options, "momentum": d.momentum} if name == "sgd" else options
+    block = OmegaConf.to_container(cfg.get(name) or OmegaConf.create({}), resolve=True)
+    block.pop("steps", None)  # read by the task (training steps), not by the optimiser
+    return block
+
+
+def build(cfg: DictConfig, out_dir: Path) -> Run:
+    """Data, schedule, noise model, logger, module, loader and trainer from the config."""
     d = cfg.ddpm
     data = load_data(cfg)
     schedule = NoiseSchedule.from_config(
         d.schedule, int(d.timesteps), float(d.beta_start), float(d.beta_end)
     )
     eps_net = build_eps_net(cfg, data, schedule.timesteps)
-    if d.optimizer in ("als", "riemannian") and len(data.train) < 2:
-        raise UserError("ddpm.optimizer=als/riemannian needs a training set")
+    if d.optimizer in TT_OPTIMIZERS and len(data.train) < 2:
+        raise UserError(f"ddpm.optimizer={d.optimizer} needs a training set")
+    if int(d.batch_size) > len(data.train):
+        raise UserError(
+            f"ddpm.batch_size={d.batch_size} is larger than the training set ({len(data.train)})"
+        )
     params = sum(p.numel() for p in eps_net.parameters())
     flops = eps_net.flops_per_sample() if hasattr(eps_net, "flops_per_sample") else None
     log.info(
@@ -292,87 +315,112 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         data.data_shape,
         len(data.train),
     )
-
     logger = build_logger(cfg)
     log_config(logger, cfg)
     sampler = Sampler(cfg, data, out_dir, logger)
     ema = d.ema
-    if ema is not None and d.optimizer in ("als", "riemannian"):
-        # ALS and TT-SVD re-gauge the cores every step: an average of cores is not an average model
-        log.warning("ddpm.ema=%s ignored for ddpm.optimizer=%s (it averages cores in different gauges)", ema, d.optimizer)
+    if ema is not None and d.optimizer in TT_OPTIMIZERS:
+        # ALS/DMRG/TT-SVD re-gauge the cores every step: an average of cores is not an average
+        log.warning(
+            "ddpm.ema=%s ignored for ddpm.optimizer=%s (cores change gauge)", ema, d.optimizer
+        )
         ema = None
+    options = stepper_options(cfg, d.optimizer)
     module = DDPMModule(
         eps_net,
         schedule,
-        lambda net: make_stepper(d.optimizer, net, cfg),
+        lambda net: make_stepper(d.optimizer, net, **options),
         train_data=data.train,
         ema_decay=ema,
         seed=int(cfg.seed),
         describe=f"ddpm.optimizer={d.optimizer}, ddpm.lr={d.lr}",
         on_epoch_end=sampler.on_epoch_end,
     )
-    if int(d.batch_size) > len(data.train):
-        raise UserError(
-            f"ddpm.batch_size={d.batch_size} is larger than the training set ({len(data.train)})"
-        )
     loader = batch_loader(
         data.train, batch_size=int(d.batch_size), shuffle=True, seed=int(cfg.seed), drop_last=True
     )
-    ckpt_dir = out_dir / "checkpoints"
     steps = d.get("steps")
-    if steps is None and d.optimizer == "als":
-        steps = int(cfg.als.steps)
-        log.info("ddpm.optimizer=als: %d steps of %s sweeps (als.steps; set ddpm.steps to change)", steps, cfg.als.sweeps)
+    if steps is None and d.optimizer in ("als", "dmrg"):
+        steps = int(cfg[d.optimizer].steps)
+        log.info(
+            "ddpm.optimizer=%s: %d steps (%s.steps; ddpm.steps overrides)",
+            d.optimizer,
+            steps,
+            d.optimizer,
+        )
+    ckpt_dir = out_dir / "checkpoints"
+    # the stepper owns the optimiser (ALS, DMRG, Riemannian have none Lightning could step)
+    warnings.filterwarnings("ignore", message=".*configure_optimizers.*returned `None`.*")
     trainer = build_trainer(
         cfg,
         logger=logger,
-        callbacks=[
-            epoch_checkpoints(ckpt_dir),
-            ShuffleState(loader.generator),
-        ],
+        callbacks=[epoch_checkpoints(ckpt_dir), ShuffleState(loader.generator)],
         max_epochs=-1 if steps else int(d.epochs),
         max_steps=int(steps) if steps else -1,
     )
-    device = trainer.strategy.root_device
-    _peak_memory_start(device)
-    last = ckpt_dir / "last.ckpt"
-    start = time.perf_counter()
-    trainer.fit(
-        module,
-        train_dataloaders=loader,
-        ckpt_path=str(last) if cfg.resume and last.exists() else None,
+    return Run(
+        cfg, out_dir, data, schedule, module, sampler, logger, trainer, loader, params, flops
     )
-    train_s = time.perf_counter() - start - sampler.callback_s
-    peak_mb, peak_kind = _peak_memory(device)
-    if not trainer.is_global_zero:
-        return {"rank": trainer.global_rank}
 
-    module.to(device)
+
+def train(r: Run) -> None:
+    """Fit (resuming from ``checkpoints/last.ckpt`` with ``resume=true``); time and memory."""
+    device = r.trainer.strategy.root_device
+    _peak_memory_start(device)
+    last = r.out_dir / "checkpoints" / "last.ckpt"
     start = time.perf_counter()
-    samples, snaps = sampler.draw(module, sampler.num_samples, snapshots=int(d.snapshots or 0))
+    r.trainer.fit(
+        r.module,
+        train_dataloaders=r.loader,
+        ckpt_path=str(last) if r.cfg.resume and last.exists() else None,
+    )
+    r.timings["train_s"] = time.perf_counter() - start - r.sampler.callback_s
+    r.timings["peak_mem_mb"], r.timings["peak_mem_kind"] = _peak_memory(device)
+
+
+def sample(r: Run) -> tuple[list[Tensor], list[Snapshot]]:
+    """``ddpm.metric_draws`` independent draws (vectors; images: one); the first one is timed."""
+    device = r.trainer.strategy.root_device
+    r.module.to(device)
+    start = time.perf_counter()
+    n = r.sampler.num_samples
+    first, snaps = r.sampler.draw(r.module, n, snapshots=int(r.cfg.ddpm.snapshots or 0))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    sample_s = time.perf_counter() - start
-    samples = samples.cpu()
-    result = sampler.score(samples)
+    r.timings["sample_s"] = time.perf_counter() - start
+    draws = [first.cpu()]
+    if not r.data.images:
+        for j in range(1, int(r.cfg.ddpm.metric_draws)):
+            draws.append(r.sampler.draw(r.module, n, seed_offset=100 + j)[0].cpu())
+    return draws, snaps
+
+
+def score(r: Run, draws: list[Tensor]) -> dict:
+    start = time.perf_counter()
+    result = r.sampler.score(draws)
+    r.timings["score_s"] = time.perf_counter() - start
     for line in metrics.metrics_lines(result):
         log.info(line)
+    return result
 
+
+def save(r: Run, samples: Tensor, snaps: list[Snapshot]) -> None:
+    """Samples, sampling weights, pictures and the loss curve into the run directory."""
+    data, out_dir, cfg = r.data, r.out_dir, r.cfg
     if data.images:
         u8 = (data.to_view(samples) * 255).round().to(torch.uint8)
         _save_atomic(out_dir / "samples.pt", lambda f: torch.save(u8, f))
     else:
         view = data.to_view(samples).numpy()
         _save_atomic(out_dir / "samples.npy", lambda f: np.save(f, view))
-    weights = module.sampling_net.state_dict()
+    weights = r.module.sampling_net.state_dict()
+    eps_cfg = OmegaConf.to_container(cfg.eps_net, resolve=True)
     _save_atomic(
         out_dir / "eps_net.pt",
-        lambda f: torch.save(
-            {"state_dict": weights, "eps_net": OmegaConf.to_container(cfg.eps_net, resolve=True)}, f
-        ),
+        lambda f: torch.save({"state_dict": weights, "eps_net": eps_cfg}, f),
     )
-    paths = sampler.pictures(samples, snaps)
-    steps_axis, losses = zip(*module.loss_history) if module.loss_history else ((), ())
+    paths = r.sampler.pictures(samples, snaps)
+    steps_axis, losses = zip(*r.module.loss_history) if r.module.loss_history else ((), ())
     paths.append(
         plots.loss_curve(
             steps_axis,
@@ -381,42 +429,68 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
             title=f"DDPM loss, eps_net={cfg.eps_net.get('name')}",
         )
     )
-    _log_images(logger, "pictures", paths)
+    _log_images(r.logger, "pictures", paths)
 
-    final_loss = float(np.mean(losses[-50:])) if losses else float("nan")
+
+def summarise(r: Run, result: dict, num_samples: int) -> dict:
+    """The summary.json payload; logs the cost line and the final metrics to the logger."""
+    d, t = r.cfg.ddpm, r.timings
+    losses = [loss for _, loss in r.module.loss_history]
+    sample_steps = d.sample_steps or r.schedule.timesteps
+    net = r.module.eps_net
     cost = {
-        "params": params,
-        "flops_per_sample": flops,
-        "train_s": train_s,
-        "sample_s": sample_s,
-        "peak_mem_mb": peak_mb,
-        "peak_mem_kind": peak_kind,
+        "params": sum(p.numel() for p in net.parameters()),  # DMRG may change the ranks
+        "params_initial": r.params,
+        "flops_per_sample": net.flops_per_sample() if hasattr(net, "flops_per_sample") else None,
+        "train_s": t["train_s"],
+        "sample_s": t["sample_s"],
+        "score_s": t["score_s"],
+        "peak_mem_mb": t["peak_mem_mb"],
+        "peak_mem_kind": t["peak_mem_kind"],
     }
     log.info(
-        "cost: %s parameters, train %.1f s, sampling %.1f s (%d samples, %s steps), "
+        "cost: %s parameters, train %.1f s, sampling %.1f s (%d samples, %s %s steps), "
         "peak memory %.0f MB (%s)",
-        f"{params:,}",
-        train_s,
-        sample_s,
-        len(samples),
-        d.sample_steps or schedule.timesteps,
-        peak_mb,
-        peak_kind,
+        f"{cost['params']:,}",
+        t["train_s"],
+        t["sample_s"],
+        num_samples,
+        sample_steps,
+        d.sampler,
+        t["peak_mem_mb"],
+        t["peak_mem_kind"],
     )
-    if logger:
-        logger.log_metrics(
-            {f"final/{k}": v for k, v in {**result, **cost}.items() if isinstance(v, (int, float))}
+    if r.logger:
+        flat = {**result, **cost}
+        r.logger.log_metrics(
+            {f"final/{k}": v for k, v in flat.items() if isinstance(v, (int, float))}
         )
+    extra = {"bond_ranks": list(net.ranks[1:-1])} if hasattr(net, "ranks") else {}
     return {
         **result,
         **cost,
-        "final_loss": final_loss,
-        "steps": module.steps_done,
-        "epochs": trainer.current_epoch,
-        "num_samples": len(samples),
-        "sample_steps": d.sample_steps or schedule.timesteps,
-        "eps_net": cfg.eps_net.get("name"),
+        **extra,
+        "final_loss": float(np.mean(losses[-50:])) if losses else float("nan"),
+        "steps": r.module.steps_done,
+        "epochs": r.trainer.current_epoch,
+        "num_samples": num_samples,
+        "sampler": d.sampler,
+        "eta": float(d.eta),
+        "sample_steps": sample_steps,
+        "eps_net": r.cfg.eps_net.get("name"),
+        "basis": r.cfg.eps_net.get("basis"),
         "optimizer": d.optimizer,
-        "dataset": _dataset_name(cfg),
+        "dataset": _dataset_name(r.cfg),
         "objective": result.get("sw", result.get("fid")),
     }
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    r = build(cfg, out_dir)
+    train(r)
+    if not r.trainer.is_global_zero:
+        return {"rank": r.trainer.global_rank}
+    draws, snaps = sample(r)
+    result = score(r, draws)
+    save(r, draws[0], snaps)
+    return summarise(r, result, len(draws[0]))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from lightning_modules.tasks.common import (
     log_config,
     log_images,
     net_options,
+    process_rank,
     require_images,
 )
 from lightning_modules.tasks.matching_settings import (
@@ -177,7 +177,10 @@ def set_method(cfg: DictConfig) -> str:
 
 
 def evaluate_distilled(cfg: DictConfig, dm, syn, device) -> dict:
-    from lightning_modules.condense.evaluation import evaluate_set
+    """The set on ``distill.eval_nets``, the distillation net with its own options (``net.*``),
+    under ``evaluate.protocol`` when the config has it (task=reproduce; ``+evaluate.protocol=``
+    on a plain task=distill), else the evaluation's default (``mtt``)."""
+    from lightning_modules.condense.evaluation import DEFAULT_PROTOCOL, evaluate_set
 
     d = cfg.distill
     return evaluate_set(
@@ -195,6 +198,8 @@ def evaluate_distilled(cfg: DictConfig, dm, syn, device) -> dict:
         seed=int(cfg.seed),
         device=device,
         progress=bool(cfg.trainer.get("enable_progress_bar", True)),
+        net_options={cfg.net.name: net_options(cfg.net)},
+        protocol=str(OmegaConf.select(cfg, "evaluate.protocol", default=DEFAULT_PROTOCOL)),
     )
 
 
@@ -245,6 +250,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     )
     # the warning says checkpoints hold the state after the update: that is what resuming needs
     warnings.filterwarnings("ignore", message=".*manual optimization and every_n_train_steps.*")
+    # the pair / iteration streams' __len__ is exact: they run in the main process (num_workers=0)
+    warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined.*")
     resume_from = str(last) if cfg.resume and last.exists() else None
     if resume_from:
         done = finished_summary(last, out_dir, int(d.iterations))
@@ -416,6 +423,6 @@ def finish(cfg, dm, module, writer, out_dir: Path, trainer, logger) -> dict:
 
 def write_config(cfg: DictConfig, path: Path) -> None:
     """The settings after the preset, from rank zero (the other DDP ranks share the run dir)."""
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:
+    if process_rank(cfg) == 0:
         with atomic_path(path) as tmp:
             OmegaConf.save(cfg, tmp, resolve=True)

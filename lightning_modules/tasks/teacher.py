@@ -26,6 +26,7 @@ from lightning_modules.tasks.common import (
     build_datamodule,
     build_logger,
     build_net,
+    check_shared_dir,
     gather_objects,
     launch_fabric,
     log_config,
@@ -123,6 +124,8 @@ class _Job:
 def _build(cfg: DictConfig, fabric) -> _Job:
     """The shared setup, checked against the experts already in the store."""
     job = _Job(cfg, fabric)
+    job.store.root.mkdir(parents=True, exist_ok=True)
+    check_shared_dir(job.store.root, cfg, "the expert store")  # nodes write experts into one store
     if job.store.indices():
         job.store.check(
             net=job.net_cfg, dataset=job.dm.name, zca=bool(job.dm.zca), num_params=job.layout.numel

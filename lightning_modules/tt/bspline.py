@@ -54,6 +54,19 @@ class BSplineBasis:
     def num_coords(self) -> int:
         return self.lower.numel()
 
+    @property
+    def active(self) -> int:
+        """Splines that can be non-zero at one input: ``q + 1``."""
+        return self.degree + 1
+
+    def constant_coefficients(self) -> torch.Tensor:
+        """``[C, m]`` ones: the splines sum to one on the support."""
+        return torch.ones(self.num_coords, self.num_basis, dtype=torch.float64)
+
+    def linear_coefficients(self) -> torch.Tensor:
+        """``[C, m]`` with ``Σ_i c_i B_i(u) = u``: the Greville abscissae."""
+        return self.greville()
+
     def greville(self) -> torch.Tensor:
         """``[C, m]`` Greville abscissae: ``Σ_i g_i B_i(u) = u`` on the support (degree >= 1)."""
         q = self.degree

@@ -23,7 +23,7 @@ def ftt_forward_flops(net) -> int:
     and ``2 r r'`` to apply it to the running interface vector; the output core costs
     ``J (2 r r' + 2 r')`` (one bilinear form per output).
     """
-    s = net.degree + 1
+    s = net.x_basis.active
     flops = 0
     spline_inputs = net.dim + (1 if net.time_mode == "core" else 0)
     flops += spline_inputs * basis_flops(net.degree)
@@ -52,7 +52,7 @@ def svd_flops(rows: int, cols: int) -> int:
 
 def _site_cost(net, k: int) -> int:
     """Per-sample, per-TT cost of passing an interface vector through site ``k``."""
-    s = net.degree + 1
+    s = net.x_basis.active
     r0, r1 = net.ranks[k], net.ranks[k + 1]
     if net.sites[k][0] == "out":
         return net.num_outputs * 2 * r0 * r1
@@ -82,7 +82,7 @@ def als_sweep_flops(net, samples: int) -> int:
     ``2 s r r'`` per row, Cholesky ``F³/3`` and two triangular solves ``2 F²`` per TT, the
     residual ``2 F²``; plus one QR shift per solve and the initial orthogonalisation.
     """
-    s = net.degree + 1
+    s = net.x_basis.active
     K = net.num_cores
     total = sum(_shift_flops(net, k) for k in range(K - 1))  # initial orthogonalisation
     for k in list(range(K)) + list(range(K - 2, -1, -1)):
@@ -105,7 +105,7 @@ def riemannian_step_flops(net, batch: int, trials: int = 1) -> int:
     plus ``4 s r r'`` per row), the tangent projection ``4 r n r'²`` per core, and per trial the
     rounding of the rank-``2r`` TT (QR sweep plus truncated SVD sweep) and a forward pass.
     """
-    s = net.degree + 1
+    s = net.x_basis.active
     K = net.num_cores
     total = 2 * sum(_shift_flops(net, k) for k in range(K - 1))
     total += batch * ftt_forward_flops(net)

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from lightning_modules.errors import UserError
+from lightning_modules.tt.bases import make_basis
 from lightning_modules.tt.bspline import BSplineBasis
 
 
@@ -104,6 +105,9 @@ class FunctionalTT(nn.Module):
         margin: half-width of the noise range in standard deviations of ε.
         time_basis: splines over the time core (``time="core"``); ``None`` means ``num_basis``.
         seed: seed of the initialisation noise.
+        basis: ``bspline`` (degree ``q``, local), ``legendre`` or ``fourier`` (orthonormal on the
+            support, all ``num_basis`` functions active; :mod:`.bases`) for the coordinate cores;
+            the time core keeps B-splines (a Fourier basis would make t = 0 and t = T meet).
         name: the config's name (ignored).
     """
 
@@ -122,6 +126,7 @@ class FunctionalTT(nn.Module):
         margin: float = 3.0,
         time_basis: int | None = None,
         seed: int = 0,
+        basis: str = "bspline",
         name: str = "ftt",
     ):
         super().__init__()
@@ -160,7 +165,8 @@ class FunctionalTT(nn.Module):
         if time == "additive":
             # posenc(t) lies in [-1, 1]
             reach_lo, reach_hi = reach_lo + 1.0, reach_hi + 1.0
-        self.x_basis = BSplineBasis(-reach_lo, reach_hi, self.num_basis, self.degree)
+        self.basis_name = basis
+        self.x_basis = make_basis(basis, -reach_lo, reach_hi, self.num_basis, self.degree)
         self.t_basis = BSplineBasis(
             torch.zeros(1), torch.ones(1), self.time_basis_size, self.degree
         )
@@ -176,19 +182,32 @@ class FunctionalTT(nn.Module):
         check_ranks(self.mode_sizes, self.ranks, what="eps_net.rank")
 
         g = torch.Generator().manual_seed(int(seed))
-        cores = [self._initial_core(k, init, init_noise, g) for k in range(len(sites))]
-        if init == "linear":
-            # TT p's own coordinate core weighted by the Greville abscissae: Σ_i g_i φ_i(u) = u
-            for k, (kind, c) in enumerate(sites):
-                if kind == "x":
-                    cores[k][c] *= self.x_basis.greville()[c].to(cores[k].dtype)[None, :, None]
+        cores = [
+            self._initial_core(k, init, init_noise, g, self._slice_weights(k, init))
+            for k in range(len(sites))
+        ]
+
         self.cores = nn.ParameterList(nn.Parameter(core) for core in cores)
 
     # ----------------------------------------------------------------------------------- layout
     def _mode_size(self, kind: str) -> int:
         return {"x": self.num_basis, "t": self.time_basis_size, "out": self.num_outputs}[kind]
 
-    def _initial_core(self, k: int, init: str, noise: float, g: torch.Generator) -> torch.Tensor:
+    def _slice_weights(self, k: int, init: str) -> torch.Tensor:
+        """``[P, n_k]`` weights of the identity slices: Σ_i w_i φ_i(u) = 1 (splines: ones;
+        global bases: φ_0 only), and for ``init=linear`` TT p's own coordinate core weighted so
+        that Σ_i w_i φ_i(u) = u (splines: the Greville abscissae)."""
+        kind, c = self.sites[k]
+        weights = torch.ones(self.num_tts, self.mode_sizes[k], dtype=torch.float64)
+        if kind == "x":
+            weights[:] = self.x_basis.constant_coefficients()[c]
+            if init == "linear":
+                weights[c] = self.x_basis.linear_coefficients()[c]
+        return weights
+
+    def _initial_core(
+        self, k: int, init: str, noise: float, g: torch.Generator, weights: torch.Tensor
+    ) -> torch.Tensor:
         P, n, r0, r1 = self.num_tts, self.mode_sizes[k], self.ranks[k], self.ranks[k + 1]
         if init == "random":
             return torch.randn(P, r0, n, r1, generator=g) / math.sqrt(r0)
@@ -199,7 +218,7 @@ class FunctionalTT(nn.Module):
             eye = torch.ones(1, r1) / r1
         elif r1 == 1:
             eye = torch.ones(r0, 1)
-        core = eye[None, :, None, :].expand(P, r0, n, r1).clone()
+        core = eye[None, :, None, :] * weights.to(eye.dtype)[:, None, :, None]
         if noise > 0:
             core += noise * torch.randn(core.shape, generator=g) * eye.abs().max()
         return core
@@ -227,13 +246,14 @@ class FunctionalTT(nn.Module):
         x_values, x_first = self.x_basis.sparse(x)  # [N, D, s], [N, D]
         tau = (t.to(dtype) / max(self.timesteps - 1, 1))[:, None]
         t_values, t_first = self.t_basis.sparse(tau)
-        arange = torch.arange(self.degree + 1, device=x.device)
+        x_range = torch.arange(self.x_basis.active, device=x.device)
+        t_range = torch.arange(self.t_basis.active, device=x.device)
         out = []
         for kind, c in self.sites:
             if kind == "x":
-                out.append((x_values[:, c], x_first[:, c, None] + arange))
+                out.append((x_values[:, c], x_first[:, c, None] + x_range))
             elif kind == "t":
-                out.append((t_values[:, 0], t_first[:, 0, None] + arange))
+                out.append((t_values[:, 0], t_first[:, 0, None] + t_range))
             else:
                 out.append(None)
         return out
@@ -326,6 +346,20 @@ class FunctionalTT(nn.Module):
         N = eps.shape[0]
         return eps.reshape(N, self.num_tts, self.num_outputs).permute(1, 0, 2)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # DMRG changes bond ranks: take the saved cores' shapes before loading them
+        saved = [state_dict.get(f"{prefix}cores.{k}") for k in range(self.num_cores)]
+        if all(c is not None for c in saved) and any(
+            c.shape != p.shape for c, p in zip(saved, self.cores)
+        ):
+            device, dtype = self.cores[0].device, self.cores[0].dtype
+            self.cores = nn.ParameterList(
+                nn.Parameter(torch.empty(c.shape, device=device, dtype=dtype)) for c in saved
+            )
+            self.ranks = [1] + [int(c.shape[3]) for c in saved[:-1]] + [1]
+            self.rank = max(self.ranks)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def flops_per_sample(self) -> int:
         """Analytic forward FLOPs for one sample (see :mod:`.flops`)."""
         from lightning_modules.tt.flops import ftt_forward_flops
@@ -335,7 +369,8 @@ class FunctionalTT(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, cores={self.num_cores} ({', '.join(k for k, _ in self.sites)}), "
-            f"num_basis={self.num_basis}, rank={self.rank}, degree={self.degree}, "
+            f"basis={self.basis_name}, num_basis={self.num_basis}, ranks={self.ranks[1:-1]}, "
+            f"degree={self.degree}, "
             f"time={self.time_mode}, "
             f"output={self.output_mode}, tts={self.num_tts}, params={self.num_parameters():,}"
         )

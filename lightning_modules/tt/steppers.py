@@ -1,49 +1,42 @@
-"""ALS and Riemannian steppers for the DDPM training loop (``ddpm.optimizer=als|riemannian``).
+"""ALS, DMRG and Riemannian steppers for the DDPM training loop
+(``ddpm.optimizer=als|dmrg|riemannian``).
 
-``lightning_modules.diffusion.steppers.make_stepper`` delegates these two names here. A stepper's
+``lightning_modules.diffusion.steppers.make_stepper`` delegates these names here. A stepper's
 ``step(draw, reduce_sum)`` pulls (x_t, t, ε) triples from the forward process with ``draw()``,
 changes the FTT's cores in place and returns at least ``{"loss": float}``; ``reduce_sum``
-all-reduces a tensor over DDP ranks (the identity on one process).
+all-reduces a tensor over DDP ranks (the identity on one process). Options arrive as keywords,
+all of them: their defaults live once, in ``conf/task/ddpm.yaml`` (``als:``, ``dmrg:``,
+``riemannian:``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import inspect
+from collections.abc import Callable
 
 import torch
 
 from lightning_modules.errors import UserError
 from lightning_modules.tt.als import ALS
+from lightning_modules.tt.dmrg import DMRG
 from lightning_modules.tt.ftt import FunctionalTT
 from lightning_modules.tt.riemannian import RiemannianGD
-
-ALS_DEFAULTS = {"ridge": 1.0e-6, "sweeps": 2, "samples": 65536, "batch": 2048, "fixed": False}
-RIEMANNIAN_DEFAULTS = {"lr": 300.0, "armijo": True, "shrink": 0.5, "max_backtracks": 20}
-# read by task=ddpm, not by the optimiser: training steps when ddpm.steps is unset
-TASK_ONLY_KEYS = {"als": {"steps": 2}}
 
 Draw = Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def _block(cfg, key: str, defaults: dict) -> dict:
-    """``cfg[key]`` (a DictConfig or dict) over the defaults; UserError on unknown keys."""
-    block = cfg.get(key) if isinstance(cfg, Mapping) or hasattr(cfg, "get") else None
-    block = {k: v for k, v in dict(block or {}).items() if k not in TASK_ONLY_KEYS.get(key, {})}
-    unknown = sorted(set(block) - set(defaults))
-    if unknown:
-        raise UserError(f"unknown {key} keys {unknown}; the {key} block takes {sorted(defaults)}")
-    return {**defaults, **block}
+class SweepStepper:
+    """``sweeps`` ALS or DMRG sweeps per training step on ``samples`` triples each."""
 
-
-class ALSStepper:
-    """``als.sweeps`` ALS sweeps per training step on ``als.samples`` triples each."""
-
-    def __init__(self, net: FunctionalTT, **options):
+    def __init__(self, net: FunctionalTT, solver: ALS):
         self.net = net
-        self.als = ALS(net, **options)
+        self.als = solver
 
     def step(self, draw: Draw, reduce_sum=lambda x: x) -> dict[str, float]:
-        return self.als.step(draw, reduce_sum)
+        out = self.als.step(draw, reduce_sum)
+        if isinstance(self.als, DMRG):
+            out.update({f"rank_{k + 1}": float(r) for k, r in enumerate(self.net.ranks[1:-1])})
+        return out
 
     def state_dict(self) -> dict:
         # the cores live in the model's state; fixed samples are redrawn after a resume
@@ -65,21 +58,36 @@ class RiemannianStepper:
         return self.gd.step(x_t, t, eps, reduce_sum)
 
 
-def make_tt_stepper(name: str, eps_net, cfg) -> ALSStepper | RiemannianStepper:
-    """The ALS or Riemannian stepper for an FTT noise model, configured from ``cfg.als`` /
-    ``cfg.riemannian`` (keys and defaults in :data:`ALS_DEFAULTS`, :data:`RIEMANNIAN_DEFAULTS`).
+SOLVERS = {"als": ALS, "dmrg": DMRG, "riemannian": RiemannianGD}
+
+
+def _check_options(name: str, options: dict) -> None:
+    params = inspect.signature(SOLVERS[name]).parameters
+    takes = {k for k, p in params.items() if p.kind is p.KEYWORD_ONLY}
+    unknown = sorted(set(options) - takes)
+    if unknown:
+        raise UserError(f"unknown {name} keys {unknown}; the {name} block takes {sorted(takes)}")
+    required = {k for k in takes if params[k].default is inspect.Parameter.empty}
+    missing = sorted(required - set(options))
+    if missing:
+        raise UserError(f"the {name} block lacks {missing} (defaults: conf/task/ddpm.yaml)")
+
+
+def make_tt_stepper(name: str, eps_net, **options) -> SweepStepper | RiemannianStepper:
+    """The ALS, DMRG or Riemannian stepper for an FTT noise model with keyword ``options``.
 
     Raises:
-        UserError: ``eps_net`` is not a :class:`FunctionalTT`, or ``name`` is neither ``als`` nor
-            ``riemannian``, or a block has unknown keys.
+        UserError: ``eps_net`` is not a :class:`FunctionalTT`, ``name`` is unknown, or an
+            option is unknown or missing.
     """
-    if name not in ("als", "riemannian"):
-        raise UserError(f"unknown tensor-train optimiser {name!r}; use als or riemannian")
+    if name not in SOLVERS:
+        raise UserError(f"unknown tensor-train optimiser {name!r}; use {', '.join(SOLVERS)}")
     if not isinstance(eps_net, FunctionalTT):
         raise UserError(
             f"ddpm.optimizer={name} needs eps_net=ftt (the noise model here is "
             f"{type(eps_net).__name__}); use eps_net=ftt, or ddpm.optimizer=adam for this model"
         )
-    if name == "als":
-        return ALSStepper(eps_net, **_block(cfg, "als", ALS_DEFAULTS))
-    return RiemannianStepper(eps_net, **_block(cfg, "riemannian", RIEMANNIAN_DEFAULTS))
+    _check_options(name, options)
+    if name == "riemannian":
+        return RiemannianStepper(eps_net, **options)
+    return SweepStepper(eps_net, SOLVERS[name](eps_net, **options))

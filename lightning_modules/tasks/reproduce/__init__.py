@@ -75,8 +75,40 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     table = table_kind(cfg)
     check_one_device(cfg)
-    methods = chosen_methods(cfg, table)
-    nets = chosen_nets(cfg, table)
+    methods, nets = chosen_methods(cfg, table), chosen_nets(cfg, table)
+    cfg, workdir = prepare(cfg)
+    log.info(
+        "reproduce %s: %s ipc=%d (ZCA %s), methods %s, nets %s; work dir %s",
+        "Table III (cross-architecture)" if table == "cross_arch" else "a Table I row",
+        cfg.dataset.name, int(cfg.ipc), "on" if cfg.dataset.zca else "off", methods, nets, workdir,
+    )  # fmt: skip
+    experts, stages, reused = make_sets(cfg, methods, workdir)
+    entries = {m: stages[m].set_path for m in methods}
+    if cfg.reproduce.full:
+        entries["full"] = None
+    results = evaluate_all(cfg, entries, nets, workdir)
+    log.info("%s table", _stage(5))
+    images = set_images(cfg, methods, nets, stages, results, out_dir)
+    info = scale(cfg, experts)
+    make = cross_arch_table if table == "cross_arch" else row_table
+    markdown, record = make(cfg, methods, nets, results, info, images)
+    record.update(workdir=str(workdir), expert_store=cfg.teacher.out)
+    record["stages"] = {m: str(s.dir) for m, s in stages.items()}
+    if experts:
+        record["experts"] = {k: v for k, v in experts.items() if k != "identity"}
+    print("\n" + markdown, flush=True)
+    write_text(out_dir / "row.md", markdown)
+    write_json(out_dir / "row.json", record)  # what was measured: the same on every rerun
+    write_json(out_dir / "stages.json", stage_details(stages, reused, results))
+    summary = summarise(cfg, table, nets, workdir, markdown, record, results, info, images)
+    summary["reused"] = reused
+    log_table(cfg, record, summary, images, out_dir)
+    return summary
+
+
+def prepare(cfg: DictConfig) -> tuple[DictConfig, Path]:
+    """The settled config (every stage's settings fixed once) and the work dir, with the expert
+    store that teacher, distill and coreset stages share."""
     cfg = settle(cfg)
     workdir = Path(cfg.reproduce.workdir) if cfg.reproduce.get("workdir") else default_workdir(cfg)
     store = expert_store_dir(cfg, workdir)
@@ -84,12 +116,12 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         cfg.teacher.out = str(store)
         cfg.distill.trajectories = str(store)
         cfg.coreset.store = str(store)
-    log.info(
-        "reproduce %s: %s ipc=%d (ZCA %s), methods %s, nets %s; work dir %s",
-        "Table III (cross-architecture)" if table == "cross_arch" else "a Table I row",
-        cfg.dataset.name, int(cfg.ipc), "on" if cfg.dataset.zca else "off", methods, nets, workdir,
-    )  # fmt: skip
     workdir.mkdir(parents=True, exist_ok=True)
+    return cfg, workdir
+
+
+def make_sets(cfg: DictConfig, methods: list[str], workdir: Path):
+    """Stages 1-3: experts when a method needs them, the distilled sets, the coresets."""
     needs_experts = any(m in ("mtt", "pruning", "herding") for m in methods)
     experts = ensure_experts(cfg, workdir) if needs_experts else None
     if experts is None:
@@ -111,12 +143,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
             stages[method], reused[method] = coreset(cfg, method, workdir, experts)
     if not any(m in CORESETS for m in methods):
         log.info("%s coresets: none in %s", _stage(3), methods)
-    entries = {m: stages[m].set_path for m in methods}
-    if cfg.reproduce.full:
-        entries["full"] = None
-    results = evaluate_all(cfg, entries, nets, workdir)
+    return experts, stages, reused
 
-    log.info("%s table", _stage(5))
+
+def set_images(cfg, methods, nets, stages, results, out_dir: Path) -> dict[str, str]:
+    """Each set's grid copied to ``<run dir>/sets/`` and all of them side by side in one PNG."""
     images = {}
     for method in methods:
         png = stages[method].dir / "set.png"
@@ -133,21 +164,26 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     compare = comparison_png(
         {m: stages[m].set_path for m in methods}, titles, out_dir / "sets" / "compare.png"
     )
-    images = {"all sets": str(compare.relative_to(out_dir)), **images}
-    info = scale(cfg, experts)
-    make = cross_arch_table if table == "cross_arch" else row_table
-    markdown, record = make(cfg, methods, nets, results, info, images)
-    record["workdir"] = str(workdir)
-    record["expert_store"] = str(store)
-    record["stages"] = {
-        m: {"dir": str(s.dir), "reused": reused[m], "metrics": s.metrics()}
-        for m, s in stages.items()
+    return {"all sets": str(compare.relative_to(out_dir)), **images}
+
+
+def stage_details(stages: dict, reused: dict, results: dict) -> dict:
+    """How this run got there: which stages were reused, their metrics and timings, which
+    evaluations came from the cache (kept out of row.json so that a rerun writes the same row)."""
+    return {
+        "stages": {
+            m: {"dir": str(s.dir), "reused": reused[m], "metrics": s.metrics()}
+            for m, s in stages.items()
+        },
+        "evaluations": {
+            column: {n: {"cached": r["cached"], "seconds": r["seconds"]} for n, r in by_net.items()}
+            for column, by_net in results.items()
+        },
     }
-    if experts:
-        record["experts"] = {k: v for k, v in experts.items() if k != "identity"}
-    print("\n" + markdown, flush=True)
-    write_text(out_dir / "row.md", markdown)
-    write_json(out_dir / "row.json", record)
+
+
+def summarise(cfg, table, nets, workdir, markdown, record, results, info, images) -> dict:
+    """summary.json: the row without the per-stage details, one ``acc_*`` key per cell."""
     summary = {
         "table": table,
         "dataset": str(cfg.dataset.name),
@@ -163,13 +199,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
             "scale": info["long"],
             "images": images,
         },
-        "reused": reused,
     }
-    first = nets[0]
     for column, by_net in results.items():
         for net, r in by_net.items():
             summary[f"acc_{column}_{net}" if len(nets) > 1 else f"acc_{column}"] = r["mean"]
     main = "pruning" if "pruning" in results else next(iter(results))
-    summary["objective"] = results[main][first]["mean"]
-    log_table(cfg, record, summary, images, out_dir)
+    summary["objective"] = results[main][nets[0]]["mean"]
     return summary

@@ -297,6 +297,7 @@ def evaluate_all(cfg: DictConfig, entries: dict, nets: list[str], workdir: Path)
                 "net": net,
                 "options": options.get(net, {}),
                 "epochs": epochs,
+                "protocol": str(e.protocol),
                 "num_eval": int(e.num_eval),
                 "lr": e.lr,
                 "batch_size": int(e.batch_size),
@@ -355,6 +356,7 @@ def evaluate_all(cfg: DictConfig, entries: dict, nets: list[str], workdir: Path)
                 together=together if isinstance(together, bool) else str(together),
                 eval_batch_size=int(e.get("eval_batch_size", 1000)),
                 net_options=options,
+                protocol=str(e.protocol),
             )[net]
             result = {
                 "accs": [float(a) for a in out["accs"]],

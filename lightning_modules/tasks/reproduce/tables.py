@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules.tasks.common import build_logger, finish_wandb, log_images, net_options
@@ -57,6 +58,7 @@ def scale(cfg: DictConfig, experts: dict | None) -> dict:
         "max_start_epoch": int(d.max_start_epoch),
         "eval_epochs": int(e.epochs),
         "num_eval": int(e.num_eval),
+        "threads": torch.get_num_threads(),
     }
     info["short"] = (
         f"{info['net']}, {info['experts']} experts x {info['expert_epochs']} ep, "
@@ -74,7 +76,8 @@ def scale(cfg: DictConfig, experts: dict | None) -> dict:
         f"distillation {info['iterations']} iterations, syn_steps {info['syn_steps']}, "
         f"expert_epochs {int(d.expert_epochs)}, max_start_epoch {info['max_start_epoch']}, "
         f"lr_img {d.lr_img:g}, lr_lr {d.lr_lr:g}, lr_teacher {d.lr_teacher:g}; evaluation "
-        f"{info['num_eval']} networks x {info['eval_epochs']} epochs each, final epoch"
+        f"{info['num_eval']} networks x {info['eval_epochs']} epochs each, final epoch; "
+        f"{info['threads']} CPU thread(s)"
     )
     return info
 
@@ -130,10 +133,19 @@ def row_table(cfg, methods, nets, results, info, images) -> tuple[str, dict]:
         "columns": columns,
         "labels": {c: column_label(c, eps) for c in columns},
         "paper": {"source": paper_numbers.SOURCE, "net": "convnet", "acc": paper},
-        "measured": {"scale": info, "acc": results},
+        "measured": {"scale": info, "acc": measured_only(results)},
         "images": images,
     }
     return "\n".join(lines) + "\n", record
+
+
+def measured_only(results: dict) -> dict:
+    """The accuracies without how they were obtained (cache hits, seconds)."""
+    keep = ("accs", "mean", "std", "lr", "epochs")
+    return {
+        column: {net: {k: r[k] for k in keep if k in r} for net, r in by_net.items()}
+        for column, by_net in results.items()
+    }
 
 
 def cross_arch_table(cfg, methods, nets, results, info, images) -> tuple[str, dict]:
@@ -171,7 +183,7 @@ def cross_arch_table(cfg, methods, nets, results, info, images) -> tuple[str, di
         "eps": eps,
         "nets": nets,
         "paper": {"source": paper_numbers.SOURCE, "acc": paper},
-        "measured": {"scale": info, "acc": results},
+        "measured": {"scale": info, "acc": measured_only(results)},
         "images": images,
     }
     return "\n".join(lines) + "\n", record
