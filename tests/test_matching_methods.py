@@ -97,7 +97,7 @@ def test_explicit_loops_for_an_unpublished_ipc(compose):
     [
         (["method=foo"], "error: unknown method 'foo'; choose one of cafe, dc, dm, dsa, kip, mtt"),
         (["method=kip", "method.kernel=rbf"], "error: unknown kernel 'rbf'; choose one of ntk_fc"),
-        (["method=kip", "method.chunk=0"], "error: method.chunk must be at least 1"),
+        (["method=kip", "method.chunk=0"], "error: method.chunk must be a positive whole number"),
         (
             ["method=dm", "method.learn_labels=true"],
             "error: method.learn_labels (a key of method=kip) is not a key of method=dm",
