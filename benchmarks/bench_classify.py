@@ -1,8 +1,8 @@
 """Classifier training throughput and ZCA fitting time; prints a markdown table.
 
-    python benchmarks/bench_classify.py                      # CPU, defaults
-    python benchmarks/bench_classify.py --device cuda --steps 50
-    python benchmarks/bench_classify.py --data-dir ../shared/data   # ZCA on the real train split
+python benchmarks/bench_classify.py                      # CPU, defaults
+python benchmarks/bench_classify.py --device cuda --steps 50
+python benchmarks/bench_classify.py --data-dir ../shared/data   # ZCA on the real train split
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def train_throughput(device: str, batch: int, steps: int, warmup: int, width: int, depth: int) -> float:
+def train_throughput(
+    device: str, batch: int, steps: int, warmup: int, width: int, depth: int
+) -> float:
     """Images per second of SGD steps (forward, backward, update) on ConvNet-depth."""
     g = torch.Generator().manual_seed(0)
     net = build_classifier("convnet", depth=depth, width=width).to(device)
@@ -52,7 +54,9 @@ def zca_fit_seconds(images01: torch.Tensor) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=10)
@@ -71,17 +75,31 @@ def main() -> None:
         images = images[: args.zca_images]
         source = "CIFAR-10 train"
     else:
-        images = torch.randint(0, 256, (args.zca_images, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        images = torch.randint(
+            0,
+            256,
+            (args.zca_images, 3, 32, 32),
+            dtype=torch.uint8,
+            generator=torch.Generator().manual_seed(0),
+        )
         source = "random uint8"
     zca_s = zca_fit_seconds(images.float() / 255)
 
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-    print(f"device: {args.device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
+    name = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else platform.processor() or "cpu"
+    )
+    threads = torch.get_num_threads()
+    print(f"device: {args.device} ({name}), torch {torch.__version__}, threads {threads}")
     print()
     print("| measurement | setting | value |")
     print("|---|---|---|")
-    print(f"| ConvNet-{args.depth} (width {args.width}) training throughput | batch {args.batch}, {args.steps} steps | {ips:,.0f} images/s |")
-    print(f"| ZCA fit (kornia, eps 0.1, CPU) | {len(images):,} images of 3x32x32 ({source}) | {zca_s:.1f} s |")
+    net = f"ConvNet-{args.depth} (width {args.width})"
+    setting = f"batch {args.batch}, {args.steps} steps"
+    print(f"| {net} training throughput | {setting} | {ips:,.0f} images/s |")
+    zca = f"{len(images):,} images of 3x32x32 ({source})"
+    print(f"| ZCA fit (kornia, eps 0.1, CPU) | {zca} | {zca_s:.1f} s |")
 
 
 if __name__ == "__main__":

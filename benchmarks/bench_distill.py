@@ -185,8 +185,8 @@ def child_lightning(args) -> dict:
 
     from datamodules.expert_pairs import ExpertPairsDataModule
     from datamodules.trajectories import ExpertStore
-    from lightning_modules.distillation import DistillationModule
     from lightning_modules.condense.dsa import DSA
+    from lightning_modules.distillation import DistillationModule
 
     device = args.device
     net, layout, start, target, images0, labels = _problem(args, "cpu")

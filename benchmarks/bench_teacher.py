@@ -117,9 +117,8 @@ def main() -> None:
         if args.device.startswith("cuda")
         else platform.processor() or "cpu"
     )
-    print(
-        f"device: {args.device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}"
-    )
+    threads = torch.get_num_threads()
+    print(f"device: {args.device} ({name}), torch {torch.__version__}, threads {threads}")
     print(f"ConvNet-{args.depth} width {args.width}, batch {args.batch}, {args.steps} timed steps "
           f"after {args.warmup} warm-up, SGD lr 0.01, DSA {STRATEGY} (per sample)")  # fmt: skip
     print()
@@ -134,13 +133,13 @@ def main() -> None:
     if args.epoch_images:
         for label, strategy in (("no DSA", None), ("DSA", STRATEGY)):
             ips = expert_epoch_images_per_s(args, strategy)
-            print(
-                f"| train_expert epoch ({args.epoch_images} images + test pass), {label} | - | {ips:,.0f} |"
-            )
+            what = f"train_expert epoch ({args.epoch_images} images + test pass), {label}"
+            print(f"| {what} | - | {ips:,.0f} |")
     print()
     share = (with_dsa - plain) / with_dsa
     print(f"DSA share of a training step: {100 * share:.1f}% (step with DSA vs without); "
-          f"DSA alone / step with DSA: {100 * dsa_all / with_dsa:.1f}%  (target: at most 15%)")  # fmt: skip
+          f"DSA alone / step with DSA: {100 * dsa_all / with_dsa:.1f}%"
+          "  (target: at most 15%)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -90,7 +90,9 @@ def _download(url: str, dest: Path) -> None:
     tmp = dest.with_suffix(dest.suffix + ".part")
     with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as out:
         total = int(response.headers.get("Content-Length", 0)) or None
-        with Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn()) as bar:
+        with Progress(
+            *Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn()
+        ) as bar:
             task = bar.add_task(f"download {dest.name}", total=total)
             for chunk in iter(lambda: response.read(1 << 20), b""):
                 out.write(chunk)
@@ -123,7 +125,9 @@ def ensure_cifar(name: str, data_dir: str | Path, download: bool) -> Path:
             ) from None
         if _md5(archive) != spec.md5:
             archive.unlink()
-            raise UserError(f"downloaded {spec.url} has the wrong md5 (truncated?); deleted it, retry")
+            raise UserError(
+                f"downloaded {spec.url} has the wrong md5 (truncated?); deleted it, retry"
+            )
     try:
         with tarfile.open(archive, "r:gz") as tar:
             tar.extractall(root, filter="data")
@@ -156,7 +160,9 @@ def read_cifar(name: str, data_dir: str | Path, split: str, download: bool = Fal
         entry = _load_pickle(folder / file)
         data = np.asarray(entry["data"], dtype=np.uint8)
         if data.ndim != 2 or data.shape[1] != 3072:
-            raise UserError(f"CIFAR file {folder / file} has data of shape {data.shape}, not N x 3072")
+            raise UserError(
+                f"CIFAR file {folder / file} has data of shape {data.shape}, not N x 3072"
+            )
         images.append(data.reshape(-1, 3, 32, 32))
         labels.append(np.asarray(entry[spec.label_key], dtype=np.int64))
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
@@ -249,10 +255,14 @@ class CIFARDataModule(L.LightningDataModule):
         else:
             self.transform = PixelTransform.mean_std(*CIFAR_STATS[self.name])
         if self.train_per_class:
-            keep = balanced_subset(train_y, self.train_per_class, self.num_classes, self.subset_seed, "train")
+            keep = balanced_subset(
+                train_y, self.train_per_class, self.num_classes, self.subset_seed, "train"
+            )
             train_u8, train_y = train_u8[keep], train_y[keep]
         if self.test_per_class:
-            keep = balanced_subset(test_y, self.test_per_class, self.num_classes, self.subset_seed, "test")
+            keep = balanced_subset(
+                test_y, self.test_per_class, self.num_classes, self.subset_seed, "test"
+            )
             test_u8, test_y = test_u8[keep], test_y[keep]
         self.train_x, self.train_y = self._to_input(train_u8), train_y
         self.test_x, self.test_y = self._to_input(test_u8), test_y
@@ -260,7 +270,10 @@ class CIFARDataModule(L.LightningDataModule):
         self._ready = True
 
     def _to_input(self, images_u8: torch.Tensor, chunk: int = 10000) -> torch.Tensor:
-        parts = [self.transform(images_u8[i : i + chunk].float() / 255.0) for i in range(0, len(images_u8), chunk)]
+        parts = [
+            self.transform(images_u8[i : i + chunk].float() / 255.0)
+            for i in range(0, len(images_u8), chunk)
+        ]
         return torch.cat(parts) if parts else torch.empty(0, 3, 32, 32)
 
     @property
@@ -270,10 +283,18 @@ class CIFARDataModule(L.LightningDataModule):
 
     # -- loaders ------------------------------------------------------------------------------
     def train_dataloader(self):
-        return batch_loader(self.train_x, self.train_y, batch_size=self.batch_size, shuffle=True, seed=self.subset_seed)
+        return batch_loader(
+            self.train_x,
+            self.train_y,
+            batch_size=self.batch_size,
+            shuffle=True,
+            seed=self.subset_seed,
+        )
 
     def val_dataloader(self):
-        return batch_loader(self.test_x, self.test_y, batch_size=self.eval_batch_size, shuffle=False)
+        return batch_loader(
+            self.test_x, self.test_y, batch_size=self.eval_batch_size, shuffle=False
+        )
 
     def test_dataloader(self):
         return self.val_dataloader()
@@ -286,5 +307,7 @@ class CIFARDataModule(L.LightningDataModule):
         """``n`` distinct random train images of class ``c`` in model input space."""
         idx = (self.train_y == c).nonzero().flatten()
         if n > len(idx):
-            raise UserError(f"asked for {n} real images of class {c}, but the train split has {len(idx)}")
+            raise UserError(
+                f"asked for {n} real images of class {c}, but the train split has {len(idx)}"
+            )
         return self.train_x[idx[torch.randperm(len(idx), generator=generator)[:n]]].clone()

@@ -6,8 +6,9 @@ optimisation; the maths lives in plain-torch modules:
 
 - :func:`lightning_modules.condense.unroll.student_unroll`: J student steps from the expert's θ_i
   (``full`` or exact constant-memory ``recompute``), DSA on every step;
-- :func:`lightning_modules.condense.matching.prune_mask` / :func:`~lightning_modules.condense.matching.matching_loss`:
-  the signed-ratio mask (no gradient) and the masked normalised matching loss.
+- :func:`~lightning_modules.condense.matching.prune_mask` /
+  :func:`~lightning_modules.condense.matching.matching_loss`: the signed-ratio mask (no
+  gradient) and the masked normalised matching loss.
 
 Under DDP each rank unrolls its own (expert, start epoch) pair; the image and α gradients
 (and the logged loss and pruned fraction) are averaged across ranks with one all-reduce, so the

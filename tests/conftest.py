@@ -34,7 +34,9 @@ def compose(tmp_path):
 
     def _compose(*overrides: str):
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=False)
+            cfg = hydra_compose(
+                config_name="config", overrides=list(overrides), return_hydra_config=False
+            )
         with open_dict(cfg):
             cfg.paths.runs_dir = str(tmp_path / "outputs")
             cfg.paths.cache_dir = str(tmp_path / "cache")

@@ -11,7 +11,13 @@ import yaml
 from datamodules.cifar import SPECS
 
 
-def write_cifar(root: Path, name: str = "cifar10", train_per_class: int = 6, test_per_class: int = 3, seed: int = 0) -> Path:
+def write_cifar(
+    root: Path,
+    name: str = "cifar10",
+    train_per_class: int = 6,
+    test_per_class: int = 3,
+    seed: int = 0,
+) -> Path:
     """Write a tiny ``name`` dataset under ``root`` exactly as the official archive unpacks.
 
     Class c's images are noise around a class-specific colour, so a classifier can learn them.
@@ -34,7 +40,11 @@ def write_cifar(root: Path, name: str = "cifar10", train_per_class: int = 6, tes
     train, test = make(train_per_class), make(test_per_class)
     chunks = np.array_split(np.arange(len(train[1])), len(spec.train_files))
     for file, idx in zip(spec.train_files, chunks):
-        entry = {"data": train[0][idx], spec.label_key: [train[1][i] for i in idx], "batch_label": file}
+        entry = {
+            "data": train[0][idx],
+            spec.label_key: [train[1][i] for i in idx],
+            "batch_label": file,
+        }
         with open(folder / file, "wb") as f:
             pickle.dump(entry, f, protocol=2)
     with open(folder / spec.test_files[0], "wb") as f:

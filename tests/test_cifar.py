@@ -9,7 +9,9 @@ from lightning_modules.errors import UserError
 from tests.helpers import write_cifar
 
 
-@pytest.mark.parametrize("name,classes,train,test", [("cifar10", 10, 20, 5), ("cifar100", 100, 3, 2)])
+@pytest.mark.parametrize(
+    "name,classes,train,test", [("cifar10", 10, 20, 5), ("cifar100", 100, 3, 2)]
+)
 def test_reader_reads_official_layout(tiny_data, name, classes, train, test):
     x, y = read_cifar(name, tiny_data, "train")
     assert x.dtype == torch.uint8 and x.shape == (classes * train, 3, 32, 32)
@@ -96,7 +98,9 @@ def test_datamodule_normalises_and_batches(tiny_data):
 
 
 def test_zca_round_trip_and_cache(tiny_data, tmp_path):
-    dm = CIFARDataModule("cifar10", str(tiny_data), download=False, zca=True, cache_dir=str(tmp_path))
+    dm = CIFARDataModule(
+        "cifar10", str(tiny_data), download=False, zca=True, cache_dir=str(tmp_path)
+    )
     dm.setup()
     assert dm.transform.kind == "zca"
     cached = list((tmp_path / "zca").glob("cifar10-eps0.1-*.pt"))
@@ -106,7 +110,9 @@ def test_zca_round_trip_and_cache(tiny_data, tmp_path):
     torch.testing.assert_close(dm.transform.inverse(dm.transform(x01)), x01, atol=2e-4, rtol=0)
     # the cached transform is what a second datamodule uses, and it is the same map
     mtime = cached[0].stat().st_mtime_ns
-    dm2 = CIFARDataModule("cifar10", str(tiny_data), download=False, zca=True, cache_dir=str(tmp_path))
+    dm2 = CIFARDataModule(
+        "cifar10", str(tiny_data), download=False, zca=True, cache_dir=str(tmp_path)
+    )
     dm2.setup()
     assert cached[0].stat().st_mtime_ns == mtime and dm2.transform.same_as(dm.transform)
     # it is the eps=0.1 ZCA of MTT (kornia's default 1e-6 gives other images)

@@ -91,7 +91,9 @@ def test_classify_on_two_nodes_equals_two_ranks_on_one(tiny_data, tmp_path):
     run = tmp_path / "nodes"
     outs = two_nodes(*args, cwd=tmp_path, run_dirs=(run, run))
     assert all(rc == 0 for rc, _ in outs), outs[0][1][-2000:] + outs[1][1][-2000:]
-    r = run_train(*args, "trainer=ddp_cpu", *QUIET, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
+    r = run_train(
+        *args, "trainer=ddp_cpu", *QUIET, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert summary(run)["test_acc"] == summary(tmp_path / "one")["test_acc"]
     assert summary(run)["test_loss"] == pytest.approx(summary(tmp_path / "one")["test_loss"])
@@ -165,7 +167,9 @@ def test_local_launcher_fills_one_store_from_two_jobs(tiny_data, tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert ExpertStore(tmp_path / "trajectories/cifar10/convnet").indices() == [0, 1]
-    summaries = [json.loads(p.read_text()) for p in tmp_path.glob("outputs/multirun/*/*/summary.json")]
+    summaries = [
+        json.loads(p.read_text()) for p in tmp_path.glob("outputs/multirun/*/*/summary.json")
+    ]
     assert sorted(s["trained_indices"][0] for s in summaries) == [0, 1]
 
 
@@ -179,7 +183,9 @@ def test_local_launcher_jobs_on_one_index_train_it_once(tiny_data, tmp_path):
         cwd=tmp_path, timeout=400,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    summaries = [json.loads(p.read_text()) for p in tmp_path.glob("outputs/multirun/*/*/summary.json")]
+    summaries = [
+        json.loads(p.read_text()) for p in tmp_path.glob("outputs/multirun/*/*/summary.json")
+    ]
     assert len(summaries) == 2
     assert sum(s["experts_trained"] for s in summaries) == 1
     assert ExpertStore(tmp_path / "trajectories/cifar10/convnet").indices() == [0]
@@ -187,7 +193,9 @@ def test_local_launcher_jobs_on_one_index_train_it_once(tiny_data, tmp_path):
 
 # -- a cluster set up wrong: one line each ---------------------------------------------------------
 def test_num_nodes_without_a_multi_node_environment(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "NODE_RANK", "WORLD_SIZE")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "NODE_RANK", "WORLD_SIZE")
+    }
     env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
     r = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "task=classify", "trainer.num_nodes=2", *QUIET],

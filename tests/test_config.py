@@ -60,7 +60,9 @@ def test_group_file_composes_and_instantiates(group, option, compose, tiny_data,
     elif group == "eps_net":
         _check_eps_net(cfg)
     elif group == "trainer":
-        trainer = instantiate(cfg.trainer, accelerator="cpu", logger=False, default_root_dir=str(tmp_path))
+        trainer = instantiate(
+            cfg.trainer, accelerator="cpu", logger=False, default_root_dir=str(tmp_path)
+        )
         assert trainer.max_epochs is None or trainer.max_epochs != 0
     elif group == "logger":
         logger = build_logger(cfg)

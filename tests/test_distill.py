@@ -19,8 +19,8 @@ import yaml
 from datamodules.expert_pairs import ExpertPairsDataModule
 from datamodules.syn_set import SyntheticSet
 from datamodules.trajectories import ExpertStore
-from lightning_modules.distillation import DistillationModule
 from lightning_modules.condense.dsa import DSA
+from lightning_modules.distillation import DistillationModule
 from lightning_modules.errors import UserError
 from lightning_modules.nets import FlatParams, build_classifier
 from lightning_modules.tasks import distill as distill_task

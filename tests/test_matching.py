@@ -6,9 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.condense.matching import check_eps, matching_loss, prune_mask, pruned_fraction
-from lightning_modules.nets import FlatParams, build_classifier
+from lightning_modules.condense.matching import (
+    check_eps,
+    matching_loss,
+    prune_mask,
+    pruned_fraction,
+)
 from lightning_modules.condense.unroll import classifier_loss, student_unroll
+from lightning_modules.nets import FlatParams, build_classifier
 
 
 def test_signed_ratio_rule_case_by_case():

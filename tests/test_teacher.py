@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from datamodules.trajectories import ExpertStore, default_store_dir
-from lightning_modules.errors import UserError
 from lightning_modules.condense.experts import build_seeded, train_expert
-from lightning_modules.utils.seeds import derive_seed
+from lightning_modules.errors import UserError
 from lightning_modules.nets import FlatParams, build_classifier
+from lightning_modules.utils.seeds import derive_seed
 from tests.conftest import ROOT, run_train
 
 

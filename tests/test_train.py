@@ -82,7 +82,10 @@ def test_subset_too_large_is_one_line(tiny_data, tmp_path):
         cwd=tmp_path,
     )
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "error: dataset.test_per_class=99 but the test split has only 5 images of class 0" in out.stderr
+    assert (
+        "error: dataset.test_per_class=99 but the test split has only 5 images of class 0"
+        in out.stderr
+    )
 
 
 def test_classify_resume_continues_from_last_checkpoint(tiny_data, tmp_path):

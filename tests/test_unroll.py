@@ -7,8 +7,8 @@ import torch
 
 from lightning_modules.condense.dsa import DSA
 from lightning_modules.condense.matching import matching_loss, prune_mask
-from lightning_modules.nets import FlatParams, build_classifier
 from lightning_modules.condense.unroll import classifier_loss, student_unroll
+from lightning_modules.nets import FlatParams, build_classifier
 
 
 def tiny_problem(dtype=torch.float64, n_per_class=3, classes=4, seed=0):

@@ -47,4 +47,8 @@ class FlatParams:
         return functional_call(module, self.unflatten(theta), args, kwargs)
 
     def metadata(self) -> dict:
-        return {"names": list(self.names), "shapes": [list(s) for s in self.shapes], "numel": self.numel}
+        return {
+            "names": list(self.names),
+            "shapes": [list(s) for s in self.shapes],
+            "numel": self.numel,
+        }

@@ -1,8 +1,8 @@
 """``task=teacher``: train expert trajectories into a store (one file per expert).
 
 Each expert is a fresh ``net`` (init drawn from ``derive_seed(seed, "expert", index)``) trained
-with the MTT expert recipe (plain SGD, lr 0.01, batch 256, DSA on); its parameters at epoch 0 and after
-every epoch, and its test accuracy per epoch, go to ``<store>/expert_<index>.pt``. Experts
+with the MTT expert recipe (plain SGD, lr 0.01, batch 256, DSA on); its parameters at epoch 0
+and after every epoch, and its test accuracy per epoch, go to ``<store>/expert_<index>.pt``. Experts
 already on disk are skipped and indices another process is training are left to it, so
 reruns resume and several processes fill one store without clobbering. Under ``trainer=ddp``
 (``trainer.devices=N``) each rank trains its share of the pending experts on its own device

@@ -26,7 +26,11 @@ def resolve_device(accelerator: str | None = "auto") -> torch.device:
             f"unknown device {accelerator!r}; use auto, cpu, gpu, cuda, cuda:<index> or mps"
         ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {accelerator!r} asked for but CUDA is not available; use auto or cpu")
+        raise UserError(
+            f"device {accelerator!r} asked for but CUDA is not available; use auto or cpu"
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device {accelerator!r} asked for but MPS is not available; use auto or cpu")
+        raise UserError(
+            f"device {accelerator!r} asked for but MPS is not available; use auto or cpu"
+        )
     return device
