@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,slurm]"
 	touch $@
 
 .PHONY: setup train test test-fast lint
@@ -33,5 +33,7 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q $(ARGS)
 
+# what CI runs before the tests: ruff's lint rules and its formatter, both clean
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .

@@ -6,9 +6,7 @@ bad input (``UserError``) into one line on stderr and exit status 2.
 
 from __future__ import annotations
 
-import importlib
 import logging
-import os
 import shutil
 import sys
 import time
@@ -51,9 +49,22 @@ def find_resumable(cfg: DictConfig) -> Path | None:
 def run(cfg: DictConfig) -> dict:
     """Run ``cfg.task`` and return its final metrics (also written to ``summary.json``)."""
     import lightning as L
+    import torch
 
-    from lightning_modules.tasks.common import finite_metrics, write_json
+    from lightning_modules.tasks.checks import check_config
+    from lightning_modules.tasks.common import (
+        check_multi_node,
+        check_shared_dir,
+        finish_wandb,
+        finite_metrics,
+        process_rank,
+        run_task,
+        write_json,
+    )
 
+    check_config(cfg)  # a bad count or an ignored trainer key: one line, nothing started
+    if cfg.get("threads") is not None:
+        torch.set_num_threads(int(cfg.threads))  # before any work: results depend on it
     if cfg.resume:
         previous = find_resumable(cfg)
         if previous is None:
@@ -62,37 +73,56 @@ def run(cfg: DictConfig) -> dict:
             log.info("resuming %s", previous)
             with open_dict(cfg):
                 cfg.paths.output_dir = str(previous)
+    check_multi_node(cfg)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    check_shared_dir(out_dir, cfg, "the run dir")  # several nodes: one run dir they all see
     # rank zero writes the config; other DDP ranks share the directory
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:
+    if process_rank(cfg) == 0:
         OmegaConf.save(cfg, out_dir / "config.yaml", resolve=False)
         OmegaConf.save(cfg, out_dir / "config_resolved.yaml", resolve=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    try:
-        task = importlib.import_module(f"lightning_modules.tasks.{cfg.task.name}")
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("lightning_modules.tasks"):
-            raise UserError(f"unknown task {cfg.task.name!r}") from None
-        raise
     start = time.perf_counter()
-    metrics = task.run(cfg, out_dir)
-    summary = {"task": cfg.task.name, **finite_metrics(metrics), "wall_s": time.perf_counter() - start}
+    metrics = run_task(cfg.task.name, cfg, out_dir)
+    summary = {
+        "task": cfg.task.name,
+        **finite_metrics(metrics),
+        "wall_s": time.perf_counter() - start,
+        "threads": torch.get_num_threads(),
+    }
     write_json(out_dir / "summary.json", summary)
-    _finish_wandb()
+    finish_wandb()
     return summary
 
 
-def _finish_wandb() -> None:
-    """Close the W&B run so that the next job of a multirun gets its own."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
+def quiet_lightning() -> None:
+    """One copy of each Lightning log line, and none of the lines that are not about the run.
+
+    Lightning attaches its own console handler to its loggers at import; under Hydra the root
+    logger (console + the run's log file) prints the same records again. Keep Hydra's. Drop
+    Lightning's advertising tip and a deprecation warning Lightning raises about its own code.
+    """
+    import warnings
+
+    import lightning.fabric  # noqa: F401  (attach Lightning's handlers now, then remove them)
+    import lightning.pytorch  # noqa: F401
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                logger.removeHandler(handler)
+        logger.propagate = True
+    for handler in logging.getLogger().handlers:  # Hydra's console and log-file handlers
+        handler.addFilter(lambda record: "Tip:" not in str(record.msg))
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
+
+    quiet_lightning()
 
     hydra_dir = HydraConfig.get().runtime.output_dir
     with open_dict(cfg):
@@ -111,12 +141,33 @@ def _fold_into_resumed(hydra_dir: Path, run_dir: Path) -> None:
     """A resumed run works in the earlier directory; keep Hydra's fresh one (its log) inside it."""
     if hydra_dir.resolve() == run_dir.resolve() or not hydra_dir.is_dir():
         return
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) != 0:
+    from lightning_modules.utils.ranks import global_rank
+
+    if global_rank() != 0:
         return
     target = run_dir / "resumed" / hydra_dir.name
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(hydra_dir), str(target))
 
 
+def check_launcher(argv: list[str]) -> str | None:
+    """The one-line error for ``hydra/launcher=slurm|local`` without the submitit plugin."""
+    import importlib.util
+
+    chosen = [a.split("=", 1)[1] for a in argv if a.startswith("hydra/launcher=")]
+    if not chosen or chosen[-1] not in ("slurm", "local"):
+        return None
+    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+        return (
+            f"hydra/launcher={chosen[-1]} needs the submitit launcher: "
+            'pip install -e ".[slurm]" (hydra-submitit-launcher)'
+        )
+    return None
+
+
 if __name__ == "__main__":
+    problem = check_launcher(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()

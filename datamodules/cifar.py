@@ -210,7 +210,7 @@ class CIFARDataModule(L.LightningDataModule):
         name: str = "cifar10",
         data_dir: str = "data",
         download: bool = True,
-        zca: bool = False,
+        zca: bool | None = False,
         zca_eps: float = 0.1,
         train_per_class: int | None = None,
         test_per_class: int | None = None,
@@ -224,7 +224,7 @@ class CIFARDataModule(L.LightningDataModule):
         self.name = name
         self.data_dir = data_dir
         self.download = download
-        self.zca = zca
+        self.zca = bool(zca)  # null (follow the published row) is off outside distillation
         self.zca_eps = zca_eps
         self.train_per_class = train_per_class
         self.test_per_class = test_per_class

@@ -17,22 +17,12 @@ Iteration t of rank r draws expert e uniformly from the store and a start epoch 
 from __future__ import annotations
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.trajectories import Expert, ExpertStore
 from lightning_modules.errors import UserError
-
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed from integer keys (seed, rank, iteration, stream) via NumPy's SeedSequence."""
-    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
-    return int(state[0]) << 31 ^ int(state[1])
-
-
-#: stream ids: the pair draw and the unroll draw of one iteration use independent seeds
-PAIR_STREAM, UNROLL_STREAM = 0, 1
+from lightning_modules.utils.seeds import derive_seed
 
 
 class _PairStream(IterableDataset):
@@ -47,6 +37,18 @@ class _PairStream(IterableDataset):
     def __iter__(self):
         for t in range(self.dm.start_iteration(), self.dm.iterations):
             yield self.dm.pair(t, self.rank)
+
+
+class _PairLoader(DataLoader):
+    """The pair stream's loader. Its position is the trainer's ``global_step`` (restored from the
+    checkpoint), so it is resumable by construction; the ``state_dict`` interface says so to
+    Lightning (which otherwise warns that a mid-epoch resume is unreliable)."""
+
+    def state_dict(self) -> dict:
+        return {"resumes_at": "trainer.global_step"}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass  # nothing to restore: _PairStream starts at the restored global_step
 
 
 class ExpertPairsDataModule(L.LightningDataModule):
@@ -122,7 +124,7 @@ class ExpertPairsDataModule(L.LightningDataModule):
 
     def choose(self, iteration: int, rank: int = 0) -> tuple[int, int]:
         """The (expert index, start epoch) of ``iteration`` on ``rank``."""
-        g = torch.Generator().manual_seed(derive_seed(self.seed, rank, iteration, PAIR_STREAM))
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "pairs", rank, iteration))
         expert = self.experts[int(torch.randint(len(self.experts), (1,), generator=g))]
         start_epoch = int(torch.randint(self.max_start_epoch, (1,), generator=g))
         return expert, start_epoch
@@ -147,4 +149,4 @@ class ExpertPairsDataModule(L.LightningDataModule):
         return int(self.trainer.global_rank) if self.trainer is not None else 0
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_PairStream(self, self._rank()), batch_size=None, num_workers=0)
+        return _PairLoader(_PairStream(self, self._rank()), batch_size=None, num_workers=0)

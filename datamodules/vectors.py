@@ -139,7 +139,8 @@ class PointsDataModule(VectorDataModule):
 
 
 def load_points(path: str | None) -> np.ndarray:
-    """Read and check an N x D float array (N > 1, 1 <= D <= 64, all finite)."""
+    """Read and check an N x D float array (N > 1, 1 <= D <= 64, all finite); a 1-D array or a
+    one-column CSV is N x 1 (one rule for both formats)."""
     if not path:
         raise UserError("dataset=points needs dataset.path=<file.npy or file.csv> (an N x D array)")
     p = Path(path).expanduser()
@@ -157,6 +158,8 @@ def load_points(path: str | None) -> np.ndarray:
     except Exception as e:
         raise UserError(f"points file {p} could not be read ({type(e).__name__}: {e})") from None
     data = np.asarray(data)
+    if data.ndim == 1:  # N values are N points in one dimension, from .npy as from a 1-column CSV
+        data = data.reshape(-1, 1)
     if data.ndim != 2 or not 1 <= data.shape[1] <= 64 or data.shape[0] < 2:
         raise UserError(
             f"points file {p} has shape {data.shape}; expected N x D with N > 1 and D <= 64"

@@ -73,11 +73,15 @@ class ClassifierModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        opt = torch.optim.SGD(
+            self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+        )
         if hp.schedule == "cosine":
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, hp.epochs))
         elif hp.schedule == "step":
-            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[max(1, hp.epochs // 2)], gamma=0.1)
+            sched = torch.optim.lr_scheduler.MultiStepLR(
+                opt, milestones=[max(1, hp.epochs // 2)], gamma=0.1
+            )
         else:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

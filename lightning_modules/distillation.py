@@ -23,11 +23,11 @@ import lightning as L
 import torch
 from torch import nn
 
-from datamodules.expert_pairs import UNROLL_STREAM, derive_seed
-from lightning_modules.errors import UserError
 from lightning_modules.condense.matching import check_eps, matching_loss, prune_mask
-from lightning_modules.nets.functional import FlatParams
 from lightning_modules.condense.unroll import MODES, classifier_loss, student_unroll
+from lightning_modules.errors import UserError
+from lightning_modules.nets.functional import FlatParams
+from lightning_modules.utils.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class DistillationModule(L.LightningModule):
     # -- one iteration --------------------------------------------------------------------------
     def unroll_generator(self, iteration: int, rank: int) -> torch.Generator:
         """The generator of iteration ``iteration`` on ``rank`` (batch permutations + DSA draws)."""
-        return torch.Generator().manual_seed(derive_seed(self.seed, rank, iteration, UNROLL_STREAM))
+        return torch.Generator().manual_seed(derive_seed(self.seed, "unroll", rank, iteration))
 
     def match(self, start: torch.Tensor, target: torch.Tensor, generator: torch.Generator):
         """Unroll from ``start``; ``(loss, keep_mask)``, the loss differentiable in images and α."""

@@ -24,6 +24,7 @@ from lightning_modules.condense.dsa import DSA
 from lightning_modules.errors import UserError
 from lightning_modules.nets import FlatParams, build_classifier
 from lightning_modules.tasks import distill as distill_task
+from lightning_modules.tasks import settings
 from tests.conftest import ROOT, run_train
 from tests.helpers import sweep_agent_commands as agent_commands
 
@@ -108,51 +109,80 @@ def tiny(data: Path, store: Path, **extra) -> list[str]:
 
 
 # -- presets ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dataset,ipc", list(distill_task.PRESETS))
+@pytest.mark.parametrize("dataset,ipc", list(settings.published_rows("mtt")))
 def test_preset_rows(compose, dataset, ipc):
     cfg = compose("task=distill", f"dataset={dataset}", f"ipc={ipc}")
-    eff = distill_task.resolve_settings(cfg, explicit={"task", "dataset", "ipc"})
-    row = distill_task.PRESETS[(dataset, ipc)]
+    eff = settings.resolve_settings(cfg)
+    row = settings.published_row("mtt", dataset, ipc)
     assert eff.distill.iterations == 5000
-    for key in distill_task.PRESET_KEYS:
+    for key in settings.PRESET_KEYS:
         assert eff.distill[key] == row[key], key
     assert eff.dataset.zca is row["zca"]
     assert cfg.distill.syn_steps is None  # the composed config itself is untouched
+
+
+def test_six_published_mtt_rows():
+    assert sorted(settings.published_rows("mtt")) == [
+        (d, i) for d in ("cifar10", "cifar100") for i in (1, 10, 50)
+    ]
+
+
+def short(x: float) -> str:
+    return f"{x:g}".replace("e-0", "e-")
+
+
+def test_readme_preset_table_matches_the_preset_files():
+    """The README's MTT table is the conf/preset/mtt files, row for row."""
+    text = (ROOT / "README.md").read_text()
+    head = "| dataset | IPC | syn_steps | expert_epochs | max_start_epoch | lr_img | lr_lr |"
+    lines = text[text.index(head) :].splitlines()[2:]
+    table = {}
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        table[(cells[0], int(cells[1]))] = cells[2:]
+    rows = settings.published_rows("mtt")
+    assert set(table) == set(rows)
+    for key, row in rows.items():
+        want = [
+            str(row["syn_steps"]), str(row["expert_epochs"]), str(row["max_start_epoch"]),
+            short(row["lr_img"]), short(row["lr_lr"]), short(row["lr_teacher"]),
+            str(row["batch_syn"]), "yes" if row["zca"] else "no",
+        ]  # fmt: skip
+        assert table[key] == want, key
 
 
 def test_preset_overrides_win(compose):
     cfg = compose(
         "task=distill", "dataset=cifar100", "ipc=50", "distill.syn_steps=7", "dataset.zca=false"
     )
-    eff = distill_task.resolve_settings(
-        cfg, explicit={"task", "dataset", "ipc", "distill.syn_steps", "dataset.zca"}
-    )
+    eff = settings.resolve_settings(cfg)
     assert eff.distill.syn_steps == 7 and eff.distill.batch_syn == 125 and eff.dataset.zca is False
     # dataset.zca=true on a ZCA-off row is kept as well
     cfg = compose("task=distill", "dataset=cifar10", "ipc=50", "dataset.zca=true")
-    assert distill_task.resolve_settings(cfg, explicit={"dataset.zca"}).dataset.zca is True
+    assert settings.resolve_settings(cfg).dataset.zca is True
 
 
-def test_command_line_keys_read_from_hydra(compose):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = hydra_compose(
-            "config", ["task=distill", "ipc=1", "++dataset.zca=false"], return_hydra_config=True
-        )
-    HydraConfig.instance().set_config(cfg)
-    try:
-        assert {"task", "ipc", "dataset.zca"} <= distill_task.command_line_keys()
-    finally:
-        HydraConfig.instance().cfg = None
+def test_dataset_zca_null_follows_the_row(compose):
+    assert compose("task=distill", "ipc=1").dataset.zca is None  # the default: follow the row
+    assert settings.resolve_settings(compose("task=distill", "ipc=1")).dataset.zca is True
+    assert settings.resolve_settings(compose("task=distill", "ipc=50")).dataset.zca is False
+    none = compose("task=distill", "ipc=1", "distill.preset=none", "distill.syn_steps=1")
+    with pytest.raises(UserError):  # no row: the other keys are missing, zca would be off
+        settings.resolve_settings(none)
 
 
 def test_no_row_names_the_missing_keys(compose):
     cfg = compose("task=distill", "ipc=3")
     with pytest.raises(UserError, match=r"no published hyperparameters.*distill\.syn_steps"):
-        distill_task.resolve_settings(cfg, explicit=set())
+        settings.resolve_settings(cfg)
+
+
+@pytest.mark.parametrize("ipc", [0, -2, 1.5])
+def test_bad_ipc_is_named_before_the_preset(compose, ipc):
+    with pytest.raises(UserError, match=f"ipc must be a positive whole number.*got {ipc}"):
+        settings.resolve_settings(compose("task=distill", f"ipc={ipc}"))
 
 
 # -- the module against a plain MTT loop ---------------------------------------------------------
@@ -302,13 +332,10 @@ def test_lr_floor_and_non_finite_guard(store, tmp_path, caplog):
 
 # -- bad input: one line each ---------------------------------------------------------------------
 @pytest.fixture
-def run_task(compose, tmp_path, monkeypatch):
-    """``run`` in-process, the overrides seen as command-line keys (as under train.py)."""
+def run_task(compose, tmp_path):
+    """``run`` in-process (the same run as under train.py: it depends on the config alone)."""
 
     def _run(*overrides):
-        monkeypatch.setattr(
-            distill_task, "command_line_keys", lambda: {o.split("=")[0] for o in overrides}
-        )
         return expect_user_error(compose, tmp_path, *overrides)
 
     return _run
@@ -330,9 +357,7 @@ def test_no_experts_names_teacher_command(run_task, tiny_data, tmp_path):
 
 
 def test_default_store_follows_dataset_zca_and_net(compose, tiny_data, tmp_path):
-    cfg = distill_task.resolve_settings(
-        compose("task=distill", "dataset=cifar100", "ipc=1"), explicit=set()
-    )
+    cfg = settings.resolve_settings(compose("task=distill", "dataset=cifar100", "ipc=1"))
     assert distill_task.expert_store(cfg).root == Path("trajectories/cifar100-zca/convnet")
 
 
@@ -391,6 +416,43 @@ def only_run(runs: Path) -> Path:
     dirs = sorted(p for p in (runs / "distill").iterdir() if (p / "config.yaml").exists())
     assert len(dirs) == 1, dirs
     return dirs[0]
+
+
+def test_run_from_python_equals_the_command_line(compose, tiny_data, store, tmp_path):
+    """``train.run(cfg)`` with the overrides of a ``python train.py ...`` call makes the same run:
+    same settings after the preset (ZCA included), same set, same metrics."""
+    import train
+
+    overrides = tiny(tiny_data, store, **{"distill.eval_epochs": 1})
+    overrides.remove("dataset.zca=false")  # dataset.zca: null (follow the row) on both sides
+    overrides += ["distill.preset=none", "distill.lr_img=100", "distill.lr_lr=1e-5"]
+    overrides += ["distill.lr_teacher=0.01", "distill.batch_syn=all"]
+    cli = tmp_path / "cli"
+    cache = f"paths.cache_dir={tmp_path / 'cache'}"  # the compose fixture's cache dir
+    r = run_train(*overrides, f"paths.runs_dir={cli}", cache, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cli_dir = only_run(cli)
+
+    cfg = compose(*overrides)
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "py" / "run")
+    summary = train.run(cfg)
+    py_dir = tmp_path / "py" / "run"
+
+    a = yaml.safe_load((cli_dir / "distill_config.yaml").read_text())
+    b = yaml.safe_load((py_dir / "distill_config.yaml").read_text())
+    for c in (a, b):  # where the run writes differs, nothing else
+        c.pop("paths")
+        c["logger"].pop("save_dir")
+    assert a == b
+    assert a["dataset"]["zca"] is False  # no row (preset=none): off on both sides
+    sa, sb = SyntheticSet.load(cli_dir / "set.pt"), SyntheticSet.load(py_dir / "set.pt")
+    assert torch.equal(sa.images, sb.images) and sa.lr == sb.lr
+    cli_summary = json.loads((cli_dir / "summary.json").read_text())
+    for key in ("final_acc", "learned_lr", "last_loss", "iterations"):
+        assert cli_summary[key] == summary[key], key
 
 
 @pytest.mark.slow
@@ -540,7 +602,7 @@ def test_two_ddp_ranks_equal_one_step_on_the_mean_loss(tiny_data, store, tmp_pat
     init = SyntheticSet.load(run_dir / "sets/iter_000000.pt")
     after = SyntheticSet.load(run_dir / "set.pt")
 
-    cfg = distill_task.resolve_settings(compose(*overrides), explicit={"dataset.zca"})
+    cfg = settings.resolve_settings(compose(*overrides))
     d = cfg.distill
     pairs = ExpertPairsDataModule(
         str(store), expert_epochs=1, max_start_epoch=2, iterations=1, seed=cfg.seed

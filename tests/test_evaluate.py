@@ -10,16 +10,16 @@ import torch
 import train
 from datamodules.cifar import CIFARDataModule
 from datamodules.syn_set import SyntheticSet
-from lightning_modules.errors import UserError
 from lightning_modules.condense.evaluation import (
     _Protocol,
     check_net_names,
     evaluate_set,
     init_parameters,
-    network_seed,
     results_markdown,
 )
+from lightning_modules.errors import UserError
 from lightning_modules.nets import build_classifier
+from lightning_modules.utils.seeds import derive_seed
 from tests.conftest import run_train
 
 
@@ -36,12 +36,13 @@ def tiny_dm(tmp_path_factory):
     return dm
 
 
-def make_set_file(dm, path, ipc=2, lr=0.02):
+def make_set_file(dm, path, ipc=2, lr=0.02, net=None):
     g = torch.Generator().manual_seed(0)
     images = torch.cat([dm.real_images(c, ipc, g) for c in range(dm.num_classes)])
     labels = torch.arange(dm.num_classes).repeat_interleave(ipc)
+    config = {"seed": 0, **({"net": net} if net is not None else {})}
     SyntheticSet(
-        images, labels, lr, dm.transform.state_dict(), dm.name, ipc, "random", {"seed": 0}
+        images, labels, lr, dm.transform.state_dict(), dm.name, ipc, "random", config
     ).save(path)
     return path
 
@@ -105,9 +106,7 @@ def test_seeded_repeatable_and_global_rng_untouched(tiny_dm):
     wa, wb, wc = (r["_nets"]["convnet"][0].classifier.weight for r in (a, b, c))
     assert torch.equal(wa, wb) and not torch.allclose(wa, wc)
     assert (
-        network_seed(0, "convnet", 0)
-        != network_seed(0, "convnet", 1)
-        != network_seed(1, "convnet", 0)
+        derive_seed(0, "convnet", 0) != derive_seed(0, "convnet", 1) != derive_seed(1, "convnet", 0)
     )
 
 
@@ -123,28 +122,86 @@ def test_init_parameters_matches_pytorch_default_ranges():
     assert torch.equal(net.features[1].weight, torch.ones(128))  # instance-norm scale
 
 
-def test_lr_drops_tenfold_at_half():
-    proto = _Protocol(
+def _proto(epochs: int, protocol: str) -> _Protocol:
+    return _Protocol(
         lr=0.1,
-        epochs=10,
+        epochs=epochs,
         batch_size=4,
         momentum=0.9,
         weight_decay=0,
         dsa_strategy="none",
         eval_batch_size=8,
+        protocol=protocol,
     )
+
+
+def test_half_protocol_drops_lr_tenfold_at_half():
+    proto = _proto(10, "half")
+    assert proto.train_epochs == 10
     assert [proto.lr_at(e) for e in (0, 4)] == [0.1, 0.1]
     assert [proto.lr_at(e) for e in (5, 9)] == pytest.approx([0.01, 0.01])
-    one = _Protocol(
-        lr=0.1,
-        epochs=1,
-        batch_size=4,
-        momentum=0.9,
-        weight_decay=0,
-        dsa_strategy="none",
-        eval_batch_size=8,
+    assert _proto(1, "half").lr_at(0) == 0.1
+
+
+def test_mtt_protocol_schedule_is_the_reference_one():
+    """MTT: epochs 0..E (E + 1 of them); lr / 10 after epoch E // 2 + 1."""
+    proto = _proto(1000, "mtt")
+    assert proto.train_epochs == 1001
+    assert proto.lr_at(501) == 0.1 and proto.lr_at(502) == pytest.approx(0.01)
+    assert proto.lr_at(1000) == pytest.approx(0.01)
+    # short runs: the decay falls after the last epoch
+    assert [_proto(e, "mtt").lr_at(e) for e in (1, 2)] == [0.1, 0.1]
+    assert _proto(3, "mtt").lr_at(2) == 0.1 and _proto(3, "mtt").lr_at(3) == pytest.approx(0.01)
+    with pytest.raises(UserError, match="evaluate.protocol must be one of mtt, half"):
+        _proto(4, "cosine")
+
+
+def reference_evaluate_synset(net, g, images, labels, *, lr, epochs, batch_size, dsa):
+    """MTT's utils.evaluate_synset written out, with our generator for order and DSA draws."""
+    lr_schedule = [epochs // 2 + 1]
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
+    for ep in range(epochs + 1):
+        net.train()
+        for idx in torch.randperm(len(images), generator=g).split(batch_size):
+            loss = torch.nn.functional.cross_entropy(net(dsa(images[idx], g)), labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if ep in lr_schedule:
+            lr *= 0.1
+            opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
+    return net
+
+
+def test_mtt_protocol_trains_the_reference_loops_weights(tiny_dm):
+    """One tiny ConvNet, one by one and vmap-batched, against the hand-written reference loop."""
+    from lightning_modules.condense.dsa import DEFAULT_STRATEGY, DSA
+    from lightning_modules.condense.evaluation import _fresh_net
+
+    x, y = tiny_dm.train_x[:24], tiny_dm.train_y[:24]
+    tiny = {"convnet": {"width": 8, "depth": 2}}
+    kw = dict(nets=["convnet"], num_classes=10, lr=0.05, num_eval=2, epochs=4, batch_size=16)
+    kw.update(progress=False, return_nets=True, net_options=tiny, seed=3)
+    g = torch.Generator().manual_seed(derive_seed(3, "convnet", 0))
+    ref = _fresh_net("convnet", 3, 10, 32, g, width=8, depth=2)
+    ref = reference_evaluate_synset(
+        ref, g, x, y, lr=0.05, epochs=4, batch_size=16, dsa=DSA(DEFAULT_STRATEGY)
     )
-    assert one.lr_at(0) == 0.1
+    one = evaluate_set(x, y, tiny_dm.test_x, tiny_dm.test_y, together=False, **kw)
+    both = evaluate_set(x, y, tiny_dm.test_x, tiny_dm.test_y, together=True, **kw)
+    half = evaluate_set(x, y, tiny_dm.test_x, tiny_dm.test_y, protocol="half", **kw)
+    for p, q, r in zip(
+        ref.parameters(),
+        one["_nets"]["convnet"][0].parameters(),
+        both["_nets"]["convnet"][0].parameters(),
+    ):
+        assert torch.equal(p, q)  # the same operations in the same order
+        torch.testing.assert_close(r, p, atol=1e-5, rtol=1e-4)  # vmap: up to float rounding
+    flat = torch.nn.utils.parameters_to_vector
+    gap = flat(half["_nets"]["convnet"][0].parameters()) - flat(ref.parameters())
+    assert gap.abs().max() > 1e-2  # the other schedule is another network
+    assert one["convnet"]["options"] == {"width": 8, "depth": 2}
+    assert one["convnet"]["params"] == sum(p.numel() for p in ref.parameters())
 
 
 def test_bad_arguments_are_user_errors(tiny_dm):
@@ -194,6 +251,58 @@ def test_task_as_library_call(compose, tiny_data, tmp_path):
     assert (out / "set.png").stat().st_size > 0
     logged = (out / "csv" / "metrics.csv").read_text()
     assert "evaluate/acc_convnet_mean" in logged
+
+
+CONVNET_W8 = {
+    "_target_": "lightning_modules.nets.build_classifier",
+    "name": "convnet",
+    "depth": 2,
+    "width": 8,
+    "norm": "instancenorm",
+    "act": "relu",
+    "pool": "avgpool",
+}
+
+
+def test_task_evaluates_on_the_sets_own_network(compose, tiny_data, tmp_path, caplog):
+    """A set distilled on a width-8 ConvNet-2 is evaluated on width-8 ConvNet-2s (other archs:
+    standard); evaluate.net_options overrides key by key, with one warning."""
+    dm = CIFARDataModule(
+        "cifar10", data_dir=str(tiny_data), download=False, cache_dir=str(tmp_path / "cache")
+    )
+    dm.setup()
+    set_file = make_set_file(dm, tmp_path / "set.pt", ipc=1, net=CONVNET_W8)
+    common = [
+        "task=evaluate",
+        f"evaluate.set={set_file}",
+        "evaluate.num_eval=1",
+        "evaluate.epochs=1",
+        f"dataset.data_dir={tiny_data}",
+        "dataset.download=false",
+        "logger=none",
+    ]
+    cfg = compose(*common, "evaluate.nets=[convnet,alexnet]")
+    train.run(cfg)
+    out = tmp_path / "outputs" / "run"
+    record = json.loads((out / "results.json").read_text())
+    own = {k: v for k, v in CONVNET_W8.items() if k not in ("_target_", "name")}
+    width8 = sum(p.numel() for p in build_classifier("convnet", 3, 10, 32, **own).parameters())
+    standard = sum(p.numel() for p in build_classifier("alexnet", 3, 10, 32).parameters())
+    assert record["nets"]["convnet"] == {"options": own, "params": width8, "source": "set"}
+    assert record["nets"]["alexnet"] == {"options": {}, "params": standard, "source": "standard"}
+    assert record["results"]["convnet"]["params"] == width8
+    table = (out / "results.md").read_text()
+    assert f"| {width8:,} |" in table and "width=8" in table and "| default |" in table
+    # an explicit option wins over the set's, and the mismatch is said once
+    cfg = compose(*common, "evaluate.nets=[convnet]", "evaluate.net_options={convnet:{width:4}}")
+    cfg.paths.output_dir = str(tmp_path / "outputs" / "override")
+    with caplog.at_level("WARNING"):
+        train.run(cfg)
+    record = json.loads((tmp_path / "outputs" / "override" / "results.json").read_text())
+    assert record["nets"]["convnet"]["options"] == {**own, "width": 4}
+    assert record["nets"]["convnet"]["source"] == "set+evaluate.net_options"
+    warned = [r for r in caplog.records if "other networks than the set" in r.getMessage()]
+    assert len(warned) == 1 and "convnet.width: set 8 -> 4" in warned[0].getMessage()
 
 
 def test_task_full_train_split(compose, tiny_data):

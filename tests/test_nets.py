@@ -50,7 +50,9 @@ def test_double_backward_through_an_unrolled_step(name):
     x = torch.randn(2 if name not in SMALL else 4, 3, 32, 32, requires_grad=True)
     y = torch.arange(len(x)) % 10
     alpha = torch.tensor(0.01, requires_grad=True)
-    (g,) = torch.autograd.grad(F.cross_entropy(layout.call(net, theta, x), y), theta, create_graph=True)
+    (g,) = torch.autograd.grad(
+        F.cross_entropy(layout.call(net, theta, x), y), theta, create_graph=True
+    )
     theta1 = theta - alpha * g
     target = theta.detach() + 0.1
     loss = ((theta1 - target) ** 2).sum()
@@ -65,3 +67,36 @@ def test_unknown_net_and_bad_options():
         build_classifier("convnet", norm="weird")
     with pytest.raises(UserError, match="does not take"):
         build_classifier("alexnet", depth=4)
+
+
+@pytest.mark.parametrize("name", list(CLASSIFIERS))
+def test_activations_are_in_place_and_change_nothing(name):
+    """In-place ReLUs (less peak memory in the unroll) give the outputs and input gradients of
+    copying ones."""
+    torch.manual_seed(0)
+    net = build_classifier(name, num_classes=10)
+    relus = [m for m in net.modules() if isinstance(m, (torch.nn.ReLU, torch.nn.LeakyReLU))]
+    assert relus and all(m.inplace for m in relus)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    out = net(x)
+    (gx,) = torch.autograd.grad(out.square().sum(), x)
+    for m in relus:
+        m.inplace = False
+    if name.startswith("resnet"):  # its blocks call F.relu(..., inplace=True) directly
+        return
+    copy = net(x)
+    (gc,) = torch.autograd.grad(copy.square().sum(), x)
+    torch.testing.assert_close(out, copy)
+    torch.testing.assert_close(gx, gc)
+
+
+def test_leaky_relu_convnet_double_backward():
+    torch.manual_seed(0)
+    net = build_classifier("convnet", num_classes=10, width=8, act="leakyrelu")
+    layout = FlatParams(net)
+    theta = layout.flatten(net).requires_grad_(True)
+    x = torch.randn(4, 3, 32, 32, requires_grad=True)
+    loss = F.cross_entropy(layout.call(net, theta, x), torch.arange(4))
+    (g,) = torch.autograd.grad(loss, theta, create_graph=True)
+    (gx,) = torch.autograd.grad((theta - 0.01 * g).square().sum(), x)
+    assert torch.isfinite(gx).all() and gx.abs().sum() > 0

@@ -16,6 +16,7 @@ from datamodules.syn_set import SyntheticSet
 from lightning_modules.tasks.reproduce import paper_numbers
 from lightning_modules.errors import UserError
 from lightning_modules.tasks import reproduce
+from lightning_modules.tasks.common import net_options
 
 ALL = ["random", "forgetting", "herding", "mtt", "pruning"]
 
@@ -111,8 +112,10 @@ def test_row_end_to_end_then_reused_then_recomputed(
     assert set_files(workdir) == before
     assert again["reused"] == dict.fromkeys(ALL, True)
     assert "experts: 2 in" in caplog.text and "reused" in caplog.text
-    measured = json.loads((second / "row.json").read_text())["measured"]["acc"]
-    assert all(r["convnet"]["cached"] for r in measured.values())
+    evaluations = json.loads((second / "stages.json").read_text())["evaluations"]
+    assert all(r["convnet"]["cached"] for r in evaluations.values())
+    # row.json says what was measured, not how: the rerun writes the same row
+    assert json.loads((second / "row.json").read_text())["measured"] == row["measured"]
     assert again["acc_pruning"] == summary["acc_pruning"]
 
     # a changed distillation setting recomputes the distilled sets only
@@ -227,11 +230,11 @@ def test_quickstart_preset_is_a_consistent_small_reproduce_run(compose):
     assert cfg.task.name == "reproduce" and cfg.ipc == 1
     settled = reproduce.settle(cfg)
     # experts, distillation and evaluation all use the same narrow ConvNet
-    assert settled.net.width == 32 and reproduce.net_options(settled)["width"] == 32
+    assert settled.net.width == 32 and net_options(settled.net)["width"] == 32
     assert settled.teacher.num_experts == settled.distill.max_experts == 2
     assert settled.distill.iterations == 50 and settled.distill.syn_steps == 10
     assert settled.distill.lr_lr == 1e-7 and settled.distill.lr_teacher == 0.01  # the IPC 1 row
-    assert settled.distill.lr_img == 1000 and not settled.dataset.zca  # reproduce.zca=false wins
+    assert settled.distill.lr_img == 1000 and not settled.dataset.zca  # dataset.zca=false wins
     assert settled.distill.preset == "none"  # applied once: the stages run exactly these values
     need = settled.distill.max_start_epoch - 1 + settled.distill.expert_epochs
     assert need <= settled.teacher.epochs  # no capping needed at this scale
@@ -249,8 +252,8 @@ def test_scale_knobs_write_the_sub_task_keys(compose):
     assert cfg.teacher.num_experts == 3 and cfg.distill.syn_steps == 7
     assert cfg.distill.max_start_epoch == 20 and cfg.distill.iterations == 5000  # the preset
     assert cfg.evaluate.epochs == 1000 and cfg.evaluate.num_eval == 5
-    assert not cfg.dataset.zca  # outside train.py dataset.zca is taken as composed (as distill)
-    assert reproduce.settle(compose("task=reproduce", "reproduce.zca=true")).dataset.zca
+    assert cfg.dataset.zca  # dataset.zca: null follows the row (CIFAR-10 IPC 10: ZCA on)
+    assert not reproduce.settle(compose("task=reproduce", "ipc=10", "dataset.zca=false")).dataset.zca
     # a sub-task key given directly is kept when the knob is null
     cfg = reproduce.settle(compose("task=reproduce", "distill.iterations=11"))
     assert cfg.distill.iterations == 11

@@ -12,7 +12,8 @@ import torch
 
 from datamodules.trajectories import ExpertStore, default_store_dir
 from lightning_modules.errors import UserError
-from lightning_modules.condense.experts import build_seeded, expert_seed, train_expert
+from lightning_modules.condense.experts import build_seeded, train_expert
+from lightning_modules.utils.seeds import derive_seed
 from lightning_modules.nets import FlatParams, build_classifier
 from tests.conftest import ROOT, run_train
 
@@ -178,11 +179,11 @@ def test_claim_of_a_killed_process_is_not_stale(tmp_path):
 
 def test_build_seeded_is_reproducible_and_leaves_global_rng_alone():
     state = torch.random.get_rng_state()
-    a, b, c = (build_seeded(small_net, expert_seed(0, i)) for i in (1, 1, 2))
+    a, b, c = (build_seeded(small_net, derive_seed(0, "expert", i)) for i in (1, 1, 2))
     assert torch.equal(state, torch.random.get_rng_state())
     a, b, c = (FlatParams(n).flatten(n) for n in (a, b, c))
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert expert_seed(1, 0) != expert_seed(0, 1)
+    assert derive_seed(1, "expert", 0) != derive_seed(0, "expert", 1)
 
 
 def test_train_expert_records_every_epoch():
@@ -247,7 +248,7 @@ def test_teacher_task_in_process(tiny_data, tmp_path, compose):
     )
     assert meta["dataset"] == "cifar10" and meta["zca"] is False and len(meta["test_acc"]) == 3
     assert meta["lr"] == 0.01 and meta["momentum"] == 0 and meta["batch_size"] == 256
-    assert meta["seed"] == expert_seed(cfg.seed, 1) and meta["index"] == 1
+    assert meta["seed"] == derive_seed(cfg.seed, "expert", 1) and meta["index"] == 1
     assert (tmp_path / "outputs" / "run" / "expert_test_acc.png").stat().st_size > 0
     # the trajectory is that of a net built from the recorded seed
     net = build_seeded(lambda: build_classifier("convnet", width=16), meta["seed"])

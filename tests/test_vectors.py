@@ -40,7 +40,7 @@ def test_points_from_file(tmp_path, suffix):
 @pytest.mark.parametrize(
     "array,match",
     [
-        (np.zeros(5), "shape"),
+        (np.zeros((1, 3)), "shape"),  # one point (a 1-D array is N points in 1-D, as in a CSV)
         (np.zeros((3, 2, 2)), "shape"),
         (np.array([[1.0, np.nan], [0, 0], [1, 1]]), "NaN"),
     ],
@@ -55,3 +55,14 @@ def test_points_bad_files(tmp_path, array, match):
 def test_points_missing_path():
     with pytest.raises(UserError, match="dataset.path"):
         PointsDataModule(path=None).setup()
+
+
+def test_one_dimensional_points_read_the_same_from_npy_and_csv(tmp_path):
+    from datamodules.vectors import load_points
+
+    values = np.linspace(-1, 1, 7)
+    np.save(tmp_path / "p.npy", values)  # a 1-D array
+    np.savetxt(tmp_path / "p.csv", values[:, None], delimiter=",")  # one column
+    a, b = load_points(str(tmp_path / "p.npy")), load_points(str(tmp_path / "p.csv"))
+    assert a.shape == b.shape == (7, 1)
+    np.testing.assert_allclose(a, b)

@@ -200,6 +200,13 @@ class DSA:
         raise ValueError(f"unknown DSA group {g!r}")
 
 
+def make_dsa(strategy: str | None) -> DSA | None:
+    """``DSA(strategy)``, or None when augmentation is off (None, ``""`` or ``"none"``)."""
+    if strategy is None or str(strategy).lower() in ("", "none"):
+        return None
+    return DSA(strategy)
+
+
 def to_device(t: torch.Tensor, device) -> torch.Tensor:
     """Move a small CPU draw to ``device`` without a stream sync (pinned, non-blocking) on CUDA."""
     device = torch.device(device) if device is not None else t.device

@@ -1,9 +1,11 @@
 """Score a small training set: train fresh networks on it, report real test accuracy (plain torch).
 
 The protocol of the dataset-distillation literature (DC/DSA/MTT): SGD with momentum 0.9 and
-weight decay 5e-4, the set's learned lr, batch 256, lr / 10 at half of the epochs, DSA on every
+weight decay 5e-4, the set's learned lr, batch 256, lr / 10 about half way, DSA on every
 batch, test accuracy on the whole real test split after the last epoch, mean ± std over
-``num_eval`` networks per architecture.
+``num_eval`` networks per architecture. ``protocol="mtt"`` (default) follows MTT's
+``evaluate_synset`` exactly (``epochs + 1`` epochs, a new optimiser at the decay); ``"half"`` is
+the older schedule of this repository (see ``_Protocol``).
 
 The set is tiny (IPC 10 of CIFAR-10 is 100 images: one batch per epoch), so the cost is launch
 and Python overhead, not arithmetic. The set lives on the device (no DataLoader) and the
@@ -20,7 +22,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,6 +33,12 @@ from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 from lightning_modules.condense.dsa import DEFAULT_STRATEGY, DSA, to_device
 from lightning_modules.errors import UserError
 from lightning_modules.nets import CLASSIFIERS, build_classifier
+from lightning_modules.utils.devices import resolve_device
+from lightning_modules.utils.progress import progress_bar
+from lightning_modules.utils.seeds import derive_seed
+
+#: the lr of the coreset baselines and of real-data training in the field (sets without a lr)
+DEFAULT_LR = 0.01
 
 
 def check_net_names(nets: Sequence[str]) -> list[str]:
@@ -47,16 +54,6 @@ def check_net_names(nets: Sequence[str]) -> list[str]:
     if not names:
         raise UserError(f"evaluate.nets is empty; give a list such as [{', '.join(CLASSIFIERS)}]")
     return names
-
-
-def network_seed(seed: int, net: str, index: int) -> int:
-    """An independent 63-bit seed per (run seed, architecture, network index)."""
-    return int(
-        np.random.SeedSequence([int(seed), zlib.crc32(net.encode()), int(index)]).generate_state(
-            2, np.uint64
-        )[0]
-        >> np.uint64(1)
-    )
 
 
 @torch.no_grad()
@@ -97,33 +94,39 @@ def _accuracy(correct: torch.Tensor, total: int) -> float:
     return 100.0 * float(correct) / max(1, total)
 
 
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
+#: evaluation schedules (``evaluate.protocol``); see :class:`_Protocol`
+PROTOCOLS = ("mtt", "half")
+DEFAULT_PROTOCOL = "mtt"
 
 
 class _Protocol:
-    """The shared training protocol; the two paths below differ only in how they batch networks."""
+    """The shared training schedule; the two paths below differ only in how they batch networks.
+
+    ``protocol="mtt"`` is MTT's ``evaluate_synset`` (utils.py of the official code) step for step:
+    ``epochs + 1`` training epochs (0 .. epochs), lr / 10 after epoch ``epochs // 2 + 1``, at which
+    point the SGD optimiser is built anew (its momentum buffers start from zero), DSA on every
+    training batch, the test after the last epoch. ``protocol="half"``: ``epochs`` epochs, lr / 10
+    from epoch ``epochs // 2`` on (none for one epoch), one optimiser throughout (momentum kept):
+    this repository's schedule before the MTT one became the default.
+    """
 
     def __init__(
-        self, *, lr, epochs, batch_size, momentum, weight_decay, dsa_strategy, eval_batch_size
+        self,
+        *,
+        lr,
+        epochs,
+        batch_size,
+        momentum,
+        weight_decay,
+        dsa_strategy,
+        eval_batch_size,
+        protocol: str = DEFAULT_PROTOCOL,
     ):
+        if protocol not in PROTOCOLS:
+            raise UserError(
+                f"evaluate.protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}"
+            )
+        self.protocol = protocol
         self.lr = float(lr)
         self.epochs = int(epochs)
         self.batch_size = int(batch_size)
@@ -131,19 +134,34 @@ class _Protocol:
         self.weight_decay = float(weight_decay)
         self.dsa = DSA(dsa_strategy)
         self.eval_batch_size = int(eval_batch_size)
+        if protocol == "mtt":
+            self.train_epochs = self.epochs + 1
+            self.decay_epoch = self.epochs // 2 + 2  # the first epoch at lr / 10
+        else:
+            self.train_epochs = self.epochs
+            self.decay_epoch = self.epochs // 2 if self.epochs > 1 else None
 
-    def optimizer(self, params) -> torch.optim.SGD:
+    def optimizer(self, params, epoch: int = 0) -> torch.optim.SGD:
         return torch.optim.SGD(
-            params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+            params, lr=self.lr_at(epoch), momentum=self.momentum, weight_decay=self.weight_decay
         )
 
     def lr_at(self, epoch: int) -> float:
-        # lr / 10 from the middle epoch on (epoch 500 of 1000)
-        return self.lr * (0.1 if self.epochs > 1 and epoch >= self.epochs // 2 else 1.0)
+        decayed = self.decay_epoch is not None and epoch >= self.decay_epoch
+        return self.lr * (0.1 if decayed else 1.0)
+
+    def epoch_optimizer(self, opt: torch.optim.SGD, params, epoch: int) -> torch.optim.SGD:
+        """The optimiser for ``epoch``: MTT builds a new one at the decay, ``half`` resets lr."""
+        if self.protocol == "mtt" and epoch == self.decay_epoch:
+            return self.optimizer(params, epoch)
+        for group in opt.param_groups:
+            group["lr"] = self.lr_at(epoch)
+        return opt
 
     def report(self, epoch: int) -> bool:
         """Whether to read the loss back this epoch (about 50 times per run, and the last epoch)."""
-        return epoch == self.epochs - 1 or epoch % max(1, self.epochs // 50) == 0
+        last = self.train_epochs - 1
+        return epoch == last or epoch % max(1, self.train_epochs // 50) == 0
 
     def batches(self, n: int, generator: torch.Generator) -> list[torch.Tensor]:
         order = torch.randperm(n, generator=generator)
@@ -153,14 +171,41 @@ class _Protocol:
         return self.dsa(x, generator)
 
 
+def _test_accuracy(net: nn.Module, proto: _Protocol, test_x, test_y) -> float:
+    """Accuracy (%) of one network on the test split, in eval mode."""
+    net.eval()
+    correct = torch.zeros((), dtype=torch.long, device=test_x.device)
+    step = proto.eval_batch_size
+    with torch.no_grad():
+        for start in range(0, len(test_x), step):
+            x, y = test_x[start : start + step], test_y[start : start + step]
+            correct += (net(x).argmax(-1) == y).sum()
+    return _accuracy(correct, len(test_x))
+
+
+def _test_accuracy_batched(base, params, buffers, proto: _Protocol, test_x, test_y) -> list:
+    """Accuracies (%) of the ``M`` stacked networks, the test images split over them."""
+    m = next(iter(params.values())).shape[0]
+    base.eval()
+    predict = vmap(
+        lambda p, b, x: functional_call(base, (p, b), (x,)).argmax(-1), in_dims=(0, 0, None)
+    )
+    chunk = max(1, proto.eval_batch_size // m)
+    correct = torch.zeros(m, dtype=torch.long, device=test_x.device)
+    with torch.no_grad():
+        for start in range(0, len(test_x), chunk):
+            x, y = test_x[start : start + chunk], test_y[start : start + chunk]
+            correct += (predict(params, buffers, x) == y).sum(1)
+    return [_accuracy(c, len(test_x)) for c in correct.tolist()]
+
+
 def _train_one_by_one(nets, gens, proto: _Protocol, images, labels, test_x, test_y, bar, task):
     accs, losses = [], []
     for net, g in zip(nets, gens):
         net.train()
         opt = proto.optimizer(net.parameters())
-        for epoch in range(proto.epochs):
-            for group in opt.param_groups:
-                group["lr"] = proto.lr_at(epoch)
+        for epoch in range(proto.train_epochs):
+            opt = proto.epoch_optimizer(opt, net.parameters(), epoch)
             total, count = 0.0, 0
             for idx in proto.batches(len(images), g):
                 idx = to_device(idx, images.device)
@@ -172,18 +217,9 @@ def _train_one_by_one(nets, gens, proto: _Protocol, images, labels, test_x, test
                 total, count = total + loss.detach() * len(idx), count + len(idx)
             # reading the loss waits for the device: only now and then
             info = f"loss {float(total) / count:.3f}" if proto.report(epoch) else None
-            bar.update(task, advance=1, **({"info": info} if info else {}))
+            bar.update(task, advance=1, **({"status": info} if info else {}))
         losses.append(float(total) / count)
-        net.eval()
-        correct = torch.zeros((), dtype=torch.long, device=images.device)
-        with torch.no_grad():
-            for start in range(0, len(test_x), proto.eval_batch_size):
-                x, y = (
-                    test_x[start : start + proto.eval_batch_size],
-                    test_y[start : start + proto.eval_batch_size],
-                )
-                correct += (net(x).argmax(-1) == y).sum()
-        accs.append(_accuracy(correct, len(test_x)))
+        accs.append(_test_accuracy(net, proto, test_x, test_y))
     return accs, losses
 
 
@@ -199,15 +235,13 @@ def _train_together(nets, gens, proto: _Protocol, images, labels, test_x, test_y
     step = vmap(grad_and_value(loss_fn))
     leaves = list(params.values())
     opt = proto.optimizer(leaves)
-    for epoch in range(proto.epochs):
-        for group in opt.param_groups:
-            group["lr"] = proto.lr_at(epoch)
+    for epoch in range(proto.train_epochs):
+        opt = proto.epoch_optimizer(opt, leaves, epoch)
         orders = [proto.batches(len(images), g) for g in gens]
         total = torch.zeros(m, device=images.device)
         for b in range(len(orders[0])):
-            idx = to_device(
-                torch.stack([o[b] for o in orders]), images.device
-            )  # [M, B]: own order per net
+            # [M, B]: each network its own order
+            idx = to_device(torch.stack([o[b] for o in orders]), images.device)
             x = torch.stack([proto.augment(images[idx[i]], gens[i]) for i in range(m)])
             grads, loss = step(params, buffers, x, labels[idx])
             for leaf, name in zip(leaves, params):
@@ -215,40 +249,86 @@ def _train_together(nets, gens, proto: _Protocol, images, labels, test_x, test_y
             opt.step()
             total += loss.detach() * idx.shape[1]
         info = f"loss {float(total.mean()) / len(images):.3f}" if proto.report(epoch) else None
-        bar.update(task, advance=1, **({"info": info} if info else {}))
-    base.eval()
-    predict = vmap(
-        lambda p, b, x: functional_call(base, (p, b), (x,)).argmax(-1), in_dims=(0, 0, None)
-    )
-    chunk = max(1, proto.eval_batch_size // m)
-    correct = torch.zeros(m, dtype=torch.long, device=images.device)
-    with torch.no_grad():
-        for start in range(0, len(test_x), chunk):
-            correct += (
-                predict(params, buffers, test_x[start : start + chunk])
-                == test_y[start : start + chunk]
-            ).sum(1)
+        bar.update(task, advance=1, **({"status": info} if info else {}))
+    accs = _test_accuracy_batched(base, params, buffers, proto, test_x, test_y)
     # hand the trained weights back to the module objects (callers may inspect them)
     for i, net in enumerate(nets):
         with torch.no_grad():
             for name, p in net.named_parameters():
                 p.copy_(params[name][i])
-    return [_accuracy(c, len(test_x)) for c in correct.tolist()], (total / len(images)).tolist()
+    return accs, (total / len(images)).tolist()
 
 
-def resolve_device(device) -> torch.device:
-    """``auto`` → cuda when available, else cpu."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(str(device))
-    except RuntimeError:
-        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:<index>") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
+def _check_arguments(images, lr, num_eval: int, epochs: int, indices, together, device):
+    """``(indices, together, device)`` resolved; ``UserError`` for a bad setting."""
+    if len(images) == 0:
+        raise UserError("the set to evaluate is empty")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise UserError(
-            f"device {device!r} asked for but CUDA is not available; use device=auto or cpu"
+            f"evaluation lr must be a positive number, got {lr!r}; give evaluate.lr=<value>"
         )
-    return dev
+    if num_eval < 1 or epochs < 1:
+        raise UserError(
+            f"evaluate.num_eval and evaluate.epochs must be >= 1 (got {num_eval}, {epochs})"
+        )
+    ks = list(range(num_eval)) if indices is None else [int(k) for k in indices]
+    if not ks or any(not 0 <= k < num_eval for k in ks):
+        raise ValueError(f"indices must be a non-empty subset of range({num_eval}), got {ks}")
+    device = resolve_device(device)
+    if together == "auto" or together is None:
+        together = device.type == "cuda"
+    elif not isinstance(together, bool):
+        raise UserError(f"evaluate.together must be auto, true or false, got {together!r}")
+    return ks, together, device
+
+
+def arch_options(name: str, net_options: dict | None) -> dict:
+    """The constructor options of architecture ``name`` from ``net_options`` (a whole net config
+    with ``name``/``_target_`` is accepted too)."""
+    options = dict((net_options or {}).get(name) or {})
+    options.pop("name", None)
+    options.pop("_target_", None)
+    return options
+
+
+def _build_nets(name, ks, seed, images, num_classes, options, device):
+    """The networks ``ks`` of architecture ``name`` and their generators (init, order, DSA)."""
+    channels, im_size = images.shape[1], images.shape[-1]
+    gens = [torch.Generator().manual_seed(derive_seed(seed, name, k)) for k in ks]
+    models = [
+        _fresh_net(name, channels, num_classes, im_size, g, **options).to(device) for g in gens
+    ]
+    return models, gens
+
+
+def _train_nets(name, models, gens, proto, together, data, bar):
+    """Train and test the networks of one architecture: ``(accs, losses, seconds)``."""
+    images, labels, test_x, test_y = data
+    batched = together and len(models) > 1 and not any(True for _ in models[0].buffers())
+    task = bar.add_task(
+        f"evaluate {name} x{len(models)} ({'together' if batched else 'one by one'})",
+        total=proto.train_epochs * (1 if batched else len(models)),
+        status="",
+    )
+    start = time.perf_counter()
+    train = _train_together if batched else _train_one_by_one
+    accs, losses = train(models, gens, proto, images, labels, test_x, test_y, bar, task)
+    if images.device.type == "cuda":
+        torch.cuda.synchronize(images.device)
+    return accs, losses, time.perf_counter() - start
+
+
+def _score(accs, losses, seconds, options, params) -> dict:
+    """One architecture's entry of the result."""
+    return {
+        "accs": accs,
+        "mean": float(np.mean(accs)),
+        "std": float(np.std(accs)),
+        "train_loss": losses,
+        "seconds": seconds,
+        "options": options,
+        "params": params,
+    }
 
 
 def evaluate_set(
@@ -274,6 +354,7 @@ def evaluate_set(
     return_nets: bool = False,
     net_options: dict[str, dict] | None = None,
     indices: Sequence[int] | None = None,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> dict:
     """Train ``num_eval`` fresh networks per architecture on (images, labels); test on real data.
 
@@ -283,6 +364,8 @@ def evaluate_set(
         nets: architecture names (``convnet``, ``alexnet``, ``vgg11``, ``resnet18``,
             ``resnet18_ap``).
         lr: learning rate (the set's learned lr for distilled sets).
+        epochs: MTT's ``epoch_eval_train``: ``protocol="mtt"`` trains ``epochs + 1`` epochs.
+        protocol: ``mtt`` (MTT's ``evaluate_synset``) or ``half`` (see :class:`_Protocol`).
         together: ``True`` trains the ``num_eval`` networks of one architecture as one
             ``vmap``-batched network, ``False`` one after another with the same randomness (the
             same networks up to float rounding); ``"auto"`` (default) picks the faster as measured:
@@ -292,35 +375,19 @@ def evaluate_set(
         net_options: constructor options per architecture name, e.g. ``{"convnet": {"width":
             32}}`` to evaluate on the ConvNet the experts used; default: the standard networks.
         indices: which of the ``num_eval`` networks per architecture to train (default all).
-            Network ``k`` draws everything from ``network_seed(seed, net, k)``, so a subset
+            Network ``k`` draws everything from ``derive_seed(seed, net, k)``, so a subset
             trains the very networks a full call would (how runs are split across DDP ranks
             and resumed).
 
     Returns:
         ``{net: {"accs": [% per network], "mean": %, "std": % (population), "train_loss": [...],
-        "seconds": wall time}}``.
+        "seconds": wall time, "options": constructor options, "params": parameter count}}``.
     """
     names = check_net_names(nets)
-    if len(images) == 0:
-        raise UserError("the set to evaluate is empty")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise UserError(
-            f"evaluation lr must be a positive number, got {lr!r}; give evaluate.lr=<value>"
-        )
-    if num_eval < 1 or epochs < 1:
-        raise UserError(
-            f"evaluate.num_eval and evaluate.epochs must be >= 1 (got {num_eval}, {epochs})"
-        )
-    ks = list(range(num_eval)) if indices is None else [int(k) for k in indices]
-    if not ks or any(not 0 <= k < num_eval for k in ks):
-        raise ValueError(f"indices must be a non-empty subset of range({num_eval}), got {ks}")
-    device = resolve_device(device)
-    if together == "auto" or together is None:
-        together = device.type == "cuda"
-    elif not isinstance(together, bool):
-        raise UserError(f"evaluate.together must be auto, true or false, got {together!r}")
+    ks, together, device = _check_arguments(images, lr, num_eval, epochs, indices, together, device)
     images, labels = images.detach().to(device, torch.float32), labels.to(device, torch.long)
     test_x, test_y = test_x.to(device, torch.float32), test_y.to(device, torch.long)
+    data = (images, labels, test_x, test_y)
     proto = _Protocol(
         lr=lr,
         epochs=epochs,
@@ -329,36 +396,17 @@ def evaluate_set(
         weight_decay=weight_decay,
         dsa_strategy=dsa_strategy,
         eval_batch_size=eval_batch_size,
+        protocol=protocol,
     )
-    channels, im_size = images.shape[1], images.shape[-1]
     results: dict = {}
     trained: dict = {}
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         for name in names:
-            gens = [torch.Generator().manual_seed(network_seed(seed, name, k)) for k in ks]
-            options = dict((net_options or {}).get(name, {}))
-            models = [
-                _fresh_net(name, channels, num_classes, im_size, g, **options).to(device)
-                for g in gens
-            ]
-            batched = together and len(models) > 1 and not any(True for _ in models[0].buffers())
-            task = bar.add_task(
-                f"evaluate {name} x{len(ks)} ({'together' if batched else 'one by one'})",
-                total=epochs * (1 if batched else len(ks)),
-                info="",
-            )
-            start = time.perf_counter()
-            train = _train_together if batched else _train_one_by_one
-            accs, losses = train(models, gens, proto, images, labels, test_x, test_y, bar, task)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            results[name] = {
-                "accs": accs,
-                "mean": float(np.mean(accs)),
-                "std": float(np.std(accs)),
-                "train_loss": losses,
-                "seconds": time.perf_counter() - start,
-            }
+            options = arch_options(name, net_options)
+            models, gens = _build_nets(name, ks, seed, images, num_classes, options, device)
+            accs, losses, seconds = _train_nets(name, models, gens, proto, together, data, bar)
+            params = sum(p.numel() for p in models[0].parameters())
+            results[name] = _score(accs, losses, seconds, options, params)
             trained[name] = models
     if return_nets:
         results["_nets"] = trained
@@ -366,12 +414,21 @@ def evaluate_set(
 
 
 def results_markdown(results: dict, title: str = "") -> str:
-    """A markdown table: one row per network, accuracy mean ± std over its runs."""
+    """A markdown table: one row per network, accuracy mean ± std over its runs, and the
+    network's parameter count and constructor options when the results carry them."""
     lines = [f"**{title}**", ""] if title else []
-    lines += ["| net | test accuracy (%) | runs | per run |", "|---|---|---|---|"]
+    lines += [
+        "| net | test accuracy (%) | runs | per run | params | options |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in results.items():
         if name.startswith("_"):
             continue
         runs = ", ".join(f"{a:.2f}" for a in r["accs"])
-        lines.append(f"| {name} | {r['mean']:.2f} ± {r['std']:.2f} | {len(r['accs'])} | {runs} |")
+        params = f"{r['params']:,}" if r.get("params") is not None else ""
+        options = ", ".join(f"{k}={v}" for k, v in sorted((r.get("options") or {}).items()))
+        lines.append(
+            f"| {name} | {r['mean']:.2f} ± {r['std']:.2f} | {len(r['accs'])} | {runs} "
+            f"| {params} | {options or 'default'} |"
+        )
     return "\n".join(lines) + "\n"

@@ -15,14 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_modules.nets.functional import FlatParams
+from lightning_modules.utils.seeds import derive_seed
+
+#: settings that make two experts different trajectories: a store must not mix them
+RECIPE_KEYS = ("epochs", "lr", "momentum", "weight_decay", "batch_size", "dsa_strategy")
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 BatchHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]  # (indices, logits, labels)
-
-
-def expert_seed(seed: int, index: int) -> int:
-    """The seed of expert ``index`` of a run seeded ``seed`` (distinct for index < 10^6)."""
-    return int(seed) * 1_000_000 + int(index)
 
 
 def build_seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
@@ -30,18 +29,6 @@ def build_seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
-
-
-def resolve_device(accelerator: str | None = "auto") -> torch.device:
-    """``cpu`` / ``gpu`` / ``cuda`` / ``auto`` (CUDA when present) as a torch device."""
-    accelerator = (accelerator or "auto").lower()
-    if accelerator == "cpu":
-        return torch.device("cpu")
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    if accelerator == "mps" and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -172,8 +159,8 @@ def train_expert(
         weight_decay=weight_decay,
         batch_size=batch_size,
         augment=augment,
-        shuffle_generator=torch.Generator().manual_seed(2 * seed),
-        augment_generator=torch.Generator().manual_seed(2 * seed + 1),
+        shuffle_generator=torch.Generator().manual_seed(derive_seed(seed, "batches")),
+        augment_generator=torch.Generator().manual_seed(derive_seed(seed, "dsa")),
         on_epoch=record,
         on_step=on_step,
     )

@@ -25,18 +25,33 @@ def make_norm(kind: str, channels: int, size: int) -> nn.Module:
         return nn.GroupNorm(min(4, channels), channels)
     if kind in ("none", None):
         return nn.Identity()
-    raise UserError(f"unknown norm {kind!r}; use instancenorm, batchnorm, layernorm, groupnorm or none")
+    raise UserError(
+        f"unknown norm {kind!r}; use instancenorm, batchnorm, layernorm, groupnorm or none"
+    )
 
 
 def make_act(kind: str) -> nn.Module:
-    acts = {"relu": nn.ReLU, "leakyrelu": lambda: nn.LeakyReLU(0.01), "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
+    """In place where autograd allows it (ReLU, LeakyReLU: their backward needs only their output,
+    and every layer before one here, conv or norm, needs only its input): the pre-activation
+    tensor is not kept beside the activation during the forward, which lowers peak memory in the
+    distillation unroll. Sigmoid and GELU have no in-place module form."""
+    acts = {
+        "relu": lambda: nn.ReLU(inplace=True),
+        "leakyrelu": lambda: nn.LeakyReLU(0.01, inplace=True),
+        "sigmoid": nn.Sigmoid,
+        "gelu": nn.GELU,
+    }
     if kind not in acts:
         raise UserError(f"unknown activation {kind!r}; use one of {sorted(acts)}")
     return acts[kind]()
 
 
 def make_pool(kind: str) -> nn.Module:
-    pools = {"avgpool": lambda: nn.AvgPool2d(2), "maxpool": lambda: nn.MaxPool2d(2), "none": nn.Identity}
+    pools = {
+        "avgpool": lambda: nn.AvgPool2d(2),
+        "maxpool": lambda: nn.MaxPool2d(2),
+        "none": nn.Identity,
+    }
     if kind not in pools:
         raise UserError(f"unknown pooling {kind!r}; use avgpool, maxpool or none")
     return pools[kind]()
@@ -59,7 +74,12 @@ class ConvNet(nn.Module):
         super().__init__()
         layers, c, size = [], channels, im_size
         for _ in range(depth):
-            layers += [nn.Conv2d(c, width, 3, padding=1), make_norm(norm, width, size), make_act(act), make_pool(pool)]
+            layers += [
+                nn.Conv2d(c, width, 3, padding=1),
+                make_norm(norm, width, size),
+                make_act(act),
+                make_pool(pool),
+            ]
             c = width
             size = size // 2 if pool != "none" else size
         if size < 1:
@@ -80,11 +100,11 @@ class AlexNet(nn.Module):
     def __init__(self, channels: int = 3, num_classes: int = 10, im_size: int = 32):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(channels, 128, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(128, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(192, 256, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(256, 192, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(192, 192, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(channels, 128, 5, padding=2), nn.ReLU(True), nn.MaxPool2d(2),
+            nn.Conv2d(128, 192, 5, padding=2), nn.ReLU(True), nn.MaxPool2d(2),
+            nn.Conv2d(192, 256, 3, padding=1), nn.ReLU(True),
+            nn.Conv2d(256, 192, 3, padding=1), nn.ReLU(True),
+            nn.Conv2d(192, 192, 3, padding=1), nn.ReLU(True), nn.MaxPool2d(2),
         )  # fmt: skip
         self.classifier = nn.Linear(192 * (im_size // 8) ** 2, num_classes)
 
@@ -100,7 +120,13 @@ class VGG11(nn.Module):
 
     plan = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
-    def __init__(self, channels: int = 3, num_classes: int = 10, im_size: int = 32, norm: str = "instancenorm"):
+    def __init__(
+        self,
+        channels: int = 3,
+        num_classes: int = 10,
+        im_size: int = 32,
+        norm: str = "instancenorm",
+    ):
         super().__init__()
         # small images (e.g. 28px) are padded up to 32px by the first conv, as DC/MTT do for MNIST
         pad0 = 1 + max(0, (32 - im_size) // 2)
@@ -110,7 +136,11 @@ class VGG11(nn.Module):
                 layers.append(nn.MaxPool2d(2))
                 size //= 2
             else:
-                layers += [nn.Conv2d(c, v, 3, padding=pad0 if not layers else 1), make_norm(norm, v, size), nn.ReLU()]
+                layers += [
+                    nn.Conv2d(c, v, 3, padding=pad0 if not layers else 1),
+                    make_norm(norm, v, size),
+                    nn.ReLU(True),
+                ]
                 c = v
         if size < 1:
             raise UserError(f"VGG11 needs images of at least 32px, got {im_size}")
@@ -127,7 +157,9 @@ class VGG11(nn.Module):
 class BasicBlock(nn.Module):
     """ResNet basic block; ``pool_downsample`` replaces strided convs by avgpool 2 (ResNet_AP)."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int, norm: str, size: int, pool_downsample: bool):
+    def __init__(
+        self, c_in: int, c_out: int, stride: int, norm: str, size: int, pool_downsample: bool
+    ):
         super().__init__()
         self.pool = pool_downsample and stride != 1
         out_size = size // stride
@@ -144,11 +176,11 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(*sc, make_norm(norm, c_out, out_size))
 
     def forward(self, x):
-        out = F.relu(self.norm1(self.conv1(x)))
+        out = F.relu(self.norm1(self.conv1(x)), inplace=True)
         if self.pool:
             out = F.avg_pool2d(out, 2)
         out = self.norm2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return F.relu(out + self.shortcut(x), inplace=True)
 
 
 class ResNet18(nn.Module):
@@ -165,7 +197,9 @@ class ResNet18(nn.Module):
         super().__init__()
         self.pool_downsample = pool_downsample
         self.stem = nn.Sequential(
-            nn.Conv2d(channels, 64, 3, padding=1, bias=False), make_norm(norm, 64, im_size), nn.ReLU()
+            nn.Conv2d(channels, 64, 3, padding=1, bias=False),
+            make_norm(norm, 64, im_size),
+            nn.ReLU(True),
         )
         blocks, c, size = [], 64, im_size
         for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
@@ -195,13 +229,20 @@ CLASSIFIERS = {
 }
 
 
-def build_classifier(name: str, channels: int = 3, num_classes: int = 10, im_size: int = 32, **options) -> nn.Module:
-    """Build a classifier by name (``convnet``, ``alexnet``, ``vgg11``, ``resnet18``, ``resnet18_ap``)."""
+def build_classifier(
+    name: str, channels: int = 3, num_classes: int = 10, im_size: int = 32, **options
+) -> nn.Module:
+    """Build a classifier by name: ``convnet``, ``alexnet``, ``vgg11``, ``resnet18``,
+    ``resnet18_ap``."""
     key = name.lower().replace("-", "_")
     if key not in CLASSIFIERS:
         raise UserError(f"unknown net {name!r}; choose one of {', '.join(CLASSIFIERS)}")
     options = {k: v for k, v in options.items() if v is not None}
     try:
-        return CLASSIFIERS[key](channels=channels, num_classes=num_classes, im_size=im_size, **options)
+        return CLASSIFIERS[key](
+            channels=channels, num_classes=num_classes, im_size=im_size, **options
+        )
     except TypeError as e:
-        raise UserError(f"net {name!r} does not take these options {sorted(options)} ({e})") from None
+        raise UserError(
+            f"net {name!r} does not take these options {sorted(options)} ({e})"
+        ) from None

@@ -1,13 +1,21 @@
-"""``task=classify``: train ``net`` on the real train split, report test accuracy."""
+"""``task=classify``: train ``net`` on the real train split, report test accuracy.
+
+``resume=true`` restarts from ``checkpoints/last.ckpt`` (written after every epoch) with the
+weights, optimiser, schedule and the loader's shuffle generator, so the resumed run ends at the
+uninterrupted run's weights; a CSV logger keeps the rows written before the kill.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
 from lightning_modules.classifier import ClassifierModule
+from lightning_modules.errors import UserError
 from lightning_modules.tasks.common import (
+    ShuffleState,
     build_datamodule,
     build_logger,
     build_net,
@@ -18,8 +26,28 @@ from lightning_modules.tasks.common import (
 )
 
 
+def check_settings(cfg: DictConfig) -> None:
+    """One clear line for settings that cannot work (before any data is loaded); the counts
+    (``task.epochs``, ``dataset.batch_size``, ...) are checked by ``tasks.checks`` before that."""
+    t = cfg.task
+    val_every = t.get("val_every")
+    if isinstance(val_every, bool) or not isinstance(val_every, int) or val_every < 1:
+        raise UserError(f"task.val_every must be a positive whole number, got {val_every!r}")
+    if isinstance(t.lr, bool) or not isinstance(t.lr, (int, float)) or not t.lr > 0:
+        raise UserError(f"task.lr must be a positive number, got {t.lr!r}")
+
+
+def _resume_point(cfg: DictConfig, last: Path) -> tuple[str | None, int | None]:
+    """``(checkpoint path, its epoch)`` for ``resume=true``, else ``(None, None)``."""
+    if not (cfg.resume and last.exists()):
+        return None, None
+    epoch = torch.load(last, map_location="cpu", weights_only=False).get("epoch")
+    return str(last), epoch
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     t = cfg.task
+    check_settings(cfg)
     dm = build_datamodule(cfg)
     require_images(dm, "classify")
     dm.prepare_data()
@@ -33,19 +61,28 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         epochs=t.epochs,
         schedule=t.schedule,
     )
-    logger = build_logger(cfg)
-    log_config(logger, cfg)
     ckpt_dir = out_dir / "checkpoints"
+    ckpt_path, resume_epoch = _resume_point(cfg, ckpt_dir / "last.ckpt")
+    logger = build_logger(cfg, resume_epoch=resume_epoch)
+    log_config(logger, cfg)
+    # one loader for the whole fit, its shuffle generator checkpointed (the datamodule's
+    # train_dataloader() would start every fit, a resumed one too, from the seed)
+    loader = dm.train_dataloader()
+    callbacks = [epoch_checkpoints(ckpt_dir)]
+    if getattr(loader, "generator", None) is not None:
+        callbacks.append(ShuffleState(loader.generator))
     trainer = build_trainer(
         cfg,
         logger=logger,
-        callbacks=[epoch_checkpoints(ckpt_dir)],
+        callbacks=callbacks,
         max_epochs=t.epochs,
         check_val_every_n_epoch=t.val_every,
     )
-    last = ckpt_dir / "last.ckpt"
     trainer.fit(
-        module, datamodule=dm, ckpt_path=str(last) if cfg.resume and last.exists() else None
+        module,
+        train_dataloaders=loader,
+        val_dataloaders=dm.val_dataloader(),
+        ckpt_path=ckpt_path,
     )
     result = trainer.test(module, datamodule=dm, verbose=False)[0]
     return {

@@ -23,23 +23,22 @@ from lightning_modules.condense.coresets import (
     most_forgotten_per_class,
     random_per_class,
 )
+from lightning_modules.condense.dsa import make_dsa
+from lightning_modules.condense.experts import accuracy, build_seeded, embed, sgd_train
 from lightning_modules.errors import UserError
-from lightning_modules.condense.experts import (
-    accuracy,
-    build_seeded,
-    embed,
-    resolve_device,
-    sgd_train,
-)
 from lightning_modules.nets.functional import FlatParams
 from lightning_modules.tasks.common import (
     build_datamodule,
     build_logger,
     build_net,
     log_config,
+    log_images,
+    net_options,
     require_images,
+    show_progress,
 )
-from lightning_modules.tasks.teacher import log_png, make_augment, net_options
+from lightning_modules.utils.devices import resolve_device
+from lightning_modules.utils.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     check_ipc(dm.train_y, ipc, dm.num_classes)  # before any training
     logger = build_logger(cfg)
     log_config(logger, cfg)
-    generator = torch.Generator().manual_seed(int(cfg.seed))
+    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "coreset"))
     metrics: dict = {}
     if c.method == "random":
         chosen = random_per_class(dm.train_y, ipc, dm.num_classes, generator)
@@ -83,7 +82,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     set_path = Path(c.out) if c.out else out_dir / "set.pt"
     coreset.save(set_path)
     grid = coreset.save_grid(out_dir / "set.png", dm.num_classes)
-    log_png(logger, "coreset", grid)
+    log_images(logger, "coreset", grid)
     if logger:
         logger.finalize("success")
     log.info("coreset %s ipc=%d: %d images -> %s", c.method, ipc, coreset.num_images, set_path)
@@ -100,16 +99,14 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
 
 def _train(cfg: DictConfig, dm, epochs: int, purpose: str, on_batch=None):
     """A fresh ``net`` trained with the ``coreset`` optimiser settings, with a progress bar."""
-    from lightning_modules.tasks.teacher import progress_bar
-
     c = cfg.coreset
     if int(epochs) < 1:
         raise UserError(f"coreset {purpose} needs at least one epoch of training, got {epochs}")
-    seed = int(cfg.seed)
+    seed = derive_seed(cfg.seed, "coreset-net")
     device = resolve_device(cfg.trainer.get("accelerator", "auto"))
     net = build_seeded(lambda: build_net(cfg.net, dm), seed).to(device)
     steps = int(epochs) * -(-len(dm.train_x) // int(c.batch_size))
-    with progress_bar(cfg) as bar:
+    with show_progress(cfg) as bar:
         job = bar.add_task(purpose, total=steps, status="")
         sgd_train(
             net,
@@ -120,9 +117,9 @@ def _train(cfg: DictConfig, dm, epochs: int, purpose: str, on_batch=None):
             momentum=float(c.momentum),
             weight_decay=float(c.weight_decay),
             batch_size=int(c.batch_size),
-            augment=make_augment(c.dsa, c.dsa_strategy),
-            shuffle_generator=torch.Generator().manual_seed(2 * seed),
-            augment_generator=torch.Generator().manual_seed(2 * seed + 1),
+            augment=make_dsa(c.dsa_strategy if c.dsa else None),
+            shuffle_generator=torch.Generator().manual_seed(derive_seed(seed, "batches")),
+            augment_generator=torch.Generator().manual_seed(derive_seed(seed, "dsa")),
             on_batch=on_batch,
             on_epoch=lambda e: bar.update(job, status=f"epoch {e}"),
             on_step=lambda: bar.advance(job),

@@ -20,12 +20,12 @@ import logging
 import os
 import resource
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
@@ -36,6 +36,7 @@ from lightning_modules.diffusion.schedules import NoiseSchedule, Snapshot
 from lightning_modules.diffusion.steppers import make_stepper
 from lightning_modules.errors import UserError
 from lightning_modules.tasks.common import (
+    ShuffleState,
     build_logger,
     build_trainer,
     epoch_checkpoints,
@@ -258,20 +259,6 @@ class Sampler:
         self.callback_s += time.perf_counter() - start
 
 
-class ShuffleState(Callback):
-    """Checkpoints the loader's shuffle generator, so a resumed run draws the batch order the
-    uninterrupted run would (under DDP Lightning's DistributedSampler orders by epoch instead)."""
-
-    def __init__(self, generator: torch.Generator):
-        self.generator = generator
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.generator.set_state(state_dict["generator"])
-
-
 TT_OPTIMIZERS = ("als", "dmrg", "riemannian")
 
 
@@ -362,6 +349,8 @@ def build(cfg: DictConfig, out_dir: Path) -> Run:
             d.optimizer,
         )
     ckpt_dir = out_dir / "checkpoints"
+    # the stepper owns the optimiser (ALS, DMRG, Riemannian have none Lightning could step)
+    warnings.filterwarnings("ignore", message=".*configure_optimizers.*returned `None`.*")
     trainer = build_trainer(
         cfg,
         logger=logger,

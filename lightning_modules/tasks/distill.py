@@ -2,9 +2,10 @@
 parameter pruning (MTT + Li et al. 2024; REFERENCE.md section A).
 
 ``python train.py task=distill dataset=cifar100 ipc=50`` runs the published row of the MTT
-hyperparameter table for that dataset and IPC (:data:`PRESETS`): every ``distill.*`` key left
-``null`` in ``conf/task/distill.yaml`` takes the row's value, and ``dataset.zca`` follows the row
-unless it is given on the command line. Any key can still be overridden.
+hyperparameter table for that dataset and IPC (``conf/preset/mtt/<dataset>_ipc<ipc>.yaml``):
+every ``distill.*`` key left ``null`` in ``conf/task/distill.yaml`` takes the row's value, and
+``dataset.zca: null`` follows the row (:mod:`lightning_modules.tasks.settings`). Any key can
+still be overridden.
 
 Run directory: ``sets/iter_XXXXXX.pt`` (+ ``.png`` grid) at iteration 0 and every
 ``distill.eval_every`` iterations, ``set.pt`` / ``set.png`` at the end (SyntheticSet format),
@@ -22,13 +23,13 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from datamodules.expert_pairs import ExpertPairsDataModule, derive_seed
+from datamodules.expert_pairs import ExpertPairsDataModule
 from datamodules.trajectories import ExpertStore, default_store_dir, teacher_command
+from lightning_modules.condense.dsa import make_dsa
 from lightning_modules.distillation import DistillationModule
 from lightning_modules.errors import UserError
-from lightning_modules.condense.matching import check_eps
 from lightning_modules.nets.functional import FlatParams
 from lightning_modules.tasks.common import (
     build_datamodule,
@@ -36,147 +37,16 @@ from lightning_modules.tasks.common import (
     build_net,
     build_trainer,
     log_config,
+    log_images,
+    net_options,
+    process_rank,
     require_images,
 )
-from lightning_modules.condense.unroll import MODES
+from lightning_modules.tasks.settings import batch_syn_value, offload_value, resolve_settings
+from lightning_modules.utils.files import atomic_path
+from lightning_modules.utils.seeds import derive_seed
 
 log = logging.getLogger(__name__)
-
-#: MTT's hyperparameters for ConvNet-3 (REFERENCE.md A, the corrected text table); 5000 iterations
-PRESETS: dict[tuple[str, int], dict] = {
-    ("cifar10", 1): dict(syn_steps=50, expert_epochs=2, max_start_epoch=2, lr_img=100, lr_lr=1e-7, lr_teacher=0.01, batch_syn="all", zca=True),  # noqa: E501
-    ("cifar10", 10): dict(syn_steps=30, expert_epochs=2, max_start_epoch=20, lr_img=100, lr_lr=1e-5, lr_teacher=0.001, batch_syn="all", zca=True),  # noqa: E501
-    ("cifar10", 50): dict(syn_steps=30, expert_epochs=2, max_start_epoch=40, lr_img=1000, lr_lr=1e-5, lr_teacher=0.001, batch_syn="all", zca=False),  # noqa: E501
-    ("cifar100", 1): dict(syn_steps=20, expert_epochs=3, max_start_epoch=20, lr_img=1000, lr_lr=1e-5, lr_teacher=0.01, batch_syn="all", zca=True),  # noqa: E501
-    ("cifar100", 10): dict(syn_steps=20, expert_epochs=2, max_start_epoch=20, lr_img=1000, lr_lr=1e-5, lr_teacher=0.01, batch_syn="all", zca=False),  # noqa: E501
-    ("cifar100", 50): dict(syn_steps=80, expert_epochs=2, max_start_epoch=40, lr_img=1000, lr_lr=1e-5, lr_teacher=0.01, batch_syn=125, zca=True),  # noqa: E501
-}  # fmt: skip
-DEFAULT_ITERATIONS = 5000
-PRESET_KEYS = (
-    "syn_steps",
-    "expert_epochs",
-    "max_start_epoch",
-    "lr_img",
-    "lr_lr",
-    "lr_teacher",
-    "batch_syn",
-)
-INIT_STREAM = 2  # seed stream of the initial images (pairs and unrolls use 0 and 1)
-
-
-# -- configuration ------------------------------------------------------------------------------
-def command_line_keys() -> set[str] | None:
-    """Keys given as overrides on the command line; None when not running under Hydra."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if not HydraConfig.initialized():
-            return None
-        overrides = HydraConfig.get().overrides.task
-    except (ImportError, ValueError):
-        return None
-    return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-
-
-def resolve_settings(cfg: DictConfig, explicit: set[str] | None = None) -> DictConfig:
-    """A copy of ``cfg`` with the preset applied.
-
-    Null ``distill.*`` keys get the published row's values. ``dataset.zca`` gets the row's ZCA
-    setting unless it is in ``explicit``, the keys given on the command line (default: read from
-    Hydra). Without a command line (``run(cfg)`` called from Python) ``dataset.zca`` is taken as
-    the caller composed it.
-    """
-    if explicit is None:
-        explicit = command_line_keys()
-        if explicit is None:
-            explicit = {"dataset.zca"}
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    d = cfg.distill
-    preset = str(d.get("preset", "auto")).lower()
-    if preset not in ("auto", "none"):
-        raise UserError(f"distill.preset={d.preset!r}; use auto (the published row) or none")
-    row = PRESETS.get((str(cfg.dataset.name), int(cfg.ipc))) if preset == "auto" else None
-    with open_dict(cfg):
-        if d.iterations is None:
-            d.iterations = DEFAULT_ITERATIONS
-        if row is not None:
-            for key in PRESET_KEYS:
-                if d[key] is None:
-                    d[key] = row[key]
-            if "dataset.zca" in explicit:
-                if bool(cfg.dataset.zca) != row["zca"]:
-                    log.warning(
-                        "dataset.zca=%s overrides the published row (ZCA %s)",
-                        str(bool(cfg.dataset.zca)).lower(), "on" if row["zca"] else "off",
-                    )  # fmt: skip
-            else:
-                cfg.dataset.zca = row["zca"]
-        missing = [k for k in PRESET_KEYS if d[k] is None]
-        if missing:
-            rows = ", ".join(f"{n} ipc={i}" for n, i in PRESETS)
-            raise UserError(
-                f"no published hyperparameters for dataset={cfg.dataset.name} ipc={cfg.ipc} "
-                f"(rows: {rows}); set {', '.join('distill.' + k for k in missing)}"
-            )
-    validate(cfg)
-    return cfg
-
-
-def batch_syn_value(value) -> int | None:
-    """``all``/0/None -> None (the whole set), else a positive int."""
-    if value is None or str(value).lower() == "all" or value == 0:
-        return None
-    try:
-        value = int(value)
-    except ValueError:
-        raise UserError(f"distill.batch_syn={value!r}; give a positive number or 'all'") from None
-    if value < 1:
-        raise UserError(f"distill.batch_syn={value}; give a positive number or 'all'")
-    return value
-
-
-def offload_value(value) -> bool | str:
-    if isinstance(value, bool) or str(value).lower() == "auto":
-        return value if isinstance(value, bool) else "auto"
-    raise UserError(f"distill.offload={value!r}; use auto (on a GPU), true or false")
-
-
-def validate(cfg: DictConfig) -> None:
-    d = cfg.distill
-    try:
-        check_eps(d.eps)
-    except (ValueError, TypeError):
-        raise UserError(
-            f"distill.eps={d.eps} is outside [0, 1); use 0 for plain MTT or e.g. 0.1 (the default)"
-        ) from None
-    for key in (
-        "iterations",
-        "syn_steps",
-        "expert_epochs",
-        "max_start_epoch",
-        "checkpoint_every",
-        "eval_num",
-    ):
-        if int(d[key]) < 1:
-            raise UserError(f"distill.{key} must be at least 1, got {d[key]}")
-    if int(d.eval_every or 0) < 0 or int(d.eval_epochs) < 1:
-        raise UserError(
-            "distill.eval_every must be >= 0 (0: only at the end) and distill.eval_epochs >= 1"
-        )
-    if d.init not in ("real", "noise"):
-        raise UserError(f"distill.init={d.init!r}; use real (random real images) or noise")
-    if d.unroll not in MODES:
-        raise UserError(
-            f"distill.unroll={d.unroll!r}; use full or recompute (same gradient, constant memory)"
-        )
-    if float(d.lr_teacher) <= float(d.lr_floor):
-        raise UserError(
-            f"distill.lr_teacher={d.lr_teacher} must be above distill.lr_floor={d.lr_floor}"
-        )
-    if int(cfg.ipc) < 1:
-        raise UserError(f"ipc must be at least 1, got {cfg.ipc}")
-    batch_syn_value(d.batch_syn)
-    offload_value(d.offload)
 
 
 def expert_store(cfg: DictConfig) -> ExpertStore:
@@ -190,8 +60,6 @@ def expert_store(cfg: DictConfig) -> ExpertStore:
 
 def check_store(cfg: DictConfig, store: ExpertStore, num_params: int) -> None:
     """One-line errors for a missing/empty store or experts of another net, dataset or ZCA."""
-    from lightning_modules.tasks.teacher import net_options
-
     zca = bool(cfg.dataset.zca)
     if not store.indices():
         cmd = teacher_command(cfg.dataset.name, zca, cfg.net.name, store.root)
@@ -212,7 +80,7 @@ def needed_epochs(d: DictConfig) -> int:
 def initial_images(cfg: DictConfig, dm) -> tuple[torch.Tensor, torch.Tensor]:
     """``ipc`` images per class: random real train images (``init=real``) or N(0, 1) noise."""
     ipc, k = int(cfg.ipc), dm.num_classes
-    g = torch.Generator().manual_seed(derive_seed(cfg.seed, INIT_STREAM))
+    g = torch.Generator().manual_seed(derive_seed(cfg.seed, "init"))
     labels = torch.arange(k).repeat_interleave(ipc)
     if cfg.distill.init == "noise":
         return torch.randn(k * ipc, dm.channels, dm.im_size, dm.im_size, generator=g), labels
@@ -226,14 +94,6 @@ def initial_images(cfg: DictConfig, dm) -> tuple[torch.Tensor, torch.Tensor]:
             "lower ipc or use distill.init=noise"
         )
     return torch.cat([dm.real_images(c, ipc, generator=g) for c in range(k)]), labels
-
-
-def make_dsa(d: DictConfig):
-    if not d.dsa or str(d.dsa_strategy).lower() in ("", "none"):
-        return None
-    from lightning_modules.condense.dsa import DSA
-
-    return DSA(d.dsa_strategy)
 
 
 # -- artefacts ----------------------------------------------------------------------------------
@@ -288,7 +148,7 @@ class DistilledSetWriter(Callback):
                 syn = self.make_set(module)
                 syn.save(path)
                 png = syn.save_grid(path.with_suffix(".png"), self.dm.num_classes)
-                log_image(trainer.logger, "distill/images", png, t)
+                log_images(trainer.logger, "distill/images", png, t)
                 if evaluate:
                     results = evaluate_distilled(self.cfg, self.dm, syn, module.device)
                     record = {"iteration": t, **summarise(results)}
@@ -300,15 +160,11 @@ class DistilledSetWriter(Callback):
         trainer.strategy.barrier()
 
 
-def log_image(logger, key: str, png: Path, step: int) -> None:
-    from lightning.pytorch.loggers import WandbLogger
-
-    if isinstance(logger, WandbLogger):
-        logger.log_image(key=key, images=[str(png)], step=step)
-
-
 def evaluate_distilled(cfg: DictConfig, dm, syn, device) -> dict:
-    from lightning_modules.condense.evaluation import evaluate_set
+    """The set on ``distill.eval_nets``, the distillation net with its own options (``net.*``),
+    under ``evaluate.protocol`` when the config has it (task=reproduce; ``+evaluate.protocol=``
+    on a plain task=distill), else the evaluation's default (``mtt``)."""
+    from lightning_modules.condense.evaluation import DEFAULT_PROTOCOL, evaluate_set
 
     d = cfg.distill
     return evaluate_set(
@@ -326,6 +182,8 @@ def evaluate_distilled(cfg: DictConfig, dm, syn, device) -> dict:
         seed=int(cfg.seed),
         device=device,
         progress=bool(cfg.trainer.get("enable_progress_bar", True)),
+        net_options={cfg.net.name: net_options(cfg.net)},
+        protocol=str(OmegaConf.select(cfg, "evaluate.protocol", default=DEFAULT_PROTOCOL)),
     )
 
 
@@ -376,7 +234,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         batch_syn=batch_syn_value(d.batch_syn),
         unroll=str(d.unroll),
         offload=offload_value(d.offload),
-        dsa=make_dsa(d),
+        dsa=make_dsa(d.dsa_strategy if d.dsa else None),
         lr_floor=float(d.lr_floor),
         max_bad_steps=int(d.max_bad_steps),
         seed=int(cfg.seed),
@@ -408,6 +266,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     )
     # the warning says checkpoints hold the state after the update: that is what resuming needs
     warnings.filterwarnings("ignore", message=".*manual optimization and every_n_train_steps.*")
+    # the pair stream's __len__ is exact: it runs in the main process (num_workers=0)
+    warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined.*")
     resume_from = str(last) if cfg.resume and last.exists() else None
     if resume_from:
         done = finished_summary(last, out_dir, int(d.iterations))
@@ -440,7 +300,7 @@ def finish(cfg, dm, module, writer, out_dir: Path, trainer, logger) -> dict:
     syn = writer.make_set(module)
     syn.save(out_dir / "set.pt")
     png = syn.save_grid(out_dir / "set.png", dm.num_classes)
-    log_image(logger, "distill/images", png, trainer.global_step)
+    log_images(logger, "distill/images", png, trainer.global_step)
     metrics = {
         "iterations": int(trainer.global_step),
         "learned_lr": syn.lr,
@@ -481,16 +341,8 @@ def finish(cfg, dm, module, writer, out_dir: Path, trainer, logger) -> dict:
     return metrics
 
 
-@torch.no_grad()
 def write_config(cfg: DictConfig, path: Path) -> None:
-    if _rank() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        OmegaConf.save(cfg, tmp, resolve=True)
-        tmp.replace(path)
-
-
-def _rank() -> int:
-    import os
-
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+    """The settings after the preset, from rank zero (the other DDP ranks share the run dir)."""
+    if process_rank(cfg) == 0:
+        with atomic_path(path) as tmp:
+            OmegaConf.save(cfg, tmp, resolve=True)

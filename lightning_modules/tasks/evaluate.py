@@ -1,28 +1,31 @@
 """``task=evaluate``: score a set file (or the full train split) by training fresh networks on it.
 
-Writes ``results.md`` and ``results.json`` to the run dir, prints the table, logs it (W&B table
-or plain metrics) and returns ``acc_<net>_mean`` / ``acc_<net>_std`` plus the ``table`` for
-``summary.json``.
+Each architecture of ``evaluate.nets`` is built with the options the set was made with when it
+is the set's architecture (``config.net`` of the set file), then ``evaluate.net_options.<arch>``
+key by key on top (see :func:`resolve_net_options`). Writes ``results.md`` and ``results.json``
+to the run dir, prints the table, logs it (W&B table or plain metrics) and returns
+``acc_<net>_mean`` / ``acc_<net>_std`` plus the ``table`` for ``summary.json``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.syn_set import SyntheticSet
-from lightning_modules.errors import UserError
 from lightning_modules.condense.evaluation import (
+    DEFAULT_LR,
+    PROTOCOLS,
+    arch_options,
     check_net_names,
     evaluate_set,
-    resolve_device,
     results_markdown,
 )
+from lightning_modules.errors import UserError
 from lightning_modules.tasks.common import (
     build_datamodule,
     build_logger,
@@ -33,10 +36,10 @@ from lightning_modules.tasks.common import (
     require_images,
     write_json,
 )
+from lightning_modules.utils import files
+from lightning_modules.utils.devices import resolve_device
 
 log = logging.getLogger(__name__)
-
-DEFAULT_LR = 0.01  # the lr of the coreset baselines and of real-data training in the field
 
 
 def load_training_set(e: DictConfig, dm):
@@ -107,12 +110,6 @@ def log_results(logger, results: dict, metrics: dict, grid: Path | None) -> None
     logger.save()
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 PARTS_DIR = "evaluate_parts"  # one JSON per finished (net, index) network: what a resume skips
 
 
@@ -122,39 +119,77 @@ def _part_path(out_dir: Path, name: str, index: int) -> Path:
 
 def _write_part(out_dir: Path, part: dict) -> None:
     """Atomically, by the rank that trained it (``write_json`` writes on rank zero only)."""
-    path = _part_path(out_dir, part["net"], part["index"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_text(path, json.dumps(part, indent=2))
+    files.write_json(_part_path(out_dir, part["net"], part["index"]), part)
 
 
-def set_digest(images, labels, lr: float) -> str:
-    """A fingerprint of the training set and lr: parts of another set file are not reused."""
+def set_digest(images, labels, lr: float, extra=None) -> str:
+    """A fingerprint of the training set, lr and ``extra`` (protocol, net options): parts of
+    another set file or another network are not reused."""
     import hashlib
 
     h = hashlib.sha1()
     for t in (images, labels):
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     h.update(repr(float(lr)).encode())
+    if extra is not None:
+        h.update(json.dumps(extra, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 
-def _finished_parts(out_dir: Path, jobs: list[tuple[str, int]], digest: str) -> dict:
+def resolve_net_options(nets: list[str], syn, explicit) -> tuple[dict, dict]:
+    """``({arch: constructor options}, {arch: where they come from})``.
+
+    The rule: an architecture starts from its standard options; when it is the architecture the
+    set was made with (``config.net.name`` of the set file) it takes that net's recorded options;
+    then ``evaluate.net_options.<arch>`` overrides key by key. ``net.*`` of the evaluate command
+    is not used (it is the classify/teacher/distill network). A recorded option that
+    ``evaluate.net_options`` changes is logged once, as a warning.
+    """
+    explicit = OmegaConf.to_container(explicit, resolve=True) if explicit is not None else {}
+    if not isinstance(explicit, dict):
+        raise UserError(
+            f"evaluate.net_options must map a net to its options, e.g. "
+            f"'evaluate.net_options={{convnet: {{width: 64}}}}', got {explicit!r}"
+        )
+    unknown = sorted(set(explicit) - set(nets))
+    if unknown:
+        raise UserError(f"evaluate.net_options names {unknown}, which are not in evaluate.nets")
+    recorded = dict(((syn.config or {}).get("net") or {}) if syn is not None else {})
+    set_arch = str(recorded.get("name", "")).lower().replace("-", "_")
+    options, source, changed = {}, {}, []
+    for name in nets:
+        mine = arch_options(name, {name: recorded}) if name == set_arch else {}
+        given = arch_options(name, explicit)
+        changed += [f"{name}.{k}: set {mine[k]!r} -> {v!r}" for k, v in given.items()
+                    if k in mine and mine[k] != v]  # fmt: skip
+        options[name] = {**mine, **given}
+        source[name] = "+".join(
+            [w for w, d in (("set", mine), ("evaluate.net_options", given)) if d] or ["standard"]
+        )
+    if changed:
+        log.warning(
+            "evaluating on other networks than the set was distilled with: %s", "; ".join(changed)
+        )
+    return options, source
+
+
+def _finished_parts(out_dir: Path, jobs: list[tuple[str, int]], digests: dict) -> dict:
     """``{(net, index): part}`` of the networks an earlier (killed) attempt of this run finished
-    on the same set (a set file rewritten since is evaluated afresh)."""
+    on the same set and network (a set file rewritten since is evaluated afresh)."""
     parts = {}
     for name, k in jobs:
         path = _part_path(out_dir, name, k)
         if path.exists():
             part = json.loads(path.read_text())
-            if part.get("set_digest") == digest:
+            if part.get("set_digest") == digests[name]:
                 parts[(name, k)] = part
             else:
-                log.warning("%s was trained on another set: training it again", path)
+                log.warning("%s was trained on another set or network: training it again", path)
     return parts
 
 
 def _train_jobs(
-    jobs: list[tuple[str, int]], out_dir: Path, *, digest: str, together, **kwargs
+    jobs: list[tuple[str, int]], out_dir: Path, *, digests: dict, together, **kwargs
 ) -> dict:
     """Train the networks ``jobs`` (net, index), writing each part as it finishes.
 
@@ -175,8 +210,10 @@ def _train_jobs(
                     "acc": r["accs"][i],
                     "train_loss": r["train_loss"][i],
                     "seconds": r["seconds"] / len(group),
+                    "options": r["options"],
+                    "params": r["params"],
                     "device": str(device),
-                    "set_digest": digest,
+                    "set_digest": digests[name],
                 }
                 _write_part(out_dir, part)
                 parts[(name, k)] = part
@@ -195,62 +232,74 @@ def _assemble(nets: list[str], num_eval: int, parts: dict) -> dict:
             "std": float(np.std(accs)),
             "train_loss": [p["train_loss"] for p in mine],
             "seconds": sum(p["seconds"] for p in mine),
+            "options": mine[0].get("options"),
+            "params": mine[0].get("params"),
         }
     return results
 
 
-def run(cfg: DictConfig, out_dir: Path) -> dict:
-    e = cfg.evaluate
-    nets = check_net_names(
-        list(e.nets) if not isinstance(e.nets, str) else [e.nets]
-    )  # before loading data
-    if int(e.num_eval) < 1 or int(e.epochs) < 1:
+# -- the task, in its steps ---------------------------------------------------------------------
+def _check_config(e: DictConfig) -> list[str]:
+    """The evaluation networks; ``UserError`` for a bad count (before any data is loaded)."""
+    nets = check_net_names(list(e.nets) if not isinstance(e.nets, str) else [e.nets])
+    # the counts (num_eval, epochs, batch sizes) are checked by tasks.checks before the run;
+    # evaluate_set refuses non-positive ones again for library calls
+    if e.lr is not None and (
+        isinstance(e.lr, bool) or not isinstance(e.lr, (int, float)) or not e.lr > 0
+    ):
+        raise UserError(f"evaluate.lr must be a positive number or null, got {e.lr!r}")
+    if str(e.protocol) not in PROTOCOLS:
         raise UserError(
-            f"evaluate.num_eval and evaluate.epochs must be >= 1 (got {e.num_eval}, {e.epochs})"
+            f"evaluate.protocol must be one of {', '.join(PROTOCOLS)}, got {e.protocol!r}"
         )
-    # trainer=ddp / ddp_cpu: the (net, index) networks split across ranks
-    fabric = launch_fabric(cfg, "evaluate")
-    rank, world = (fabric.global_rank, fabric.world_size) if fabric else (0, 1)
-    device = fabric.device if fabric else resolve_device(e.device)
-    together = e.get("together", "auto")
+    return nets
+
+
+def _load_data(cfg: DictConfig, fabric):
+    """The datamodule, set up (rank zero first: it fits and caches ZCA once)."""
     dm = build_datamodule(cfg)
     require_images(dm, "evaluate")
-    with rank_zero_first(fabric):  # rank zero fits and caches ZCA once; the others read the cache
+    with rank_zero_first(fabric):
         dm.prepare_data()
         dm.setup()
-    images, labels, lr, description, syn = load_training_set(e, dm)
-    grid = None
-    if syn is not None and e.get("grid", True) and rank == 0:
-        grid = syn.save_grid(out_dir / "set.png", num_classes=dm.num_classes)
-    logger = build_logger(cfg)
-    log_config(logger, cfg)
+    return dm
+
+
+def _train_my_share(cfg, fabric, out_dir: Path, plan: dict, dm) -> tuple[dict, int]:
+    """Train this rank's share of the networks not finished earlier; every rank gets all parts.
+
+    Returns ``({(net, index): part}, networks trained in this run)``.
+    """
+    e = cfg.evaluate
+    rank, world = (fabric.global_rank, fabric.world_size) if fabric else (0, 1)
     num_eval = int(e.num_eval)
-    jobs = [(name, k) for name in nets for k in range(num_eval)]
-    digest = set_digest(images, labels, lr)
-    finished = _finished_parts(out_dir, jobs, digest)  # resume=true reruns in the killed run's dir
+    jobs = [(name, k) for name in plan["nets"] for k in range(num_eval)]
+    finished = _finished_parts(out_dir, jobs, plan["digests"])  # resume=true: the same dir
     # rank zero's listing decides the split, so every network is trained exactly once
     pending = [job for job in jobs if job not in finished]
     if fabric is not None:
         pending = [tuple(j) for j in fabric.broadcast(pending, src=0)]
     mine = pending[rank::world]
     log.info(
-        "evaluating %s on %s: nets %s x%d, %d epochs, lr %g; %d networks done earlier%s",
-        description, device, nets, num_eval, e.epochs, lr, len(jobs) - len(pending),
+        "evaluating %s on %s (protocol %s): nets %s x%d, %d epochs, lr %g; %d networks done "
+        "earlier%s", plan["description"], plan["device"], e.protocol, plan["sources"], num_eval,
+        e.epochs, plan["lr"], len(jobs) - len(pending),
         f"; rank {rank} of {world} trains {len(mine)}" if world > 1 else "",
     )  # fmt: skip
     trained = {}
     if mine:
+        together = e.get("together", "auto")
         trained = _train_jobs(
             mine,
             out_dir,
-            digest=digest,
+            digests=plan["digests"],
             together=together if isinstance(together, bool) else str(together),
-            images=images,
-            labels=labels,
+            images=plan["images"],
+            labels=plan["labels"],
             test_x=dm.test_x,
             test_y=dm.test_y,
             num_classes=dm.num_classes,
-            lr=lr,
+            lr=plan["lr"],
             num_eval=num_eval,
             epochs=int(e.epochs),
             batch_size=int(e.batch_size),
@@ -258,42 +307,91 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
             weight_decay=float(e.weight_decay),
             dsa_strategy=e.dsa_strategy,
             seed=int(cfg.seed),
-            device=device,
+            device=plan["device"],
             progress=bool(cfg.trainer.get("enable_progress_bar", True)) and rank == 0,
             eval_batch_size=int(e.get("eval_batch_size", 1000)),
+            net_options=plan["options"],
+            protocol=str(e.protocol),
         )
     for parts in gather_objects(fabric, list(trained.values())):
         finished.update({(p["net"], p["index"]): p for p in parts})
-    if rank != 0:
-        return {"rank": rank}
-    results = _assemble(nets, num_eval, finished)
+    return finished, len(pending)
+
+
+def _save(out_dir: Path, cfg, plan: dict, dm, results: dict, world: int) -> tuple[str, dict]:
+    """``results.md`` and ``results.json``; returns the table and the record."""
+    e, syn = cfg.evaluate, plan["syn"]
     title = (
-        f"{description}; {e.epochs} epochs, lr {lr:g}, DSA {e.dsa_strategy or 'none'}, "
-        f"test on {len(dm.test_x)} real images"
+        f"{plan['description']}; protocol {e.protocol}, {e.epochs} epochs, lr {plan['lr']:g}, "
+        f"DSA {e.dsa_strategy or 'none'}, test on {len(dm.test_x)} real images"
     )
     table = results_markdown(results, title)
-    print("\n" + table, flush=True)
-    _write_text(out_dir / "results.md", table)
-    metrics = summary_metrics(results)
+    files.write_text(out_dir / "results.md", table)
     record = {
         "set": str(e.set),
-        "description": description,
+        "description": plan["description"],
         "dataset": dm.name,
         "zca": bool(getattr(dm, "zca", False)),
-        "lr": lr,
+        "lr": plan["lr"],
+        "protocol": str(e.protocol),
         "epochs": int(e.epochs),
         "num_eval": int(e.num_eval),
         "dsa_strategy": e.dsa_strategy,
-        "device": str(device),
+        "device": str(plan["device"]),
         "ranks": world,
         "test_images": len(dm.test_x),
-        "train_images": len(images),
+        "train_images": len(plan["images"]),
         "method": syn.method if syn is not None else "full",
         "ipc": syn.ipc if syn is not None else None,
+        "nets": {
+            n: {
+                "options": results[n]["options"],
+                "params": results[n]["params"],
+                "source": plan["sources"][n],
+            }
+            for n in plan["nets"]
+        },  # fmt: skip
         "results": {n: r for n, r in results.items() if not n.startswith("_")},
         "config": OmegaConf.to_container(e, resolve=True),
     }
     write_json(out_dir / "results.json", record)
+    return table, record
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    e = cfg.evaluate
+    nets = _check_config(e)
+    # trainer=ddp / ddp_cpu: the (net, index) networks split across ranks
+    fabric = launch_fabric(cfg, "evaluate")
+    rank, world = (fabric.global_rank, fabric.world_size) if fabric else (0, 1)
+    dm = _load_data(cfg, fabric)
+    images, labels, lr, description, syn = load_training_set(e, dm)
+    options, sources = resolve_net_options(nets, syn, e.get("net_options"))
+    extra = {n: {"options": options[n], "protocol": str(e.protocol)} for n in nets}
+    plan = {
+        "nets": nets,
+        "images": images,
+        "labels": labels,
+        "lr": lr,
+        "description": description,
+        "syn": syn,
+        "options": options,
+        "sources": sources,
+        "device": fabric.device if fabric else resolve_device(e.device),
+        "digests": {n: set_digest(images, labels, lr, extra[n]) for n in nets},
+    }
+    grid = None
+    if syn is not None and e.get("grid", True) and rank == 0:
+        grid = syn.save_grid(out_dir / "set.png", num_classes=dm.num_classes)
+    logger = build_logger(cfg)
+    log_config(logger, cfg)
+    finished, trained = _train_my_share(cfg, fabric, out_dir, plan, dm)
+    if rank != 0:
+        return {"rank": rank}
+    results = _assemble(nets, int(e.num_eval), finished)
+    table, _ = _save(out_dir, cfg, plan, dm, results, world)
+    print("\n" + table, flush=True)
+    metrics = summary_metrics(results)
     log_results(logger, results, metrics, grid)
     return {
         **metrics,
@@ -301,7 +399,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "lr": lr,
         "train_images": len(images),
         "test_images": len(dm.test_x),
-        "networks_trained": len(pending),
-        "networks_reused": len(jobs) - len(pending),
+        "networks_trained": trained,
+        "networks_reused": len(nets) * int(e.num_eval) - trained,
         "table": table,
     }

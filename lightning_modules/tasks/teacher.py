@@ -1,7 +1,7 @@
 """``task=teacher``: train expert trajectories into a store (one file per expert).
 
-Each expert is a fresh ``net`` (init drawn from ``expert_seed(seed, index)``) trained with the
-MTT expert recipe (plain SGD, lr 0.01, batch 256, DSA on); its parameters at epoch 0 and after
+Each expert is a fresh ``net`` (init drawn from ``derive_seed(seed, "expert", index)``) trained
+with the MTT expert recipe (plain SGD, lr 0.01, batch 256, DSA on); its parameters at epoch 0 and after
 every epoch, and its test accuracy per epoch, go to ``<store>/expert_<index>.pt``. Experts
 already on disk are skipped and indices another process is training are left to it, so
 reruns resume and several processes fill one store without clobbering. Under ``trainer=ddp``
@@ -15,48 +15,31 @@ import logging
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from datamodules.trajectories import ExpertStore, default_store_dir
+from lightning_modules.condense.dsa import make_dsa
+from lightning_modules.condense.experts import RECIPE_KEYS, build_seeded, train_expert
 from lightning_modules.errors import UserError
-from lightning_modules.condense.experts import (
-    build_seeded,
-    expert_seed,
-    resolve_device,
-    train_expert,
-)
 from lightning_modules.nets.functional import FlatParams
 from lightning_modules.tasks.common import (
     build_datamodule,
     build_logger,
     build_net,
+    check_shared_dir,
     gather_objects,
     launch_fabric,
     log_config,
+    log_images,
+    net_options,
     rank_zero_first,
     require_images,
+    show_progress,
 )
+from lightning_modules.utils.devices import resolve_device
+from lightning_modules.utils.seeds import derive_seed
 
 log = logging.getLogger(__name__)
-
-# settings that make two experts different trajectories: a store must not mix them
-RECIPE_KEYS = ("epochs", "lr", "momentum", "weight_decay", "batch_size", "dsa_strategy")
-
-
-def net_options(net_cfg: DictConfig) -> dict:
-    """The net config as a plain dict (name + options) for metadata, without ``_target_``."""
-    options = OmegaConf.to_container(net_cfg, resolve=True)
-    options.pop("_target_", None)
-    return options
-
-
-def make_augment(enabled: bool, strategy: str | None):
-    """A ``DSA(strategy)`` (callable as ``dsa(x, generator)``), or None when off."""
-    if not enabled or strategy in (None, "", "none"):
-        return None
-    from lightning_modules.condense.dsa import DSA
-
-    return DSA(strategy)
 
 
 def store_for(cfg: DictConfig, dm, out: str | None) -> ExpertStore:
@@ -88,72 +71,111 @@ def _validate(t: DictConfig) -> None:
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
-    t = cfg.teacher
-    _validate(t)
+    _validate(cfg.teacher)
     # trainer=ddp / ddp_cpu: one process per device, the pending experts split across ranks
     fabric = launch_fabric(cfg, "teacher")
-    rank, world = (fabric.global_rank, fabric.world_size) if fabric else (0, 1)
-    dm = build_datamodule(cfg)
-    require_images(dm, "teacher")
-    with rank_zero_first(fabric):  # rank zero fits and caches ZCA once; the others read the cache
-        dm.prepare_data()
-        dm.setup()
-    store = store_for(cfg, dm, t.out)
-    net_cfg = net_options(cfg.net)
-    layout = FlatParams(build_net(cfg.net, dm))
-    augment = make_augment(t.dsa, t.dsa_strategy)
-    recipe = {
-        "epochs": int(t.epochs),
-        "lr": float(t.lr),
-        "momentum": float(t.momentum),
-        "weight_decay": float(t.weight_decay),
-        "batch_size": int(t.batch_size),
-        "dsa_strategy": t.dsa_strategy if augment is not None else "",
-    }
-    if store.indices():
-        store.check(net=net_cfg, dataset=dm.name, zca=bool(dm.zca), num_params=layout.numel)
-        _check_recipe(store, recipe)
-    device = fabric.device if fabric else resolve_device(cfg.trainer.get("accelerator", "auto"))
+    rank = fabric.global_rank if fabric else 0
+    job = _build(cfg, fabric)
     logger = build_logger(cfg)
     log_config(logger, cfg)
-
-    wanted = list(range(int(t.first_index), int(t.first_index) + int(t.num_experts)))
-    # rank zero's listing decides the split, so no index is left to nobody
-    pending = [i for i in wanted if not store.exists(i)]
-    if fabric is not None:
-        pending = fabric.broadcast(pending, src=0)
-    mine = pending[rank::world]
-    skipped = [i for i in wanted if i not in pending]
-    trained, busy = [], []
-    log.info(
-        "teacher: %d experts wanted in %s (%d already there), %d params, on %s%s",
-        len(wanted), store.root, len(skipped), layout.numel, device,
-        f" (rank {rank} of {world}: experts {mine})" if world > 1 else "",
-    )  # fmt: skip
-    steps_per_epoch = -(-len(dm.train_x) // int(t.batch_size))
-    with progress_bar(cfg, enabled=rank == 0) as bar:
-        total = len(mine) * int(t.epochs) * steps_per_epoch
-        job = bar.add_task("experts", total=total, status="")
-        for index in mine:
-            claim = store.claim(index)
-            if not claim.held:
-                busy.append(index)  # another process is training it
-                bar.advance(job, int(t.epochs) * steps_per_epoch)
-                continue
-            with claim:
-                if store.exists(index):  # finished by another process since we listed
-                    skipped.append(index)
-                    bar.advance(job, int(t.epochs) * steps_per_epoch)
-                    continue
-                store.remove_partial(index)
-                meta = _train_one(
-                    cfg, dm, layout, net_cfg, recipe, augment, index, device, bar, job, logger
-                )
-                store.write(index, meta.pop("snapshots"), meta)
-                trained.append(index)
-    per_rank = gather_objects(fabric, {"trained": trained, "skipped": skipped, "busy": busy})
+    wanted = list(
+        range(
+            int(cfg.teacher.first_index),
+            int(cfg.teacher.first_index) + int(cfg.teacher.num_experts),
+        )
+    )
+    mine, skipped = _share_of_pending(job, wanted, fabric)
+    outcome = _train_experts(cfg, job, mine, logger, enabled=rank == 0)
+    outcome["skipped"] += skipped
+    per_rank = gather_objects(fabric, outcome)
     if rank != 0:
         return {"rank": rank}
+    return _summarise(job, wanted, per_rank, out_dir, logger)
+
+
+class _Job:
+    """What every expert of this run shares: data, store, parameter layout, recipe, device."""
+
+    def __init__(self, cfg: DictConfig, fabric):
+        t = cfg.teacher
+        self.cfg = cfg
+        self.dm = build_datamodule(cfg)
+        require_images(self.dm, "teacher")
+        with rank_zero_first(fabric):  # rank zero fits and caches ZCA once; the others read it
+            self.dm.prepare_data()
+            self.dm.setup()
+        self.store = store_for(cfg, self.dm, t.out)
+        self.net_cfg = net_options(cfg.net)
+        self.layout = FlatParams(build_net(cfg.net, self.dm))
+        self.augment = make_dsa(t.dsa_strategy if t.dsa else None)
+        self.recipe = {
+            "epochs": int(t.epochs),
+            "lr": float(t.lr),
+            "momentum": float(t.momentum),
+            "weight_decay": float(t.weight_decay),
+            "batch_size": int(t.batch_size),
+            "dsa_strategy": t.dsa_strategy if self.augment is not None else "",
+        }
+        accelerator = cfg.trainer.get("accelerator", "auto")
+        self.device = fabric.device if fabric else resolve_device(accelerator)
+        self.steps_per_expert = int(t.epochs) * -(-len(self.dm.train_x) // int(t.batch_size))
+
+
+def _build(cfg: DictConfig, fabric) -> _Job:
+    """The shared setup, checked against the experts already in the store."""
+    job = _Job(cfg, fabric)
+    job.store.root.mkdir(parents=True, exist_ok=True)
+    check_shared_dir(job.store.root, cfg, "the expert store")  # nodes write experts into one store
+    if job.store.indices():
+        job.store.check(
+            net=job.net_cfg, dataset=job.dm.name, zca=bool(job.dm.zca), num_params=job.layout.numel
+        )
+        _check_recipe(job.store, job.recipe)
+    return job
+
+
+def _share_of_pending(job: _Job, wanted: list[int], fabric) -> tuple[list[int], list[int]]:
+    """This rank's share of the experts not yet in the store, and the ones already there."""
+    # rank zero's listing decides the split, so no index is left to nobody
+    pending = [i for i in wanted if not job.store.exists(i)]
+    if fabric is not None:
+        pending = fabric.broadcast(pending, src=0)
+    rank, world = (fabric.global_rank, fabric.world_size) if fabric else (0, 1)
+    mine = pending[rank::world]
+    log.info(
+        "teacher: %d experts wanted in %s (%d already there), %d params, on %s%s",
+        len(wanted), job.store.root, len(wanted) - len(pending), job.layout.numel, job.device,
+        f" (rank {rank} of {world}: experts {mine})" if world > 1 else "",
+    )  # fmt: skip
+    return mine, [i for i in wanted if i not in pending]
+
+
+def _train_experts(cfg: DictConfig, job: _Job, indices: list[int], logger, enabled: bool) -> dict:
+    """Train and write each expert of ``indices`` that no other process holds or has finished."""
+    trained, skipped, busy = [], [], []
+    with show_progress(cfg, enabled=enabled) as bar:
+        task = bar.add_task("experts", total=len(indices) * job.steps_per_expert, status="")
+        for index in indices:
+            claim = job.store.claim(index)
+            if not claim.held:
+                busy.append(index)  # another process is training it
+                bar.advance(task, job.steps_per_expert)
+                continue
+            with claim:
+                if job.store.exists(index):  # finished by another process since we listed
+                    skipped.append(index)
+                    bar.advance(task, job.steps_per_expert)
+                    continue
+                job.store.remove_partial(index)
+                meta = _train_one(job, index, bar, task, logger)
+                job.store.write(index, meta.pop("snapshots"), meta)
+                trained.append(index)
+    return {"trained": trained, "skipped": skipped, "busy": busy}
+
+
+def _summarise(job: _Job, wanted: list[int], per_rank: list[dict], out_dir: Path, logger) -> dict:
+    """Rank zero: the other ranks' curves to the logger, the accuracy plot, the metrics."""
+    store = job.store
     trained = sorted(i for r in per_rank for i in r["trained"])
     skipped = sorted({i for r in per_rank for i in r["skipped"]} - set(trained))
     busy = sorted({i for r in per_rank for i in r["busy"]} - set(trained))
@@ -171,7 +193,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "experts_in_store": len(store.indices()),
         "trained_indices": trained,
         "trained_by_rank": [r["trained"] for r in per_rank],
-        "num_params": layout.numel,
+        "num_params": job.layout.numel,
         "final_test_acc_mean": sum(final_acc) / len(final_acc) if final_acc else float("nan"),
         "plot": str(plot_path) if plot_path else None,
     }
@@ -186,18 +208,19 @@ def _log_other_ranks(logger, store: ExpertStore, per_rank: list[dict]) -> None:
             logger.log_metrics({f"expert_{index:04d}/test_acc": acc}, step=epoch)
 
 
-def _train_one(cfg, dm, layout, net_cfg, recipe, augment, index, device, bar, job, logger) -> dict:
+def _train_one(job: _Job, index: int, bar, task, logger) -> dict:
     """Train expert ``index``; its snapshots and metadata as one dict."""
-    seed = expert_seed(cfg.seed, index)
+    cfg, dm, layout, recipe, device = job.cfg, job.dm, job.layout, job.recipe, job.device
+    seed = derive_seed(cfg.seed, "expert", index)
     net = build_seeded(lambda: build_net(cfg.net, dm), seed).to(device)
     start = time.perf_counter()
 
     def on_epoch(epoch: int, acc: float) -> None:
-        bar.update(job, status=f"expert {index} epoch {epoch}: test {acc:.1f}%")
+        bar.update(task, status=f"expert {index} epoch {epoch}: test {acc:.1f}%")
         if logger:
             logger.log_metrics({f"expert_{index:04d}/test_acc": acc}, step=epoch)
 
-    bar.update(job, status=f"expert {index}")
+    bar.update(task, status=f"expert {index}")
     snapshots, test_acc = train_expert(
         net,
         dm.train_x,
@@ -210,8 +233,8 @@ def _train_one(cfg, dm, layout, net_cfg, recipe, augment, index, device, bar, jo
         momentum=recipe["momentum"],
         weight_decay=recipe["weight_decay"],
         batch_size=recipe["batch_size"],
-        augment=augment,
-        on_step=lambda: bar.advance(job),
+        augment=job.augment,
+        on_step=lambda: bar.advance(task),
         on_epoch=on_epoch,
     )
     log.info(
@@ -220,7 +243,7 @@ def _train_one(cfg, dm, layout, net_cfg, recipe, augment, index, device, bar, jo
     return {
         "snapshots": snapshots,
         **recipe,
-        "net": net_cfg,
+        "net": job.net_cfg,
         "param_names": list(layout.names),
         "param_shapes": [list(s) for s in layout.shapes],
         "num_params": layout.numel,
@@ -241,29 +264,6 @@ def _train_one(cfg, dm, layout, net_cfg, recipe, augment, index, device, bar, jo
         "device": str(device),
         "wall_s": time.perf_counter() - start,
     }
-
-
-def progress_bar(cfg: DictConfig, enabled: bool = True):
-    """A rich progress bar with a ``status`` field; off with trainer.enable_progress_bar=false
-    (and on ranks other than zero: ``enabled=False``)."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
-        disable=not (enabled and cfg.trainer.get("enable_progress_bar", True)),
-    )
 
 
 def plot_test_accuracy(
@@ -299,13 +299,5 @@ def plot_test_accuracy(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    log_png(logger, "expert_test_acc", path)
+    log_images(logger, "expert_test_acc", path)
     return path
-
-
-def log_png(logger, key: str, path: Path) -> None:
-    """Log a PNG to W&B when the logger is a WandbLogger (other loggers keep it in the run dir)."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    if isinstance(logger, WandbLogger):
-        logger.log_image(key=key, images=[str(path)])

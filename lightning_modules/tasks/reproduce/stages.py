@@ -1,0 +1,346 @@
+"""The stages of ``task=reproduce``: experts, distilled sets, coresets (each a sub-task run in
+its own cached folder through ``run_task``) and the one-protocol evaluation of every set."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from omegaconf import DictConfig, open_dict
+
+from datamodules.trajectories import ExpertStore
+from lightning_modules.condense.dsa import make_dsa
+from lightning_modules.condense.experts import RECIPE_KEYS
+from lightning_modules.errors import UserError
+from lightning_modules.tasks.common import (
+    finish_wandb,
+    finite_metrics,
+    net_options,
+    run_task,
+    write_json,
+)
+from lightning_modules.tasks.reproduce.config import (
+    CORESET_KEYS,
+    _block,
+    _canonical,
+    _digest,
+    _stage,
+    derive,
+)
+
+log = logging.getLogger(__name__)
+
+def run_stage(sub: DictConfig, out_dir: Path) -> dict:
+    """Run the sub-task ``sub.task.name`` in ``out_dir`` (its own W&B run, its own summary)."""
+    try:
+        metrics = finite_metrics(run_task(sub.task.name, sub, out_dir))
+    finally:
+        finish_wandb()
+    write_json(Path(out_dir) / "summary.json", {"task": sub.task.name, **metrics})
+    return metrics
+
+
+class Stage:
+    """One cached step in the work dir: its folder, the settings that made it, whether it ended.
+
+    ``stage.json`` holds ``{"key": settings, "done": bool, "metrics": {...}}``.
+    """
+
+    def __init__(self, workdir: Path, name: str, key: dict):
+        self.name = name
+        self.dir = Path(workdir) / name
+        self.key = _canonical(key)
+        self.record = self.dir / "stage.json"
+
+    @property
+    def set_path(self) -> Path:
+        return self.dir / "set.pt"
+
+    def saved(self) -> dict | None:
+        try:
+            return json.loads(self.record.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def done(self) -> bool:
+        saved = self.saved()
+        return bool(
+            saved and saved.get("key") == self.key and saved.get("done") and self.set_path.exists()
+        )
+
+    def start(self) -> bool:
+        """Prepare the folder; True when an unfinished run with the same settings is there."""
+        saved = self.saved()
+        if saved is not None and saved.get("key") != self.key:
+            changed = _dotted_diff(saved.get("key"), self.key)
+            log.info(
+                "%s: settings changed since the cached run in %s (%s); recomputing",
+                self.name, self.dir, "; ".join(changed[:4]) + (" ..." if len(changed) > 4 else ""),
+            )  # fmt: skip
+            shutil.rmtree(self.dir)
+            saved = None
+        elif saved is None and self.dir.exists():
+            shutil.rmtree(self.dir)  # a folder without a record is debris of an older layout
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.record, {"key": self.key, "done": False})
+        return saved is not None
+
+    def finish(self, metrics: dict) -> None:
+        write_json(self.record, {"key": self.key, "done": True, "metrics": metrics})
+
+    def metrics(self) -> dict:
+        return (self.saved() or {}).get("metrics", {})
+
+
+def _dotted_diff(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _dotted_diff(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [f"{prefix[:-1]}: {a} -> {b}"]
+
+
+def ensure_experts(cfg: DictConfig, workdir: Path) -> dict:
+    """Stage 1: experts 0..n-1 in the store (trained by task=teacher when missing)."""
+    store = ExpertStore(cfg.teacher.out)
+    n = int(cfg.teacher.num_experts)
+    missing = [i for i in range(n) if not store.exists(i)]
+    if not missing:
+        log.info("%s experts: %d in %s, reused", _stage(1), n, store.root)
+    else:
+        log.info(
+            "%s experts: training %d of %d (%d epochs each) into %s",
+            _stage(1), len(missing), n, int(cfg.teacher.epochs), store.root,
+        )  # fmt: skip
+        out_dir = workdir / "teacher"
+        try:
+            run_stage(derive(cfg, "teacher", out_dir, "teacher"), out_dir)
+        except UserError as e:
+            raise UserError(
+                f"{e} (task=reproduce: reproduce.experts_dir=<folder> uses another store)"
+            ) from None
+        missing = [i for i in range(n) if not store.exists(i)]
+        if missing:
+            raise UserError(
+                f"experts {missing} of {store.root} are being trained by another process; "
+                "run task=reproduce again when it has finished"
+            )
+    experts = [store.load(i) for i in range(n)]
+    check_recipe(cfg, store, experts)
+    return {
+        "store": str(store.root),
+        "num_experts": n,
+        "epochs": min(e.epochs for e in experts),
+        "final_test_acc": [float(e.meta["test_acc"][-1]) for e in experts],
+        # what identifies the trajectories (a cache key: other experts, other sets)
+        "identity": [
+            [e.meta.get("seed"), e.epochs, round(float(e.meta["test_acc"][-1]), 4)] for e in experts
+        ],
+    }
+
+
+def check_recipe(cfg: DictConfig, store: ExpertStore, experts: list) -> None:
+    """Experts reused from the store must follow this run's teacher settings."""
+    t = cfg.teacher
+    want = {key: t[key] for key in RECIPE_KEYS if key not in ("epochs", "dsa_strategy")}
+    want["dsa_strategy"] = t.dsa_strategy if make_dsa(t.dsa_strategy if t.dsa else None) else ""
+    for expert in experts:
+        for key, value in want.items():
+            held = expert.meta.get(key)
+            if held != value:
+                raise UserError(
+                    f"store {store.root} holds expert {expert.index} trained with {key}={held}, "
+                    f"this run has teacher.{key}={value}; use the same setting or another store "
+                    "(reproduce.experts_dir=<folder>)"
+                )
+        if expert.epochs < int(t.epochs):
+            raise UserError(
+                f"store {store.root} holds expert {expert.index} of {expert.epochs} epochs, this "
+                f"run asks for {t.epochs} (reproduce.expert_epochs); use another store "
+                "(reproduce.experts_dir=<folder>) or fewer epochs"
+            )
+
+
+def cap_start_epoch(cfg: DictConfig, expert_epochs_held: int) -> None:
+    """Lower ``distill.max_start_epoch`` to what experts of ``expert_epochs_held`` epochs allow."""
+    d = cfg.distill
+    highest = expert_epochs_held - int(d.expert_epochs) + 1
+    if highest < 1:
+        raise UserError(
+            f"the experts hold {expert_epochs_held} epochs but distill.expert_epochs="
+            f"{d.expert_epochs}; raise reproduce.expert_epochs to at least {d.expert_epochs}"
+        )
+    if int(d.max_start_epoch) > highest:
+        log.info(
+            "distill.max_start_epoch capped from %d to %d: the experts hold %d epochs "
+            "(reproduce.expert_epochs)",
+            int(d.max_start_epoch), highest, expert_epochs_held,
+        )  # fmt: skip
+        with open_dict(cfg):
+            d.max_start_epoch = highest
+
+
+def _common_key(cfg: DictConfig) -> dict:
+    return {
+        "seed": int(cfg.seed),
+        "ipc": int(cfg.ipc),
+        "dataset": _block(cfg, "dataset"),
+        "net": _block(cfg, "net"),
+    }
+
+
+def distilled_set(cfg: DictConfig, method: str, workdir: Path, experts: dict) -> tuple[Stage, bool]:
+    """Stage 2: one distillation (``pruning`` with reproduce.eps, ``mtt`` with ε = 0)."""
+    eps = float(cfg.reproduce.eps) if method == "pruning" else 0.0
+    block = _block(cfg, "distill")
+    block["eps"] = eps
+    key = {**_common_key(cfg), "distill": block, "experts": experts["identity"]}
+    stage = Stage(workdir, method, key)
+    what = f"distill eps={eps:g}" + (" (MTT)" if method == "mtt" else "")
+    if stage.done():
+        log.info("%s %s: reused %s", _stage(2), what, stage.set_path)
+        return stage, True
+    resuming = stage.start() and (stage.dir / "checkpoints" / "last.ckpt").exists()
+    d = cfg.distill
+    log.info(
+        "%s %s: %s%d iterations, syn_steps=%d, expert_epochs=%d, max_start_epoch=%d, "
+        "%d experts -> %s",
+        _stage(2), what, "resuming, " if resuming else "", int(d.iterations), int(d.syn_steps),
+        int(d.expert_epochs), int(d.max_start_epoch), experts["num_experts"], stage.dir,
+    )  # fmt: skip
+    sub = derive(cfg, "distill", stage.dir, method, distill={"eps": eps}, resume=resuming)
+    stage.finish(run_stage(sub, stage.dir))
+    return stage, False
+
+
+def coreset(cfg: DictConfig, method: str, workdir: Path, experts: dict) -> tuple[Stage, bool]:
+    """Stage 3: one coreset (random, herding in an expert's features, forgetting)."""
+    block = _block(cfg, "coreset")
+    block["method"] = method
+    key = {**_common_key(cfg), "coreset": {k: block[k] for k in CORESET_KEYS[method]}}
+    if method == "herding":
+        key["experts"] = experts["identity"][:1] if experts else None  # the first expert's features
+    if method == "random":
+        key.pop("net")  # the choice does not involve a network
+    stage = Stage(workdir, method, key)
+    if stage.done():
+        log.info("%s coreset %s: reused %s", _stage(3), method, stage.set_path)
+        return stage, True
+    stage.start()
+    log.info("%s coreset %s -> %s", _stage(3), method, stage.dir)
+    sub = derive(cfg, "coreset", stage.dir, method, coreset={"method": method, "out": None})
+    stage.finish(run_stage(sub, stage.dir))
+    return stage, False
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def evaluate_all(cfg: DictConfig, entries: dict, nets: list[str], workdir: Path) -> dict:
+    """Stage 4: every set (and ``full``) on every net with one protocol, cached per file and net.
+
+    ``entries`` maps a column (method or ``full``) to its set file or None for the train split.
+    Returns ``{column: {net: {"accs", "mean", "std", "lr", "epochs", "cached"}}}``.
+    """
+    from datamodules.syn_set import SyntheticSet
+    from lightning_modules.condense.evaluation import DEFAULT_LR, evaluate_set
+    from lightning_modules.tasks.common import build_datamodule, require_images
+
+    e, r = cfg.evaluate, cfg.reproduce
+    dm = None
+    options = {cfg.net.name: net_options(cfg.net)}  # the experts' net, as configured
+    results: dict = {}
+    for column, set_path in entries.items():
+        epochs = int(e.epochs if column != "full" or r.full_epochs is None else r.full_epochs)
+        digest = _file_digest(set_path) if set_path is not None else "full"
+        results[column] = {}
+        for net in nets:
+            protocol = {
+                "set": digest,
+                "net": net,
+                "options": options.get(net, {}),
+                "epochs": epochs,
+                "protocol": str(e.protocol),
+                "num_eval": int(e.num_eval),
+                "lr": e.lr,
+                "batch_size": int(e.batch_size),
+                "momentum": float(e.momentum),
+                "weight_decay": float(e.weight_decay),
+                "dsa_strategy": str(e.dsa_strategy),
+                "seed": int(cfg.seed),
+                "data": _block(cfg, "dataset"),
+            }
+            folder = (workdir / "full") if set_path is None else Path(set_path).parent
+            cache = folder / "eval" / f"{net}-{_digest(protocol)}.json"
+            if cache.exists():
+                saved = json.loads(cache.read_text())
+                if saved.get("key") == _canonical(protocol):
+                    results[column][net] = {**saved["result"], "cached": True}
+                    log.info(
+                        "%s evaluate %s on %s: reused %.2f ± %.2f (%s)",
+                        _stage(4), column, net, saved["result"]["mean"], saved["result"]["std"],
+                        cache,
+                    )  # fmt: skip
+                    continue
+            if dm is None:
+                dm = build_datamodule(cfg)
+                require_images(dm, "reproduce")
+                dm.prepare_data()
+                dm.setup()
+            if set_path is None:
+                images, labels, set_lr = dm.train_x, dm.train_y, None
+            else:
+                syn = SyntheticSet.load(set_path)
+                syn.check_against(dm)
+                images, labels, set_lr = syn.images, syn.labels, syn.lr
+            lr = float(e.lr) if e.lr is not None else (set_lr if set_lr is not None else DEFAULT_LR)
+            log.info(
+                "%s evaluate %s on %s: %d networks x %d epochs, lr %.4g, %d train / %d test images",
+                _stage(4), column, net, int(e.num_eval), epochs, lr, len(images), len(dm.test_x),
+            )  # fmt: skip
+            together = e.get("together", "auto")
+            out = evaluate_set(
+                images,
+                labels,
+                dm.test_x,
+                dm.test_y,
+                nets=[net],
+                num_classes=dm.num_classes,
+                lr=lr,
+                num_eval=int(e.num_eval),
+                epochs=epochs,
+                batch_size=int(e.batch_size),
+                momentum=float(e.momentum),
+                weight_decay=float(e.weight_decay),
+                dsa_strategy=str(e.dsa_strategy),
+                seed=int(cfg.seed),
+                device=e.get("device", "auto"),
+                progress=bool(cfg.trainer.get("enable_progress_bar", True)),
+                together=together if isinstance(together, bool) else str(together),
+                eval_batch_size=int(e.get("eval_batch_size", 1000)),
+                net_options=options,
+                protocol=str(e.protocol),
+            )[net]
+            result = {
+                "accs": [float(a) for a in out["accs"]],
+                "mean": float(out["mean"]),
+                "std": float(out["std"]),
+                "lr": lr,
+                "epochs": epochs,
+                "seconds": float(out.get("seconds", 0.0)),
+            }
+            write_json(cache, {"key": _canonical(protocol), "result": result})
+            results[column][net] = {**result, "cached": False}
+            log.info(
+                "%s   %s on %s: %.2f ± %.2f", _stage(4), column, net, result["mean"], result["std"]
+            )
+    return results

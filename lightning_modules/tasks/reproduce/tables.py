@@ -1,0 +1,235 @@
+"""The table of ``task=reproduce``: the measured row (or Table III) beside the published
+numbers as markdown and JSON, the sets side by side as one PNG, and both to the logger."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_modules.tasks.common import build_logger, finish_wandb, log_images, net_options
+from lightning_modules.tasks.reproduce import paper_numbers
+from lightning_modules.tasks.reproduce.config import NET_LABELS
+from lightning_modules.utils.files import atomic_path
+
+
+def column_label(method: str, eps: float) -> str:
+    return {
+        "random": "Random",
+        "forgetting": "Forgetting",
+        "herding": "Herding",
+        "mtt": "MTT (ε=0)",
+        "pruning": f"pruning (ε={eps:g})",
+        "full": "full dataset",
+    }[method]
+
+
+def _net_text(cfg: DictConfig) -> str:
+    """``convnet`` plus the options that differ from conf/net/<name>.yaml."""
+    name = str(cfg.net.name)
+    default_file = Path(__file__).resolve().parents[3] / "conf" / "net" / f"{name}.yaml"
+    defaults = OmegaConf.to_container(OmegaConf.load(default_file)) if default_file.exists() else {}
+    changed = [f"{k}={v}" for k, v in net_options(cfg.net).items() if defaults.get(k) != v]
+    return name + (f" ({', '.join(changed)})" if changed else "")
+
+
+def _split_text(per_class) -> str:
+    return f"{per_class} images/class" if per_class else "all images"
+
+
+def scale(cfg: DictConfig, experts: dict | None) -> dict:
+    """What was run, as a dict and as text (short for the table, long under it)."""
+    d, e = cfg.distill, cfg.evaluate
+    info = {
+        "net": _net_text(cfg),
+        "zca": bool(cfg.dataset.zca),
+        "train": _split_text(cfg.dataset.get("train_per_class")),
+        "test": _split_text(cfg.dataset.get("test_per_class")),
+        "experts": experts["num_experts"] if experts else 0,
+        "expert_epochs": experts["epochs"] if experts else 0,
+        "iterations": int(d.iterations),
+        "syn_steps": int(d.syn_steps),
+        "max_start_epoch": int(d.max_start_epoch),
+        "eval_epochs": int(e.epochs),
+        "num_eval": int(e.num_eval),
+        "threads": torch.get_num_threads(),
+    }
+    info["short"] = (
+        f"{info['net']}, {info['experts']} experts x {info['expert_epochs']} ep, "
+        f"{info['iterations']} it x {info['syn_steps']} steps, eval {info['num_eval']} x "
+        f"{info['eval_epochs']} ep"
+        + (
+            f", train {cfg.dataset.train_per_class}/class"
+            if cfg.dataset.get("train_per_class")
+            else ""
+        )
+    )
+    info["long"] = (
+        f"net {info['net']}; ZCA {'on' if info['zca'] else 'off'}; train split {info['train']}; "
+        f"test split {info['test']}; {info['experts']} experts of {info['expert_epochs']} epochs; "
+        f"distillation {info['iterations']} iterations, syn_steps {info['syn_steps']}, "
+        f"expert_epochs {int(d.expert_epochs)}, max_start_epoch {info['max_start_epoch']}, "
+        f"lr_img {d.lr_img:g}, lr_lr {d.lr_lr:g}, lr_teacher {d.lr_teacher:g}; evaluation "
+        f"{info['num_eval']} networks x {info['eval_epochs']} epochs each, final epoch; "
+        f"{info['threads']} CPU thread(s)"
+    )
+    return info
+
+
+def _cell(result: dict | None) -> str:
+    return "—" if not result else f"{result['mean']:.1f} ± {result['std']:.1f}"
+
+
+def _paper_cell(value) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+NOTE = (
+    "Paper numbers: the best of several checkpoints chosen on the test set (MTT family), "
+    "5000 iterations, up to 200 experts, 5 networks x 1000 epochs. Measured: the final set, "
+    "accuracy after the last evaluation epoch, mean ± std over the networks."
+)
+
+
+def row_table(cfg, methods, nets, results, info, images) -> tuple[str, dict]:
+    """Table I: methods as columns, the paper's line then one measured line per net."""
+    eps = float(cfg.reproduce.eps)
+    ds, ipc = str(cfg.dataset.name), int(cfg.ipc)
+    paper = paper_numbers.table1(ds, ipc)
+    columns = list(methods) + ["full"]
+    head = f"Table I row: {ds} IPC {ipc}, test accuracy (%)"
+    lines = [
+        f"**{head}**",
+        "",
+        "| | " + " | ".join(column_label(c, eps) for c in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    if paper:
+        lines.append(
+            "| paper (ConvNet-3, Li et al. 2024 Table I) | "
+            + " | ".join(_paper_cell(paper.get(c)) for c in columns)
+            + " |"
+        )
+    for net in nets:
+        cells = [_cell(results.get(c, {}).get(net)) for c in columns]
+        label = f"measured here, {NET_LABELS.get(net, net)} (scale: {info['short']})"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", f"Scale: {info['long']}.", "", NOTE]
+    if not paper:
+        lines.append(f"The paper has no Table I numbers for {ds} IPC {ipc}.")
+    if images:
+        lines += ["", "Sets as images: " + ", ".join(f"[{m}]({p})" for m, p in images.items())]
+    record = {
+        "table": "row",
+        "dataset": ds,
+        "ipc": ipc,
+        "eps": eps,
+        "columns": columns,
+        "labels": {c: column_label(c, eps) for c in columns},
+        "paper": {"source": paper_numbers.SOURCE, "net": "convnet", "acc": paper},
+        "measured": {"scale": info, "acc": measured_only(results)},
+        "images": images,
+    }
+    return "\n".join(lines) + "\n", record
+
+
+def measured_only(results: dict) -> dict:
+    """The accuracies without how they were obtained (cache hits, seconds)."""
+    keep = ("accs", "mean", "std", "lr", "epochs")
+    return {
+        column: {net: {k: r[k] for k in keep if k in r} for net, r in by_net.items()}
+        for column, by_net in results.items()
+    }
+
+
+def cross_arch_table(cfg, methods, nets, results, info, images) -> tuple[str, dict]:
+    """Table III: nets as columns; per method the paper's line and the measured line."""
+    eps = float(cfg.reproduce.eps)
+    ds, ipc = str(cfg.dataset.name), int(cfg.ipc)
+    paper = paper_numbers.cross_arch(ds, ipc)
+    head = f"Table III: cross-architecture, {ds} IPC {ipc}, test accuracy (%)"
+    lines = [
+        f"**{head}**",
+        "",
+        "| | " + " | ".join(NET_LABELS.get(n, n) for n in nets) + " |",
+        "|---" * (len(nets) + 1) + "|",
+    ]
+    for method in reversed(methods):  # pruning first, as in the paper
+        label = column_label(method, eps)
+        if paper:
+            cells = [_paper_cell(paper.get(method, {}).get(n)) for n in nets]
+            lines.append(f"| {label}, paper | " + " | ".join(cells) + " |")
+        cells = [_cell(results.get(method, {}).get(n)) for n in nets]
+        lines.append(
+            f"| {label}, measured here (scale: {info['short']}) | " + " | ".join(cells) + " |"
+        )
+    lines += ["", f"Scale: {info['long']}.", "", NOTE]
+    if not paper:
+        lines.append(
+            f"The paper's Table III is CIFAR-10 IPC 10; no published numbers for {ds} IPC {ipc}."
+        )
+    if images:
+        lines += ["", "Sets as images: " + ", ".join(f"[{m}]({p})" for m, p in images.items())]
+    record = {
+        "table": "cross_arch",
+        "dataset": ds,
+        "ipc": ipc,
+        "eps": eps,
+        "nets": nets,
+        "paper": {"source": paper_numbers.SOURCE, "acc": paper},
+        "measured": {"scale": info, "acc": measured_only(results)},
+        "images": images,
+    }
+    return "\n".join(lines) + "\n", record
+
+
+def comparison_png(sets: dict, titles: dict, path: Path) -> Path:
+    """The sets side by side (a row per class, transform undone), titled with their accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from datamodules.syn_set import SyntheticSet
+
+    grids = {m: SyntheticSet.load(p).grid().numpy() for m, p in sets.items()}
+    widths = [g.shape[1] for g in grids.values()]
+    height = max(g.shape[0] for g in grids.values())
+    zoom = max(1, min(4, 400 // height))  # small sets are enlarged to be seen
+    fig, axes = plt.subplots(
+        1,
+        len(grids),
+        figsize=(max(3.0, sum(widths) * zoom / 100 + 0.6 * len(grids)), height * zoom / 100 + 0.7),
+        gridspec_kw={"width_ratios": widths},
+        squeeze=False,
+    )
+    for ax, (method, grid) in zip(axes[0], grids.items()):
+        ax.imshow(grid, interpolation="nearest", cmap="gray" if grid.ndim == 2 else None)
+        ax.set_title(titles[method], fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def log_table(cfg: DictConfig, record: dict, summary: dict, images: dict, out_dir: Path) -> None:
+    """The measured means (and for W&B the table and the set images) to the configured logger."""
+    logger = build_logger(cfg)
+    if not logger:
+        return
+    logger.log_metrics({k: v for k, v in summary.items() if k.startswith("acc_")})
+    if type(logger).__name__ == "WandbLogger":
+        rows = [
+            [column, net, r["mean"], r["std"]]
+            for column, by_net in record["measured"]["acc"].items()
+            for net, r in by_net.items()
+        ]
+        logger.log_table(key="reproduce/measured", columns=["set", "net", "mean", "std"], data=rows)
+    for method, path in images.items():
+        log_images(logger, f"reproduce/{method}", out_dir / path)
+    logger.save()
+    logger.finalize("success")
+    finish_wandb()

@@ -1,0 +1,45 @@
+"""Atomic file writes: a reader (or a resumed run) never sees a half-written file."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``.
+
+    The temporary name starts with ``.<name>.tmp<pid>`` and keeps the suffix (so writers that
+    pick a format by suffix, e.g. matplotlib, still work). It is removed when the block raises;
+    a process killed inside the block leaves it behind, never a partial ``path``.
+
+    >>> with atomic_path("out/set.pt") as tmp:
+    ...     torch.save(obj, tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path: str | Path, payload) -> Path:
+    """Write ``payload`` as indented JSON atomically (non-JSON values as ``str``)."""
+    return write_text(path, json.dumps(payload, indent=2, default=str))

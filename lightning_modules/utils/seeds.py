@@ -1,0 +1,32 @@
+"""The one seed scheme of the project.
+
+Every random stream is seeded from the run's ``seed`` (``conf/config.yaml``) and a purpose with
+its indices, never from the clock or from another stream's state:
+
+==============================  =========================================================
+stream                          seed
+==============================  =========================================================
+expert ``i``                    ``derive_seed(seed, "expert", i)``
+evaluation network ``k`` of     ``derive_seed(seed, net, k)`` (``net`` = ``convnet``, ...)
+an architecture
+distillation pair draw          ``derive_seed(seed, "pairs", rank, iteration)``
+distillation unroll (DSA, ...)  ``derive_seed(seed, "unroll", rank, iteration)``
+initial synthetic images        ``derive_seed(seed, "init")``
+==============================  =========================================================
+
+Strings are hashed with CRC-32, then NumPy's ``SeedSequence`` mixes all keys into a 63-bit
+seed, so streams of different purposes or indices are statistically independent.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+
+def derive_seed(seed: int, *keys: int | str) -> int:
+    """A 63-bit seed for the stream named by ``keys`` (purpose strings and integer indices)."""
+    words = [int(seed)] + [zlib.crc32(k.encode()) if isinstance(k, str) else int(k) for k in keys]
+    state = np.random.SeedSequence(words).generate_state(2, np.uint64)[0]
+    return int(state >> np.uint64(1))
