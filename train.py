@@ -68,7 +68,9 @@ def run(cfg: DictConfig) -> dict:
     if cfg.resume:
         previous = find_resumable(cfg)
         if previous is None:
-            log.warning("resume=true but no earlier %s run with this config: starting fresh", cfg.task.name)
+            log.warning(
+                "resume=true but no earlier %s run with this config: starting fresh", cfg.task.name
+            )
         else:
             log.info("resuming %s", previous)
             with open_dict(cfg):
@@ -150,6 +152,21 @@ def _fold_into_resumed(hydra_dir: Path, run_dir: Path) -> None:
     shutil.move(str(hydra_dir), str(target))
 
 
+def check_group_choices(argv: list[str]) -> str | None:
+    """The one-line error for ``group=name`` naming no file of a config group (``method=foo``),
+    instead of Hydra's multi-line composition error."""
+    conf = Path(__file__).resolve().parent / "conf"
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        group = key.lstrip("+~")
+        if not sep or any(c in group for c in "./@") or not (conf / group).is_dir():
+            continue
+        if value and "," not in value and not (conf / group / f"{value}.yaml").exists():
+            names = ", ".join(sorted(p.stem for p in (conf / group).glob("*.yaml")))
+            return f"unknown {group} {value!r}; choose one of {names}"
+    return None
+
+
 def check_launcher(argv: list[str]) -> str | None:
     """The one-line error for ``hydra/launcher=slurm|local`` without the submitit plugin."""
     import importlib.util
@@ -166,7 +183,7 @@ def check_launcher(argv: list[str]) -> str | None:
 
 
 if __name__ == "__main__":
-    problem = check_launcher(sys.argv[1:])
+    problem = check_launcher(sys.argv[1:]) or check_group_choices(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)

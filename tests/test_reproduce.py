@@ -13,12 +13,12 @@ from omegaconf import open_dict
 
 import train
 from datamodules.syn_set import SyntheticSet
-from lightning_modules.tasks.reproduce import paper_numbers
 from lightning_modules.errors import UserError
 from lightning_modules.tasks import reproduce
 from lightning_modules.tasks.common import net_options
+from lightning_modules.tasks.reproduce import paper_numbers
 
-ALL = ["random", "forgetting", "herding", "mtt", "pruning"]
+ALL = ["random", "forgetting", "herding", "dsa", "dm", "mtt", "pruning"]
 
 
 def tiny(data: Path, *extra: str) -> list[str]:
@@ -77,10 +77,12 @@ def test_row_end_to_end_then_reused_then_recomputed(
         assert text in markdown
     assert "| paper" in markdown and "| measured here, ConvNet (scale:" in markdown
     paper_line = next(line for line in markdown.splitlines() if line.startswith("| paper"))
-    assert paper_line.split("|")[2:8] == [
+    assert paper_line.split("|")[2:10] == [
         " 14.4 ",
         " 13.5 ",
         " 21.5 ",
+        " 28.8 ",
+        " 26.0 ",
         " 46.3 ",
         " 46.4 ",
         " 84.8 ",
@@ -95,11 +97,19 @@ def test_row_end_to_end_then_reused_then_recomputed(
     # each stage ran as its sub-task in its own folder with its own summary.json
     workdir = Path(summary["workdir"])
     assert workdir.parent == tmp_path / "outputs" / "reproduce_cache"
-    for method, task in [("pruning", "distill"), ("mtt", "distill"), ("random", "coreset")]:
+    for method, task in [
+        ("pruning", "distill"),
+        ("mtt", "distill"),
+        ("random", "coreset"),
+        ("dsa", "distill"),
+        ("dm", "distill"),
+    ]:
         stage_summary = json.loads((workdir / method / "summary.json").read_text())
         assert stage_summary["task"] == task
     assert SyntheticSet.load(workdir / "pruning" / "set.pt").method == "distill"
     assert SyntheticSet.load(workdir / "mtt" / "set.pt").method == "mtt"
+    assert SyntheticSet.load(workdir / "dsa" / "set.pt").method == "dsa"
+    assert SyntheticSet.load(workdir / "dm" / "set.pt").lr is None
     assert json.loads((workdir / "mtt" / "summary.json").read_text())["eps"] == 0.0
     assert len(list((tmp_path / "trajectories" / "cifar10" / "convnet").glob("expert_*.pt"))) == 2
     before = set_files(workdir)
@@ -125,6 +135,8 @@ def test_row_end_to_end_then_reused_then_recomputed(
         "random": True,
         "forgetting": True,
         "herding": True,
+        "dsa": False,  # reproduce.iterations sets every distillation's iterations
+        "dm": False,
         "mtt": False,
         "pruning": False,
     }
@@ -253,7 +265,9 @@ def test_scale_knobs_write_the_sub_task_keys(compose):
     assert cfg.distill.max_start_epoch == 20 and cfg.distill.iterations == 5000  # the preset
     assert cfg.evaluate.epochs == 1000 and cfg.evaluate.num_eval == 5
     assert cfg.dataset.zca  # dataset.zca: null follows the row (CIFAR-10 IPC 10: ZCA on)
-    assert not reproduce.settle(compose("task=reproduce", "ipc=10", "dataset.zca=false")).dataset.zca
+    assert not reproduce.settle(
+        compose("task=reproduce", "ipc=10", "dataset.zca=false")
+    ).dataset.zca
     # a sub-task key given directly is kept when the knob is null
     cfg = reproduce.settle(compose("task=reproduce", "distill.iterations=11"))
     assert cfg.distill.iterations == 11

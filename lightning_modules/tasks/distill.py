@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.expert_pairs import ExpertPairsDataModule
 from datamodules.trajectories import ExpertStore, default_store_dir, teacher_command
 from lightning_modules.condense.dsa import make_dsa
+from lightning_modules.condense.evaluation import DEFAULT_LR
 from lightning_modules.distillation import DistillationModule
 from lightning_modules.errors import UserError
 from lightning_modules.nets.functional import FlatParams
@@ -41,6 +42,12 @@ from lightning_modules.tasks.common import (
     net_options,
     process_rank,
     require_images,
+)
+from lightning_modules.tasks.matching_settings import (
+    batched_value,
+    check_method_keys,
+    method_name,
+    resolve_matching_settings,
 )
 from lightning_modules.tasks.settings import batch_syn_value, offload_value, resolve_settings
 from lightning_modules.utils.files import atomic_path
@@ -66,8 +73,8 @@ def check_store(cfg: DictConfig, store: ExpertStore, num_params: int) -> None:
         raise UserError(
             f"no expert trajectories in {store.root} (dataset={cfg.dataset.name}, dataset.zca="
             f"{str(zca).lower()}, net={cfg.net.name}); train them first with: {cmd} "
-            f"teacher.num_experts=<n> (at least {needed_epochs(cfg.distill)} epochs each), or point "
-            "distill.trajectories at a store"
+            f"teacher.num_experts=<n> (at least {needed_epochs(cfg.distill)} epochs each), or "
+            "point distill.trajectories at a store"
         )
     store.check(net=net_options(cfg.net), dataset=cfg.dataset.name, zca=zca, num_params=num_params)
 
@@ -109,7 +116,7 @@ class DistilledSetWriter(Callback):
         self.dir = Path(out_dir) / "sets"
         self.history: list[dict] = []
 
-    def make_set(self, module: DistillationModule):
+    def make_set(self, module):
         from datamodules.syn_set import SyntheticSet
 
         images, labels, lr = module.synthetic()
@@ -120,7 +127,7 @@ class DistilledSetWriter(Callback):
             transform=self.dm.transform.state_dict(),
             dataset=self.dm.name,
             ipc=int(self.cfg.ipc),
-            method="mtt" if float(self.cfg.distill.eps) == 0 else "distill",
+            method=set_method(self.cfg),
             config=OmegaConf.to_container(self.cfg, resolve=True),
         )
 
@@ -160,6 +167,14 @@ class DistilledSetWriter(Callback):
         trainer.strategy.barrier()
 
 
+def set_method(cfg: DictConfig) -> str:
+    """The set file's ``method``: ``dc``/``dsa``/``dm``, ``mtt`` (eps 0) or ``distill``."""
+    name = method_name(cfg)
+    if name != "mtt":
+        return name
+    return "mtt" if float(cfg.distill.eps) == 0 else "distill"
+
+
 def evaluate_distilled(cfg: DictConfig, dm, syn, device) -> dict:
     """The set on ``distill.eval_nets``, the distillation net with its own options (``net.*``),
     under ``evaluate.protocol`` when the config has it (task=reproduce; ``+evaluate.protocol=``
@@ -174,7 +189,7 @@ def evaluate_distilled(cfg: DictConfig, dm, syn, device) -> dict:
         dm.test_y,
         nets=list(d.eval_nets),
         num_classes=dm.num_classes,
-        lr=float(syn.lr),
+        lr=DEFAULT_LR if syn.lr is None else float(syn.lr),  # DC/DSA/DM learn no lr
         num_eval=int(d.eval_num),
         epochs=int(d.eval_epochs),
         batch_size=int(d.eval_batch_size),
@@ -200,12 +215,59 @@ def summarise(results: dict) -> dict:
 
 # -- the task -----------------------------------------------------------------------------------
 def run(cfg: DictConfig, out_dir: Path) -> dict:
-    cfg = resolve_settings(cfg)
+    method = method_name(cfg)
+    if method == "mtt":
+        check_method_keys(cfg, method)
+        cfg = resolve_settings(cfg)
+    else:
+        cfg = resolve_matching_settings(cfg)
     d = cfg.distill
     out_dir = Path(out_dir)
     dm = build_datamodule(cfg)
     require_images(dm, "distill")
     net = build_net(cfg.net, dm)  # channels, size and classes are known before loading the data
+    build = build_mtt if method == "mtt" else build_matching
+    module, data = build(cfg, dm, net)
+    write_config(cfg, out_dir / "distill_config.yaml")
+    logger = build_logger(cfg)
+    log_config(logger, cfg)
+    ckpt_dir = out_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    writer = DistilledSetWriter(cfg, dm, out_dir, int(d.eval_every or 0), int(d.iterations))
+    checkpoints = ModelCheckpoint(
+        dirpath=ckpt_dir, every_n_train_steps=int(d.checkpoint_every), save_last=True, save_top_k=0
+    )
+    trainer = build_trainer(
+        cfg,
+        logger=logger,
+        callbacks=[writer, checkpoints],
+        max_steps=int(d.iterations),
+        max_epochs=1,
+        log_every_n_steps=1,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+    )
+    # the warning says checkpoints hold the state after the update: that is what resuming needs
+    warnings.filterwarnings("ignore", message=".*manual optimization and every_n_train_steps.*")
+    # the pair / iteration streams' __len__ is exact: they run in the main process (num_workers=0)
+    warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined.*")
+    resume_from = str(last) if cfg.resume and last.exists() else None
+    if resume_from:
+        done = finished_summary(last, out_dir, int(d.iterations))
+        if done is not None:
+            log.info("%s already finished all %d iterations; nothing to do", out_dir, d.iterations)
+            return done
+        log.info("resuming distillation from %s", resume_from)
+    trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+    trainer.save_checkpoint(last)  # the finished state: a rerun with resume=true has nothing left
+    if not trainer.is_global_zero:
+        return {}
+    return finish(cfg, dm, module, writer, out_dir, trainer, logger)
+
+
+def build_mtt(cfg: DictConfig, dm, net):
+    """Trajectory matching (+ pruning): the module and its (expert, start epoch) pair stream."""
+    d = cfg.distill
     layout = FlatParams(net)
     store = expert_store(cfg)
     check_store(cfg, store, layout.numel)  # before the data: a missing store fails in a second
@@ -239,47 +301,56 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         max_bad_steps=int(d.max_bad_steps),
         seed=int(cfg.seed),
     )
-    write_config(cfg, out_dir / "distill_config.yaml")
     log.info(
         "distill %s ipc=%d (ZCA %s): %d experts in %s, %d iterations, syn_steps=%d, "
         "expert_epochs=%d, max_start_epoch=%d, eps=%g, unroll=%s",
         dm.name, cfg.ipc, "on" if dm.zca else "off", len(pairs.experts), store.root, d.iterations,
         d.syn_steps, d.expert_epochs, d.max_start_epoch, d.eps, d.unroll,
     )  # fmt: skip
-    logger = build_logger(cfg)
-    log_config(logger, cfg)
-    ckpt_dir = out_dir / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    writer = DistilledSetWriter(cfg, dm, out_dir, int(d.eval_every or 0), int(d.iterations))
-    checkpoints = ModelCheckpoint(
-        dirpath=ckpt_dir, every_n_train_steps=int(d.checkpoint_every), save_last=True, save_top_k=0
+    return module, pairs
+
+
+def build_matching(cfg: DictConfig, dm, net):
+    """DC / DSA / DM: the module (it draws its networks and real batches itself) and the
+    iteration stream."""
+    from datamodules.iterations import IterationsDataModule
+    from lightning_modules.set_matching import MatchingModule
+
+    d, m = cfg.distill, cfg.method
+    dm.prepare_data()
+    dm.setup()
+    images, labels = initial_images(cfg, dm)
+    loops = {}
+    if m.name in ("dc", "dsa"):
+        loops = dict(
+            outer_loop=int(m.outer_loop),
+            inner_loop=int(m.inner_loop),
+            lr_net=float(m.lr_net),
+            batch_train=int(m.batch_train),
+            batched=batched_value(m.batched),
+        )
+    module = MatchingModule(
+        net,
+        images,
+        labels,
+        dm.train_x,
+        dm.train_y,
+        method=str(m.name),
+        lr_img=float(d.lr_img),
+        momentum=float(d.momentum),
+        batch_real=int(m.batch_real),
+        dsa=make_dsa(d.dsa_strategy if d.dsa else None),
+        class_chunk=m.get("class_chunk"),
+        max_bad_steps=int(d.max_bad_steps),
+        seed=int(cfg.seed),
+        **loops,
     )
-    trainer = build_trainer(
-        cfg,
-        logger=logger,
-        callbacks=[writer, checkpoints],
-        max_steps=int(d.iterations),
-        max_epochs=1,
-        log_every_n_steps=1,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-    )
-    # the warning says checkpoints hold the state after the update: that is what resuming needs
-    warnings.filterwarnings("ignore", message=".*manual optimization and every_n_train_steps.*")
-    # the pair stream's __len__ is exact: it runs in the main process (num_workers=0)
-    warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined.*")
-    resume_from = str(last) if cfg.resume and last.exists() else None
-    if resume_from:
-        done = finished_summary(last, out_dir, int(d.iterations))
-        if done is not None:
-            log.info("%s already finished all %d iterations; nothing to do", out_dir, d.iterations)
-            return done
-        log.info("resuming distillation from %s", resume_from)
-    trainer.fit(module, datamodule=pairs, ckpt_path=resume_from)
-    trainer.save_checkpoint(last)  # the finished state: a rerun with resume=true has nothing left
-    if not trainer.is_global_zero:
-        return {}
-    return finish(cfg, dm, module, writer, out_dir, trainer, logger)
+    log.info(
+        "distill %s ipc=%d with %s: %d iterations, lr_img=%g, %s",
+        dm.name, cfg.ipc, m.name, d.iterations, d.lr_img,
+        ", ".join(f"{k}={v}" for k, v in m.items() if k != "name"),
+    )  # fmt: skip
+    return module, IterationsDataModule(int(d.iterations))
 
 
 def finished_summary(last: Path, out_dir: Path, iterations: int) -> dict | None:
@@ -306,10 +377,10 @@ def finish(cfg, dm, module, writer, out_dir: Path, trainer, logger) -> dict:
         "learned_lr": syn.lr,
         "set": str(out_dir / "set.pt"),
         "method": syn.method,
-        "eps": float(d.eps),
         "skipped_updates": module.bad_total,
-        "lr_floor_hits": module.floor_hits,
     }
+    if syn.method in ("mtt", "distill"):
+        metrics.update(eps=float(d.eps), lr_floor_hits=module.floor_hits)
     last_logged = trainer.callback_metrics
     for key in ("distill/loss", "distill/pruned_fraction"):
         if key in last_logged:

@@ -38,6 +38,7 @@ from omegaconf import DictConfig, open_dict
 from lightning_modules.tasks.common import write_json
 from lightning_modules.tasks.reproduce.config import (
     CORESETS,
+    MATCHING,
     _stage,
     check_one_device,
     chosen_methods,
@@ -54,6 +55,7 @@ from lightning_modules.tasks.reproduce.stages import (
     distilled_set,
     ensure_experts,
     evaluate_all,
+    matched_set,
 )
 from lightning_modules.tasks.reproduce.tables import (
     _cell,
@@ -126,13 +128,16 @@ def make_sets(cfg: DictConfig, methods: list[str], workdir: Path):
         log.info("%s experts: not needed for %s", _stage(1), methods)
     if any(m in ("mtt", "pruning") for m in methods):
         cap_start_epoch(cfg, experts["epochs"])
-    else:
+    elif not any(m in MATCHING for m in methods):
         log.info("%s distillation: none in %s", _stage(2), methods)
     stages: dict[str, Stage] = {}
     reused: dict[str, bool] = {}
     for method in ("pruning", "mtt"):
         if method in methods:
             stages[method], reused[method] = distilled_set(cfg, method, workdir, experts)
+    for method in MATCHING:
+        if method in methods:
+            stages[method], reused[method] = matched_set(cfg, method, workdir)
     for method in CORESETS:
         if method in methods:
             stages[method], reused[method] = coreset(cfg, method, workdir, experts)

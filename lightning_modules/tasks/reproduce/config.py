@@ -16,7 +16,11 @@ from lightning_modules.errors import UserError
 from lightning_modules.tasks import settings
 from lightning_modules.tasks.reproduce import paper_numbers
 
-METHODS = ("random", "forgetting", "herding", "mtt", "pruning")
+METHODS = ("random", "forgetting", "herding", "dc", "dsa", "dm", "mtt", "pruning")
+
+
+#: distillations by gradient or distribution matching (task=distill method=<name>)
+MATCHING = ("dc", "dsa", "dm")
 
 
 CORESETS = ("random", "forgetting", "herding")
@@ -149,7 +153,8 @@ def chosen_methods(cfg: DictConfig, table: str) -> list[str]:
     if unknown or not methods:
         raise UserError(
             f"reproduce.methods={methods}: choose from {', '.join(METHODS)} "
-            "(pruning = distillation with reproduce.eps, mtt = ε 0)"
+            "(pruning = distillation with reproduce.eps, mtt = ε 0; dc, dsa, dm = task=distill "
+            "method=<name>)"
         )
     return [m for m in METHODS if m in methods]  # table order
 

@@ -9,7 +9,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from datamodules.trajectories import ExpertStore
 from lightning_modules.condense.dsa import make_dsa
@@ -32,6 +32,7 @@ from lightning_modules.tasks.reproduce.config import (
 )
 
 log = logging.getLogger(__name__)
+
 
 def run_stage(sub: DictConfig, out_dir: Path) -> dict:
     """Run the sub-task ``sub.task.name`` in ``out_dir`` (its own W&B run, its own summary)."""
@@ -213,6 +214,33 @@ def distilled_set(cfg: DictConfig, method: str, workdir: Path, experts: dict) ->
         int(d.expert_epochs), int(d.max_start_epoch), experts["num_experts"], stage.dir,
     )  # fmt: skip
     sub = derive(cfg, "distill", stage.dir, method, distill={"eps": eps}, resume=resuming)
+    stage.finish(run_stage(sub, stage.dir))
+    return stage, False
+
+
+def matched_set(cfg: DictConfig, method: str, workdir: Path) -> tuple[Stage, bool]:
+    """Stage 2: a DC / DSA / DM distillation (``task=distill method=<name>``) with the method's
+    published row, in the row's pixel space (``dataset.zca`` as settled for every column)."""
+    from lightning_modules.tasks.matching_settings import matching_stage_config
+
+    iterations = cfg.reproduce.get("iterations")
+    sub_cfg = matching_stage_config(cfg, method, iterations=iterations)
+    key = {
+        **_common_key(cfg),
+        "distill": _block(sub_cfg, "distill"),
+        "method": OmegaConf.to_container(sub_cfg.method, resolve=True),
+    }
+    stage = Stage(workdir, method, key)
+    if stage.done():
+        log.info("%s distill method=%s: reused %s", _stage(2), method, stage.set_path)
+        return stage, True
+    resuming = stage.start() and (stage.dir / "checkpoints" / "last.ckpt").exists()
+    log.info(
+        "%s distill method=%s: %s%s iterations -> %s",
+        _stage(2), method, "resuming, " if resuming else "",
+        iterations if iterations is not None else "the published", stage.dir,
+    )  # fmt: skip
+    sub = derive(sub_cfg, "distill", stage.dir, method, resume=resuming)
     stage.finish(run_stage(sub, stage.dir))
     return stage, False
 
