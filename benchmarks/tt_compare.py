@@ -144,7 +144,11 @@ def plot(runs: list[dict], path: Path) -> None:
 
     ok = [r for r in runs if "error" not in r]
     datasets = list(dict.fromkeys(r["dataset"] for r in ok))
-    methods = list(dict.fromkeys(f"{r['method']} ({r['basis']})" for r in ok))
+
+    def name(r):
+        return f"{r['method']} ({r['basis']})" if "FTT" in r["method"] else r["method"]
+
+    methods = list(dict.fromkeys(name(r) for r in ok))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for j, method in enumerate(methods):
         for ax, key in zip(axes, ("sw", "sinkhorn")):
@@ -153,7 +157,7 @@ def plot(runs: list[dict], path: Path) -> None:
                 vals = [
                     r[key] / r[f"{key}_floor_hi"]
                     for r in ok
-                    if r["dataset"] == d and f"{r['method']} ({r['basis']})" == method
+                    if r["dataset"] == d and name(r) == method
                 ]
                 if vals:
                     xs.append(i + 0.8 * (j / max(len(methods), 1) - 0.4))

@@ -215,3 +215,39 @@ def test_ftt_with_global_basis_and_ddim_runs_end_to_end(compose, basis):
     summary = train.run(cfg)
     assert summary["basis"] == basis and len(summary["mode_counts"]) == 8
     assert math.isfinite(summary["sw"]) and math.isfinite(summary["sinkhorn"])
+
+
+@pytest.mark.parametrize("net", ["resnet", "unet"])
+def test_ddim_50_steps_runs_for_the_network_noise_models(compose, tiny_data, net):
+    """``ddpm.sampler=ddim`` works for every noise model (FTT: the tests above)."""
+    import train
+
+    if net == "resnet":
+        args = [
+            *TINY_SUITE,
+            "dataset=moons",
+            "eps_net=resnet",
+            "eps_net.width=16",
+            "eps_net.depth=1",
+            "ddpm.epochs=1",
+        ]
+    else:
+        args = [
+            "task=ddpm",
+            "dataset=cifar10",
+            f"dataset.data_dir={tiny_data}",
+            "dataset.download=false",
+            "ddpm.timesteps=100",
+            "ddpm.steps=2",
+            "ddpm.batch_size=8",
+            "ddpm.num_samples=4",
+            "logger=csv",
+            "trainer.enable_progress_bar=false",
+            "eps_net=unet",
+            "eps_net.ch=8",
+            "eps_net.ch_mult=[1,2]",
+            "eps_net.attn_resolutions=[16]",
+        ]
+    summary = train.run(compose(*args, "ddpm.sampler=ddim", "ddpm.sample_steps=50"))
+    assert summary["sampler"] == "ddim" and summary["sample_steps"] == 50
+    assert summary["sample_s"] > 0

@@ -214,7 +214,10 @@ class Sampler:
     def image_metrics(self, samples: Tensor) -> dict:
         path = self.d.get("feature_extractor")
         if not path:
-            log.info("FID/KID: not computed: no ddpm.feature_extractor (.pt2 or TorchScript)")
+            log.info(
+                "FID/KID: not computed: no feature extractor configured "
+                "(ddpm.feature_extractor=<.pt2 or TorchScript file>)"
+            )
             return {"fid": None, "kid": None, "fid_note": "no feature extractor configured"}
         if self.data.test_images01 is None:
             return {"fid": None, "kid": None, "fid_note": "no test images to compare with"}
