@@ -334,3 +334,54 @@ def test_row_with_cafe_and_kip_columns(compose, tiny_data, tmp_path, monkeypatch
     for method in ("cafe", "kip"):
         assert SyntheticSet.load(workdir / method / "set.pt").method == method
         assert json.loads((workdir / method / "summary.json").read_text())["iterations"] == 2
+
+
+def test_table_kip(compose, tiny_data, tmp_path, monkeypatch):
+    """table=kip (Table II): the KIP set on ConvNets of each reproduce.kip_widths, the pruning
+    set on the row's width, the paper's Table II beside them."""
+    monkeypatch.chdir(tmp_path)
+    keys = "+reproduce.method_keys={kip: {rf_models: 2, batch_real: 8, chunk: 16}}"
+    out = tmp_path / "table2"
+    summary = run_in(
+        compose,
+        out,
+        *tiny(tiny_data, "table=kip", "reproduce.kip_widths=[16,4]", keys),
+    )
+    row = json.loads((out / "row.json").read_text())
+    assert row["table"] == "kip"
+    assert row["cells"] == [
+        {"method": "kip", "width": "width 16"},
+        {"method": "kip", "width": "width 4"},
+        {"method": "pruning", "width": "width 8"},
+    ]
+    measured = row["measured"]["acc"]
+    assert set(measured["kip"]) == {"width 16", "width 4"} and set(measured["pruning"]) == {
+        "width 8"
+    }
+    for key in ("acc_kip_width16", "acc_kip_width4", "acc_pruning_width8"):
+        assert 0 <= summary[key] <= 100
+    # the KIP set was evaluated on ConvNets of those widths: the caches name them
+    caches = [
+        json.loads(p.read_text()) for p in (Path(summary["workdir"]) / "kip").glob("eval/*.json")
+    ]
+    assert sorted(c["key"]["options"]["width"] for c in caches) == [4, 16]
+    # CIFAR-10 IPC 1 in the paper: KIP-1024 49.9, KIP-128 38.3, ours (128) 46.4; none at 16 / 4
+    assert "Table II: cifar10 IPC 1" in summary["row_md"] and "| — | — | — |" in summary["row_md"]
+
+
+def test_table_kip_paper_line_at_the_published_widths(compose):
+    from lightning_modules.tasks.reproduce.tables import kip_table
+
+    cfg = compose("task=reproduce", "table=kip", "ipc=10")
+    info = {"short": "s", "long": "l"}
+    r = {"accs": [1.0], "mean": 1.0, "std": 0.0}
+    results = {"kip": {"width 1024": r, "width 128": r}, "pruning": {"width 128": r}}
+    markdown, record = kip_table(
+        cfg, ["kip", "pruning"], ["width 1024", "width 128"], results, info, {}
+    )
+    assert record["paper"]["acc"] == {
+        "kip width 1024": 62.7,
+        "kip width 128": 57.6,
+        "pruning width 128": 65.5,
+    }
+    assert "| 62.7 | 57.6 | 65.5 |" in markdown

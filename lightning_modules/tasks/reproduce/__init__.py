@@ -45,8 +45,10 @@ from lightning_modules.tasks.reproduce.config import (
     chosen_nets,
     default_workdir,
     expert_store_dir,
+    kip_widths,
     settle,
     table_kind,
+    with_width,
 )
 from lightning_modules.tasks.reproduce.stages import (
     Stage,
@@ -62,6 +64,7 @@ from lightning_modules.tasks.reproduce.tables import (
     column_label,
     comparison_png,
     cross_arch_table,
+    kip_table,
     log_table,
     row_table,
     scale,
@@ -86,11 +89,14 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     entries = {m: stages[m].set_path for m in methods}
     if cfg.reproduce.full:
         entries["full"] = None
-    results = evaluate_all(cfg, entries, nets, workdir)
+    if table == "kip":
+        results, nets = evaluate_widths(cfg, entries, workdir)
+    else:
+        results = evaluate_all(cfg, entries, nets, workdir)
     log.info("%s table", _stage(5))
     images = set_images(cfg, methods, nets, stages, results, out_dir)
     info = scale(cfg, experts)
-    make = cross_arch_table if table == "cross_arch" else row_table
+    make = {"cross_arch": cross_arch_table, "kip": kip_table}.get(table, row_table)
     markdown, record = make(cfg, methods, nets, results, info, images)
     record.update(workdir=str(workdir), expert_store=cfg.teacher.out)
     record["stages"] = {m: str(s.dir) for m, s in stages.items()}
@@ -104,6 +110,22 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     summary["reused"] = reused
     log_table(cfg, record, summary, images, out_dir)
     return summary
+
+
+def evaluate_widths(cfg: DictConfig, entries: dict, workdir: Path) -> tuple[dict, list[str]]:
+    """Table II: the KIP set on a ConvNet of each ``reproduce.kip_widths``, the other sets on the
+    row's ``net.width``; results keyed ``width <w>`` in place of a net name."""
+    widths = kip_widths(cfg)
+    results: dict = {column: {} for column in entries}
+    for width in widths:
+        part = evaluate_all(with_width(cfg, width), {"kip": entries["kip"]}, ["convnet"], workdir)
+        results["kip"][f"width {width}"] = part["kip"]["convnet"]
+    own = int(cfg.net.width)
+    others = {c: p for c, p in entries.items() if c != "kip"}
+    for column, by_net in evaluate_all(cfg, others, ["convnet"], workdir).items():
+        results[column][f"width {own}"] = by_net["convnet"]
+    names = [f"width {w}" for w in widths]
+    return results, names + ([f"width {own}"] if own not in widths else [])
 
 
 def prepare(cfg: DictConfig) -> tuple[DictConfig, Path]:
@@ -202,7 +224,8 @@ def summarise(cfg, table, nets, workdir, markdown, record, results, info, images
     }
     for column, by_net in results.items():
         for net, r in by_net.items():
-            summary[f"acc_{column}_{net}" if len(nets) > 1 else f"acc_{column}"] = r["mean"]
+            name = net.replace(" ", "")  # "width 128" -> width128 (table=kip)
+            summary[f"acc_{column}_{name}" if len(nets) > 1 else f"acc_{column}"] = r["mean"]
     main = "pruning" if "pruning" in results else next(iter(results))
-    summary["objective"] = results[main][nets[0]]["mean"]
+    summary["objective"] = next(iter(results[main].values()))["mean"]
     return summary

@@ -26,7 +26,7 @@ MATCHING = ("dc", "dsa", "dm", "cafe", "kip")
 CORESETS = ("random", "forgetting", "herding")
 
 
-TABLES = ("row", "cross_arch")
+TABLES = ("row", "cross_arch", "kip")
 
 
 NUM_STAGES = 5
@@ -140,13 +140,17 @@ def check_one_device(cfg: DictConfig) -> None:
 def table_kind(cfg: DictConfig) -> str:
     table = str(cfg.get("table", "row"))
     if table not in TABLES:
-        raise UserError(f"table={table!r}; use row (Table I) or cross_arch (Table III)")
+        raise UserError(
+            f"table={table!r}; use row (Table I), cross_arch (Table III) or kip (Table II)"
+        )
     return table
 
 
 def chosen_methods(cfg: DictConfig, table: str) -> list[str]:
     if table == "cross_arch":
         return ["mtt", "pruning"]
+    if table == "kip":
+        return ["kip", "pruning"]
     methods = cfg.reproduce.methods
     methods = [methods] if isinstance(methods, str) else list(methods)
     unknown = [m for m in methods if m not in METHODS]
@@ -163,9 +167,34 @@ def chosen_nets(cfg: DictConfig, table: str) -> list[str]:
     from lightning_modules.condense.evaluation import check_net_names
 
     nets = cfg.reproduce.nets
+    if table == "kip":
+        if str(cfg.net.name) != "convnet" or nets not in (None, ["convnet"], "convnet"):
+            raise UserError(
+                "table=kip (Table II) evaluates ConvNets of several widths: net=convnet"
+            )
+        return ["convnet"]
     if nets is None:
         nets = list(paper_numbers.CROSS_ARCH_NETS) if table == "cross_arch" else [cfg.net.name]
     return check_net_names(list(nets) if not isinstance(nets, str) else [nets])
+
+
+def kip_widths(cfg: DictConfig) -> list[int]:
+    """Table II's evaluation widths of the KIP set (``reproduce.kip_widths``), checked."""
+    widths = cfg.reproduce.get("kip_widths") or [1024, 128]
+    widths = [widths] if isinstance(widths, int) else list(widths)
+    if not widths or any(not isinstance(w, int) or w < 1 for w in widths):
+        raise UserError(
+            f"reproduce.kip_widths={widths}: give positive ConvNet widths, e.g. [1024,128]"
+        )
+    return widths
+
+
+def with_width(cfg: DictConfig, width: int) -> DictConfig:
+    """``cfg`` with the evaluation ConvNet of width ``width``."""
+    sub = copy.deepcopy(cfg)
+    with open_dict(sub):
+        sub.net.width = int(width)
+    return sub
 
 
 def _digest(payload, n: int = 8) -> str:
