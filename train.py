@@ -7,6 +7,7 @@ bad input (``UserError``) into one line on stderr and exit status 2.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 import time
@@ -32,11 +33,11 @@ def _comparable(cfg: DictConfig) -> dict:
 
 def find_resumable(cfg: DictConfig) -> Path | None:
     """The newest earlier run of the same task with the same config (paths and resume aside)."""
+    want = _comparable(cfg)
+    here = Path(cfg.paths.output_dir).resolve()
     task_dir = Path(cfg.paths.runs_dir) / cfg.task.name
     if not task_dir.is_dir():
         return None
-    want = _comparable(cfg)
-    here = Path(cfg.paths.output_dir).resolve()
     for run_dir in sorted(task_dir.iterdir(), reverse=True):
         saved = run_dir / "config.yaml"
         if run_dir.resolve() == here or not saved.exists():
@@ -44,6 +45,26 @@ def find_resumable(cfg: DictConfig) -> Path | None:
         if _comparable(OmegaConf.load(saved)) == want:
             return run_dir
     return None
+
+
+def requeued_in_place(cfg: DictConfig) -> bool:
+    """A one-process submitit job requeued after its pre-timeout signal or a preemption reruns
+    the same config in the same run dir: it continues there (from the last checkpoint).
+
+    Only for one process (one submitit task, ``trainer.devices=1``, one node): the ranks of a
+    multi-process job could not agree on it before their process group exists; such jobs restart
+    unless ``resume=true`` is given.
+    """
+    env = os.environ
+    if not env.get("SUBMITIT_EXECUTOR") or int(env.get("SUBMITIT_LOCAL_NTASKS", 1)) > 1:
+        return False
+    if int(env.get("SLURM_NTASKS", 1)) > 1 or "LOCAL_RANK" in env:
+        return False
+    t = cfg.trainer
+    if str(t.get("devices", 1)) != "1" or int(t.get("num_nodes", 1) or 1) > 1:
+        return False
+    saved = Path(cfg.paths.output_dir) / "config.yaml"
+    return saved.exists() and _comparable(OmegaConf.load(saved)) == _comparable(cfg)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -65,7 +86,12 @@ def run(cfg: DictConfig) -> dict:
     check_config(cfg)  # a bad count or an ignored trainer key: one line, nothing started
     if cfg.get("threads") is not None:
         torch.set_num_threads(int(cfg.threads))  # before any work: results depend on it
-    if cfg.resume:
+    requeued = requeued_in_place(cfg)
+    if requeued:
+        log.info("%s already holds this run: continuing it", cfg.paths.output_dir)
+        with open_dict(cfg):
+            cfg.resume = True
+    if cfg.resume and not requeued:
         previous = find_resumable(cfg)
         if previous is None:
             log.warning(

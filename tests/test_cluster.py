@@ -229,3 +229,39 @@ def test_launcher_without_the_plugin_is_one_line(monkeypatch):
     )
     message = train.check_launcher(["-m", "hydra/launcher=slurm", "task=teacher"])
     assert message and 'pip install -e ".[slurm]"' in message
+
+
+@pytest.mark.slow
+def test_signalled_local_job_is_requeued_and_continues(tiny_data, tmp_path):
+    """submitit's pre-timeout signal (USR2) on a running job: submitit requeues it, the requeued
+    job finds its own run dir holding this run and continues from the last epoch checkpoint."""
+    import glob
+    import signal
+    import time
+
+    cmd = [
+        sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=local", "task=classify",
+        "task.epochs=40", *data_args(tiny_data), "dataset.train_per_class=4", "net.width=8", *QUIET,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    pattern = str(tmp_path / "outputs/multirun/*/0/checkpoints/last.ckpt")
+    deadline = time.monotonic() + 240
+    while not glob.glob(pattern) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert glob.glob(pattern), "no epoch checkpoint appeared"
+    job = subprocess.run(
+        ["pgrep", "-f", f"submitit.core._submit {tmp_path}"], capture_output=True, text=True
+    ).stdout.split()
+    assert job, "no submitit job process"
+    os.kill(int(job[0]), signal.SIGUSR2)
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    (run_dir,) = [Path(p).parents[1] for p in glob.glob(pattern)]
+    assert summary(run_dir)["epochs"] == 40
+    logs = "".join(
+        Path(p).read_text() for p in glob.glob(str(run_dir.parent / ".submitit/*/*.out"))
+    )
+    assert "Requeued job" in logs and "already holds this run: continuing it" in logs

@@ -114,13 +114,14 @@ def build_trainer(cfg: DictConfig, logger=None, callbacks=(), **overrides) -> L.
     callbacks = list(callbacks)
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar(leave=True))
-    return instantiate(
+    trainer = instantiate(
         cfg.trainer,
         default_root_dir=cfg.paths.output_dir,
         logger=logger if logger is not None else False,
         callbacks=callbacks,
         **overrides,
     )
+    return trainer
 
 
 def finite_metrics(metrics: dict) -> dict:
