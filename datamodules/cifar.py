@@ -11,7 +11,6 @@ too and ``download`` is on, the archive is downloaded and its md5 checked.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import tarfile
 import urllib.request
@@ -25,6 +24,7 @@ import torch
 from datamodules.tensor_data import batch_loader
 from datamodules.transforms import CIFAR_STATS, PixelTransform, cached_zca
 from lightning_modules.errors import UserError
+from lightning_modules.utils.files import file_digest
 
 
 @dataclass(frozen=True)
@@ -76,14 +76,6 @@ def _spec(name: str) -> CifarSpec:
     return SPECS[name]
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _download(url: str, dest: Path) -> None:
     from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
@@ -123,7 +115,7 @@ def ensure_cifar(name: str, data_dir: str | Path, download: bool) -> Path:
                 f"put the archive or the {spec.folder}/ folder in dataset.data_dir={root} "
                 "and set dataset.download=false"
             ) from None
-        if _md5(archive) != spec.md5:
+        if file_digest(archive, "md5") != spec.md5:
             archive.unlink()
             raise UserError(
                 f"downloaded {spec.url} has the wrong md5 (truncated?); deleted it, retry"

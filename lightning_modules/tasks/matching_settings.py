@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_modules.condense.gradient_matching import PUBLISHED_LOOPS
 from lightning_modules.errors import UserError
+from lightning_modules.tasks.settings import validate_shared
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 METHODS = ("mtt", "dc", "dsa", "dm", "cafe", "kip")
@@ -146,12 +147,7 @@ def validate_matching(cfg: DictConfig, name: str) -> None:
         validate_kip(m)
     if m.get("class_chunk") is not None and int(m.class_chunk) < 1:
         raise UserError(f"method.class_chunk must be at least 1 (or null), got {m.class_chunk}")
-    if int(d.eval_every or 0) < 0 or int(d.eval_epochs) < 1:
-        raise UserError(
-            "distill.eval_every must be >= 0 (0: only at the end) and distill.eval_epochs >= 1"
-        )
-    if d.init not in ("real", "noise"):
-        raise UserError(f"distill.init={d.init!r}; use real (random real images) or noise")
+    validate_shared(d)
 
 
 def validate_cafe(m: DictConfig) -> None:

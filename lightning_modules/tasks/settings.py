@@ -123,6 +123,16 @@ def offload_value(value) -> bool | str:
     raise UserError(f"distill.offload={value!r}; use auto (on a GPU), true or false")
 
 
+def validate_shared(d: DictConfig) -> None:
+    """The ``distill.*`` checks every method shares (evaluation schedule, initial images)."""
+    if int(d.eval_every or 0) < 0 or int(d.eval_epochs) < 1:
+        raise UserError(
+            "distill.eval_every must be >= 0 (0: only at the end) and distill.eval_epochs >= 1"
+        )
+    if d.init not in ("real", "noise"):
+        raise UserError(f"distill.init={d.init!r}; use real (random real images) or noise")
+
+
 def validate(cfg: DictConfig) -> None:
     """One clear ``UserError`` for the first bad ``distill.*`` value."""
     d = cfg.distill
@@ -142,12 +152,7 @@ def validate(cfg: DictConfig) -> None:
     ):
         if int(d[key]) < 1:
             raise UserError(f"distill.{key} must be at least 1, got {d[key]}")
-    if int(d.eval_every or 0) < 0 or int(d.eval_epochs) < 1:
-        raise UserError(
-            "distill.eval_every must be >= 0 (0: only at the end) and distill.eval_epochs >= 1"
-        )
-    if d.init not in ("real", "noise"):
-        raise UserError(f"distill.init={d.init!r}; use real (random real images) or noise")
+    validate_shared(d)
     if d.unroll not in MODES:
         raise UserError(
             f"distill.unroll={d.unroll!r}; use full or recompute (same gradient, constant memory)"

@@ -3,7 +3,6 @@ its own cached folder through ``run_task``) and the one-protocol evaluation of e
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -30,6 +29,7 @@ from lightning_modules.tasks.reproduce.config import (
     _stage,
     derive,
 )
+from lightning_modules.utils.files import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -265,14 +265,6 @@ def coreset(cfg: DictConfig, method: str, workdir: Path, experts: dict) -> tuple
     return stage, False
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def evaluate_all(cfg: DictConfig, entries: dict, nets: list[str], workdir: Path) -> dict:
     """Stage 4: every set (and ``full``) on every net with one protocol, cached per file and net.
 
@@ -289,7 +281,7 @@ def evaluate_all(cfg: DictConfig, entries: dict, nets: list[str], workdir: Path)
     results: dict = {}
     for column, set_path in entries.items():
         epochs = int(e.epochs if column != "full" or r.full_epochs is None else r.full_epochs)
-        digest = _file_digest(set_path) if set_path is not None else "full"
+        digest = file_digest(set_path) if set_path is not None else "full"
         results[column] = {}
         for net in nets:
             protocol = {

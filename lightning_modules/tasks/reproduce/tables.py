@@ -123,8 +123,7 @@ def row_table(cfg, methods, nets, results, info, images) -> tuple[str, dict]:
     lines += ["", f"Scale: {info['long']}.", "", NOTE]
     if not paper:
         lines.append(f"The paper has no Table I numbers for {ds} IPC {ipc}.")
-    if images:
-        lines += ["", "Sets as images: " + ", ".join(f"[{m}]({p})" for m, p in images.items())]
+    lines += images_line(images)
     record = {
         "table": "row",
         "dataset": ds,
@@ -182,8 +181,7 @@ def kip_table(cfg, methods, nets, results, info, images) -> tuple[str, dict]:
         "KIP here is trained with the kernel named above, not the paper's infinite-width ConvNet "
         "NTK (README: method=kip); its set is evaluated with hard labels.",
     ]
-    if images:
-        lines += ["", "Sets as images: " + ", ".join(f"[{m}]({p})" for m, p in images.items())]
+    lines += images_line(images)
     record = {
         "table": "kip",
         "dataset": ds,
@@ -198,6 +196,13 @@ def kip_table(cfg, methods, nets, results, info, images) -> tuple[str, dict]:
         "images": images,
     }
     return "\n".join(lines) + "\n", record
+
+
+def images_line(images: dict) -> list[str]:
+    """The markdown links to the sets' grids (nothing when there are none)."""
+    if not images:
+        return []
+    return ["", "Sets as images: " + ", ".join(f"[{m}]({p})" for m, p in images.items())]
 
 
 def measured_only(results: dict) -> dict:
@@ -235,8 +240,7 @@ def cross_arch_table(cfg, methods, nets, results, info, images) -> tuple[str, di
         lines.append(
             f"The paper's Table III is CIFAR-10 IPC 10; no published numbers for {ds} IPC {ipc}."
         )
-    if images:
-        lines += ["", "Sets as images: " + ", ".join(f"[{m}]({p})" for m, p in images.items())]
+    lines += images_line(images)
     record = {
         "table": "cross_arch",
         "dataset": ds,
