@@ -186,32 +186,53 @@ def solve_ridge(
     *,
     what: str = "ALS",
     cond_limit: float = 1e12,
+    rows: float | None = None,
 ) -> torch.Tensor:
     """Solve ``(lhs + ridge · mean(diag(lhs)) I) g = rhs`` per TT by Cholesky (float64).
 
     The ridge is relative to the mean eigenvalue of ``lhs`` (its mean diagonal), so one value
-    suits any rank, basis size or data scale.
+    suits any rank, basis size or data scale. ``rhs`` is ``[P, F]`` or, for several right-hand
+    sides sharing ``lhs`` (the output core), ``[P, F, J]``.
 
     Raises:
-        UserError: the system is singular or its condition number (estimated from the Cholesky
-            diagonal) exceeds ``cond_limit``: too few samples or a redundant basis; a ridge
-            fixes it.
+        UserError: naming the cause: the normal equations are not finite (the partial products
+            overflowed, or the data is not finite), all zero (they underflowed), fewer rows than
+            unknowns (``rows``), or singular / ill-conditioned otherwise (a redundant basis or
+            basis functions that too few samples reach; a ridge or more samples fix it).
     """
     lhs = lhs.to(torch.float64)
-    eye = torch.eye(lhs.shape[-1], dtype=lhs.dtype, device=lhs.device)
-    scale = torch.diagonal(lhs, dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(lhs.dtype).tiny)
+    unknowns = lhs.shape[-1]
+    if not (torch.isfinite(lhs).all() and torch.isfinite(rhs).all()):
+        raise UserError(
+            f"{what}: the normal equations are not finite: the train's partial products "
+            "overflowed or the data has NaN/inf values; check the data and the FTT's scale"
+        )
+    diag = torch.diagonal(lhs, dim1=-2, dim2=-1)
+    if bool((diag.max(-1).values <= torch.finfo(lhs.dtype).tiny).any()):
+        raise UserError(
+            f"{what}: the interfaces of this core are zero for every sample (the partial "
+            "products underflowed or the other cores are zero); this is not a sample-count problem"
+        )
+    eye = torch.eye(unknowns, dtype=lhs.dtype, device=lhs.device)
+    scale = diag.mean(-1).clamp_min(torch.finfo(lhs.dtype).tiny)
     system = lhs + ridge * scale[:, None, None] * eye
     chol, info = torch.linalg.cholesky_ex(system)
-    diag = torch.diagonal(chol, dim1=-2, dim2=-1)
-    if bool((info > 0).any()) or not torch.isfinite(diag).all():
+    cdiag = torch.diagonal(chol, dim1=-2, dim2=-1)
+    few = "" if rows is None or rows >= unknowns else f" ({rows:g} rows for {unknowns} unknowns)"
+    if bool((info > 0).any()) or not torch.isfinite(cdiag).all():
         raise UserError(
-            f"{what}: the least-squares system is singular (als.ridge={ridge:g}); set als.ridge to "
-            "a positive value such as 1e-6, or draw more samples (als.samples)"
+            f"{what}: the least-squares system is singular{few} (als.ridge={ridge:g}): some basis "
+            "functions see too few samples or the basis is redundant; set als.ridge to a positive "
+            "value such as 1e-6, or draw more samples (als.samples)"
         )
-    cond = float(((diag.max(-1).values / diag.min(-1).values) ** 2).max())
+    cond = float(((cdiag.max(-1).values / cdiag.min(-1).values) ** 2).max())
     if cond > cond_limit:
         raise UserError(
             f"{what}: the least-squares system is ill-conditioned (condition ~{cond:.1e} with "
-            f"als.ridge={ridge:g}); raise als.ridge (e.g. 1e-6) or draw more samples (als.samples)"
+            f"als.ridge={ridge:g}){few}; raise als.ridge (e.g. 1e-6) or draw more samples "
+            "(als.samples)"
         )
-    return torch.cholesky_solve(rhs.to(torch.float64)[..., None], chol)[..., 0]
+    rhs = rhs.to(torch.float64)
+    if rhs.dim() == lhs.dim():
+        return torch.cholesky_solve(rhs, chol)
+    return torch.cholesky_solve(rhs[..., None], chol)[..., 0]
