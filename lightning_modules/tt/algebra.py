@@ -16,6 +16,16 @@ from lightning_modules.tt.ftt import CoreInterfaces
 
 Cores = list[torch.Tensor]
 
+# a factor carried between cores whose norm leaves [e^-8, e^8] is moved into the core it came
+# from (see round_tt): long trains stay in range, short ones keep the plain orthonormal gauge
+CARRY_DRIFT = 8.0
+
+
+def _carry_scale(factor: torch.Tensor) -> torch.Tensor:
+    """``[P]`` scalars that bring each TT's carried ``factor`` back to norm 1 when it drifted."""
+    norm = torch.linalg.matrix_norm(factor).clamp_min(torch.finfo(factor.dtype).tiny)
+    return torch.where(norm.log().abs() > CARRY_DRIFT, norm, torch.ones_like(norm))
+
 
 # ------------------------------------------------------------------------------ orthogonality
 def shift_right(cores: Cores, k: int) -> None:
@@ -63,19 +73,28 @@ def round_tt(cores: Cores, rank: int) -> tuple[Cores, list[torch.Tensor]]:
     """TT-SVD rounding to bond ranks ``min(rank, what the modes allow)``.
 
     Right-orthogonalise, then sweep left to right with truncated SVDs. Returns the cores (all but
-    the last left-orthogonal) and the singular values kept at each bond (``[P, r_k]``).
+    the last left-orthogonal up to a positive scalar) and the singular values kept at each bond
+    (``[P, r_k]``, relative to the weight carried there). A carried factor that leaves
+    ``[e^-8, e^8]`` in norm is divided out and its norm left in the core it came from, so trains
+    of thousands of cores neither overflow nor underflow; short trains are never rescaled.
     """
     cores = list(cores)
     for k in range(len(cores) - 1, 0, -1):
-        shift_left(cores, k)
+        P, r0, n, r1 = cores[k].shape
+        q, r = torch.linalg.qr(cores[k].reshape(P, r0, n * r1).transpose(1, 2))
+        c = _carry_scale(r)
+        cores[k] = (q.transpose(1, 2) * c[:, None, None]).reshape(P, q.shape[-1], n, r1)
+        cores[k - 1] = torch.einsum("paib,pcb->paic", cores[k - 1], r / c[:, None, None])
     kept = []
     for k in range(len(cores) - 1):
         P, r0, n, r1 = cores[k].shape
         u, s, vh = torch.linalg.svd(cores[k].reshape(P, r0 * n, r1), full_matrices=False)
         r = min(rank, s.shape[-1])
-        cores[k] = u[..., :r].reshape(P, r0, n, r)
-        cores[k + 1] = torch.einsum("pa,pab,pbic->paic", s[:, :r], vh[:, :r], cores[k + 1])
-        kept.append(s[:, :r])
+        c = _carry_scale(torch.diag_embed(s[:, :r]))
+        cores[k] = (u[..., :r] * c[:, None, None]).reshape(P, r0, n, r)
+        s = s[:, :r] / c[:, None]
+        cores[k + 1] = torch.einsum("pa,pab,pbic->paic", s, vh[:, :r], cores[k + 1])
+        kept.append(s)
     return cores, kept
 
 

@@ -125,17 +125,12 @@ def _row_grams(left: Env, right: Env) -> tuple[torch.Tensor, torch.Tensor]:
     return gl, gr
 
 
-def site_rhs(left: Env, right: Env, chunk: Chunk, k: int, shape) -> torch.Tensor:
-    """``Σ_{n,j} w[p,n,j] · left ⊗ φ_k ⊗ right``: ``[P, r0, n_k, r1]`` (the ALS right-hand side with
-    targets, the Euclidean gradient in core ``k`` with ``dLoss/dy``)."""
+def basis_rhs(left: Env, right: Env, values, index, weights, shape) -> torch.Tensor:
+    """``Σ_{n,j} w[p,n,j] · left ⊗ φ ⊗ right`` for a basis ``(values [N, s], index [N, s])`` of
+    ``shape[2]`` functions: ``[P, r0, n, r1]``."""
     P, r0, n, r1 = shape
-    basis = chunk.bases[k]
     scale = (left.log + right.log).exp()
-    if basis is None:  # output core: one slice per output
-        z = scale[..., None, None] * (left.vec[..., :, None] * right.vec[..., None, :])
-        return torch.einsum("pnj,pnab->pajb", chunk.weights.to(z.dtype), z)
-    values, index = basis
-    h = _row_cross(left, right, chunk.weights)
+    h = _row_cross(left, right, weights)
     h = (h * scale[..., None, None].to(h.dtype)).reshape(P, -1, r0 * r1)
     out = torch.zeros(P, n, r0 * r1, dtype=h.dtype, device=h.device)
     for s in range(values.shape[1]):
@@ -143,21 +138,31 @@ def site_rhs(left: Env, right: Env, chunk: Chunk, k: int, shape) -> torch.Tensor
     return out.reshape(P, n, r0, r1).permute(0, 2, 1, 3)
 
 
-def site_gram_blocks(left: Env, right: Env, chunk: Chunk, k: int, shape, out=None):
-    """Blocks of ``Σ z zᵀ`` grouped by first active index (as :func:`~.algebra.gram_blocks`):
-    ``[P, n_k, s r0 r1, s r0 r1]`` added into ``out``. Cost ``O(N (s r0)² r1²)`` per chunk."""
-    P, r0, n, r1 = shape
-    values, index = chunk.bases[k]
-    s = values.shape[1]
+def site_rhs(left: Env, right: Env, chunk: Chunk, k: int, shape) -> torch.Tensor:
+    """``Σ_{n,j} w[p,n,j] · left ⊗ φ_k ⊗ right``: ``[P, r0, n_k, r1]`` (the ALS right-hand side with
+    targets, the Euclidean gradient in core ``k`` with ``dLoss/dy``)."""
+    basis = chunk.bases[k]
+    if basis is None:  # output core: one slice per output
+        z = (left.log + right.log).exp()[..., None, None] * (
+            left.vec[..., :, None] * right.vec[..., None, :]
+        )
+        return torch.einsum("pnj,pnab->pajb", chunk.weights.to(z.dtype), z)
+    return basis_rhs(left, right, *basis, chunk.weights, shape)
+
+
+def grouped_gram(left: Env, right: Env, values, group, num_groups: int, out=None):
+    """``Σ_{n in group g} z zᵀ`` over the features ``(s, a, b)`` of the active basis functions:
+    ``[P, num_groups, s r0 r1, s r0 r1]`` added into ``out``; rows sharing their active indices
+    share one block. Cost ``O(N (s r0)² r1²)`` (one GEMM per group)."""
     gl, gr = _row_grams(left, right)
+    P, r0, r1, s = gl.shape[0], gl.shape[-1], gr.shape[-1], values.shape[1]
     gl = gl * (left.log + right.log).mul(2).exp()[..., None, None].to(gl.dtype)
     outer = torch.einsum("ns,nt,pnac->pnsatc", values, values, gl).reshape(P, -1, (s * r0) ** 2)
     gr = gr.reshape(P, -1, r1 * r1)
-    first = index[:, 0]
-    order = torch.argsort(first, stable=True)
-    counts = torch.bincount(first, minlength=n).tolist()
+    order = torch.argsort(group, stable=True)
+    counts = torch.bincount(group, minlength=num_groups).tolist()
     if out is None:
-        out = gl.new_zeros(P, n, s * r0 * r1, s * r0 * r1)
+        out = gl.new_zeros(P, num_groups, s * r0 * r1, s * r0 * r1)
     start = 0
     for c, count in enumerate(counts):
         if count:
@@ -167,6 +172,13 @@ def site_gram_blocks(left: Env, right: Env, chunk: Chunk, k: int, shape, out=Non
             out[:, c] += block.reshape(P, s * r0 * r1, s * r0 * r1)
         start += count
     return out
+
+
+def site_gram_blocks(left: Env, right: Env, chunk: Chunk, k: int, shape, out=None):
+    """Blocks of ``Σ z zᵀ`` grouped by first active index (as :func:`~.algebra.gram_blocks`):
+    ``[P, n_k, s r0 r1, s r0 r1]`` added into ``out``."""
+    values, index = chunk.bases[k]
+    return grouped_gram(left, right, values, index[:, 0], shape[2], out)
 
 
 def output_gram(left: Env, right: Env) -> torch.Tensor:

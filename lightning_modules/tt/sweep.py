@@ -52,6 +52,8 @@ class Sweep:
         self.right: list[list[Env] | None] = [None] * (K + 1)
         sizes = [w.shape[1] for _, _, w in chunks]
         self.left[0] = [boundary(P, n, dtype, device) for n in sizes]
+        # log of each core's scalar c_k relative to its orthonormal part (0: none applied)
+        self.log_gauge = [torch.zeros(P, dtype=torch.float64, device=device) for _ in range(K)]
         self.right[K] = [boundary(P, n, dtype, device) for n in sizes]
 
     # ------------------------------------------------------------------------------ the gauge
@@ -66,6 +68,7 @@ class Sweep:
         c = shift.exp().to(self.cores[k].dtype)[:, None, None, None]
         self.cores[k] = self.cores[k] * c
         self.cores[neighbour] = self.cores[neighbour] / c
+        self.log_gauge[k] = self.log_gauge[k] + shift
         for env in envs:
             env.log = env.log + shift[:, None]
 
