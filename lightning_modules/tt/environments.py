@@ -72,7 +72,8 @@ def _normalise(env: Env) -> Env:
         ref = torch.diagonal(env.gram, dim1=-2, dim2=-1).clamp_min(0).sqrt()
     else:
         ref = env.cross
-    scale = ref.abs().amax(-1).clamp_min(torch.finfo(ref.dtype).tiny)  # [P, N]
+    scale = ref.abs().amax(-1)  # [P, N]; an exact zero stays zero with its log unchanged
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     env.log = env.log + scale.to(torch.float64).log()
     if env.vec is not None:
         env.vec = env.vec / scale[..., None]

@@ -91,7 +91,8 @@ def renormalise(state: torch.Tensor, log: torch.Tensor) -> tuple[torch.Tensor, t
     The divisor is detached: the value ``state * exp(log)`` and its gradient are unchanged, and
     a product of thousands of cores neither underflows nor overflows.
     """
-    norm = state.detach().abs().flatten(2).amax(-1).clamp_min(torch.finfo(state.dtype).tiny)
+    norm = state.detach().abs().flatten(2).amax(-1)
+    norm = torch.where(norm > 0, norm, torch.ones_like(norm))  # an exact zero stays zero
     shape = norm.shape + (1,) * (state.dim() - 2)
     return state / norm.reshape(shape), log + norm.to(torch.float64).log()
 

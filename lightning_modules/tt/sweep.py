@@ -62,7 +62,10 @@ class Sweep:
         total = sum(env.log.sum(1) for env in envs)
         count = torch.tensor(float(sum(env.log.shape[1] for env in envs)), dtype=torch.float64)
         mean = self.reduce_sum(total) / self.reduce_sum(count.to(total.device))  # [P]
-        shift = torch.where(mean.abs() > SCALE_DRIFT, -mean, torch.zeros_like(mean))
+        # at most e^300 per step, so that zero cores (log of the smallest float) stay finite
+        shift = torch.where(mean.abs() > SCALE_DRIFT, -mean, torch.zeros_like(mean)).clamp(
+            -300, 300
+        )
         if not bool((shift != 0).any()):
             return
         c = shift.exp().to(self.cores[k].dtype)[:, None, None, None]
