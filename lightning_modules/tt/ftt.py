@@ -30,6 +30,10 @@ the model output is linear in ``G_k``::
                             * G_k[p, a, index[n, j, s], b] * right[p, n, j, b]
 
 (:func:`contract_core`), with ``y[n]`` in data layout ``y.permute(1, 0, 2).reshape(N, P * J)``.
+Partial products are normalised per sample as they are formed, the scale kept as a float64 log
+(:func:`renormalise`): a product of thousands of cores would otherwise leave the float range.
+``interfaces(..., normalised=True)`` hands that scale over in ``CoreInterfaces.log_scale``.
+The optimisers use the cached form of the same products (:mod:`.environments`).
 ALS solves for ``G_k`` from this; the Riemannian optimiser uses it for the projected gradient.
 """
 
