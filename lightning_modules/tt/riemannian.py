@@ -162,7 +162,13 @@ class RiemannianGD:
         return float(sse / count)
 
     def riemannian_gradient(self, cores, x_t, t, target, reduce_sum=_identity):
-        """``(U, V, δ, f)``: orthogonal forms, tangent components of the gradient, and the loss."""
+        """``(U, V, δ, f)``: orthogonal forms, tangent components of the gradient, and the loss.
+
+        ``U`` and ``V`` are in the scaled-orthogonal gauge (module docstring); ``Σ_k ||δ̂_k||²``
+        in the orthonormal gauge is left in ``self._grad_sq`` (the stored ``δ_k`` may underflow
+        on long trains while that sum does not). Interfaces come from cached environments over
+        the whole batch: memory ``8 · N · (K + 1) · P · r`` bytes for ``N`` samples.
+        """
         net = self.net
         K = len(cores)
         y = net.evaluate(x_t, t, cores=cores)
@@ -175,10 +181,9 @@ class RiemannianGD:
         data = [(x_t, t, weights)]
         right = Sweep(net, cores, data, gram=False, reduce_sum=reduce_sum)
         right.centre_at_start()  # V: right-orthogonal (scaled), every right environment
-        left = Sweep(net, cores, data, gram=False, reduce_sum=reduce_sum)
-        log_u = torch.stack(left.log_gauge)  # filled in as the left form is built
+        left = Sweep(net, cores, data, gram=False, reduce_sum=reduce_sum)  # U, built below
         deltas, grad_sq = [], torch.zeros((), dtype=torch.float64, device=y.device)
-        log_v = torch.stack(right.log_gauge)  # [K, P]
+        log_v = torch.stack(right.log_gauge)  # [K, P] log c_k of V's cores
         for k in range(K):
             if k < K - 1:
                 left.move_right(k)  # U_k left-orthogonal (scaled); its left env at k+1
