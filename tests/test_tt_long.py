@@ -210,3 +210,39 @@ def test_als_names_non_finite_data():
     eps[3, 1] = float("nan")
     with pytest.raises(UserError, match="not finite"):
         ALS(net).sweep([(x, t, eps)])
+
+
+# ----------------------------------------------------------------------------------------- DDP
+def _ddp_long_worker(rank, world, init_file, result_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    net = _long(38)  # 40 cores: the scaled gauge rescales cores, from the all-reduced means
+    x, t = _batch(38, 96, seed=rank + 10)
+
+    def reduce_sum(z):
+        z = z.clone()
+        dist.all_reduce(z)
+        return z
+
+    ALS(net, ridge=1e-4).sweep([(x, t, _targets(x))], reduce_sum)
+    if rank == 0:
+        torch.save([c.detach() for c in net.cores], result_file)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_long_als_under_ddp_equals_one_process_on_all_samples(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_long_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "c.pt")), nprocs=2)
+    distributed = torch.load(tmp_path / "c.pt")
+    net = _long(38)
+    chunks = []
+    for rank in range(2):
+        x, t = _batch(38, 96, seed=rank + 10)
+        chunks.append((x, t, _targets(x)))
+    ALS(net, ridge=1e-4).sweep(chunks)
+    assert max(float(c.abs().max()) for c in distributed) > 50  # the gauge did rescale
+    for a, b in zip(net.cores, distributed):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-7, atol=1e-9)
