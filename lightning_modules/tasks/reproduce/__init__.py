@@ -53,11 +53,9 @@ from lightning_modules.tasks.reproduce.config import (
 from lightning_modules.tasks.reproduce.stages import (
     Stage,
     cap_start_epoch,
-    coreset,
-    distilled_set,
     ensure_experts,
     evaluate_all,
-    matched_set,
+    make_set,
 )
 from lightning_modules.tasks.reproduce.tables import (
     _cell,
@@ -154,15 +152,9 @@ def make_sets(cfg: DictConfig, methods: list[str], workdir: Path):
         log.info("%s distillation: none in %s", _stage(2), methods)
     stages: dict[str, Stage] = {}
     reused: dict[str, bool] = {}
-    for method in ("pruning", "mtt"):
+    for method in ("pruning", "mtt", *MATCHING, *CORESETS):  # the order they always ran in
         if method in methods:
-            stages[method], reused[method] = distilled_set(cfg, method, workdir, experts)
-    for method in MATCHING:
-        if method in methods:
-            stages[method], reused[method] = matched_set(cfg, method, workdir)
-    for method in CORESETS:
-        if method in methods:
-            stages[method], reused[method] = coreset(cfg, method, workdir, experts)
+            stages[method], reused[method] = make_set(cfg, method, workdir, experts)
     if not any(m in CORESETS for m in methods):
         log.info("%s coresets: none in %s", _stage(3), methods)
     return experts, stages, reused
