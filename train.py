@@ -235,8 +235,19 @@ def check_method_overrides(argv: list[str]) -> str | None:
     return None
 
 
+def jobs_import_this_checkout() -> None:
+    """Jobs a launcher starts (submitit's, a fanned-out ``task=reproduce``) import this checkout's
+    packages, not another copy the environment may point at (an editable install of a sibling
+    clone): its root goes first on the ``PYTHONPATH`` they inherit."""
+    root = str(Path(__file__).resolve().parent)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if not paths or paths[0] != root:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
+
+
 if __name__ == "__main__":
     argv = sys.argv[1:]
+    jobs_import_this_checkout()
     problem = check_launcher(argv) or check_group_choices(argv) or check_method_overrides(argv)
     if problem:
         print(f"error: {problem}", file=sys.stderr)

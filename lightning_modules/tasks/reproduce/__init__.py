@@ -36,6 +36,7 @@ from pathlib import Path
 from omegaconf import DictConfig, open_dict
 
 from lightning_modules.tasks.common import write_json
+from lightning_modules.tasks.reproduce import fanout
 from lightning_modules.tasks.reproduce.config import (
     CORESETS,
     MATCHING,
@@ -83,7 +84,12 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "Table III (cross-architecture)" if table == "cross_arch" else "a Table I row",
         cfg.dataset.name, int(cfg.ipc), "on" if cfg.dataset.zca else "off", methods, nets, workdir,
     )  # fmt: skip
-    experts, stages, reused = make_sets(cfg, methods, workdir)
+    launcher = fanout.enabled(cfg)  # a submitit launcher: the stages as parallel jobs first
+    jobs = (
+        fanout.run_phases(cfg, launcher, table, methods, nets, workdir, out_dir) if launcher else {}
+    )
+    experts, stages, reused = make_sets(cfg, methods, workdir)  # cached by the jobs, if any
+    reused.update(dict.fromkeys(jobs.get("sets", {}), False))
     entries = {m: stages[m].set_path for m in methods}
     if cfg.reproduce.full:
         entries["full"] = None
@@ -103,7 +109,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     print("\n" + markdown, flush=True)
     write_text(out_dir / "row.md", markdown)
     write_json(out_dir / "row.json", record)  # what was measured: the same on every rerun
-    write_json(out_dir / "stages.json", stage_details(stages, reused, results))
+    write_json(out_dir / "stages.json", {**stage_details(stages, reused, results), "jobs": jobs})
     summary = summarise(cfg, table, nets, workdir, markdown, record, results, info, images)
     summary["reused"] = reused
     log_table(cfg, record, summary, images, out_dir)
