@@ -64,3 +64,33 @@ def test_outside_a_submitit_job_nothing_is_installed(tmp_path, monkeypatch):
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False)
     callback.setup(trainer, None, "fit")
     assert signal.getsignal(signum) is before and callback.signum is None
+
+
+def test_which_requeued_jobs_continue_in_place(compose, tmp_path, monkeypatch):
+    """Every rank decides alike from its environment: one process from the run dir; the ranks of
+    a multi-process job only in a requeued SLURM job (SLURM_RESTART_COUNT, set for every task)."""
+    from omegaconf import OmegaConf, open_dict
+
+    import train
+
+    cfg = compose("task=classify", "trainer.devices=2", "trainer.strategy=ddp")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    for key in ("SLURM_RESTART_COUNT", "SLURM_NTASKS", "LOCAL_RANK", "SUBMITIT_LOCAL_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    assert not train.requeued_in_place(cfg)  # nothing in the run dir yet
+    OmegaConf.save(cfg, tmp_path / "config.yaml")
+    assert not train.requeued_in_place(cfg)  # two ranks, first attempt: a fresh start
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert train.requeued_in_place(cfg)  # requeued: every rank continues
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "")
+    assert not train.requeued_in_place(cfg)  # not a submitit job: resume=true is the way
+    one = compose("task=classify")
+    with open_dict(one):
+        one.paths.output_dir = str(tmp_path / "one")
+    (tmp_path / "one").mkdir()
+    OmegaConf.save(one, tmp_path / "one" / "config.yaml")
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
+    assert train.requeued_in_place(one)  # one process: the run dir alone decides
