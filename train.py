@@ -48,20 +48,23 @@ def find_resumable(cfg: DictConfig) -> Path | None:
 
 
 def requeued_in_place(cfg: DictConfig) -> bool:
-    """A one-process submitit job requeued after its pre-timeout signal or a preemption reruns
-    the same config in the same run dir: it continues there (from the last checkpoint).
+    """A submitit job requeued after its pre-timeout signal or a preemption reruns the same config
+    in the same run dir: it continues there (from the last checkpoint).
 
-    Only for one process (one submitit task, ``trainer.devices=1``, one node): the ranks of a
-    multi-process job could not agree on it before their process group exists; such jobs restart
-    unless ``resume=true`` is given.
+    Every rank must decide alike before the process group exists. One process decides from the
+    run dir alone. The ranks of a multi-process job (several submitit/SLURM tasks, Lightning's
+    ranks, several nodes) continue only in a requeued SLURM job (``SLURM_RESTART_COUNT`` >= 1,
+    which SLURM gives every task of a requeued job) and when the run dir holds this config; rank
+    zero rewrites ``config.yaml`` atomically, so no rank reads half a file.
     """
     env = os.environ
-    if not env.get("SUBMITIT_EXECUTOR") or int(env.get("SUBMITIT_LOCAL_NTASKS", 1)) > 1:
-        return False
-    if int(env.get("SLURM_NTASKS", 1)) > 1 or "LOCAL_RANK" in env:
+    if not env.get("SUBMITIT_EXECUTOR"):
         return False
     t = cfg.trainer
-    if str(t.get("devices", 1)) != "1" or int(t.get("num_nodes", 1) or 1) > 1:
+    several = int(env.get("SUBMITIT_LOCAL_NTASKS", 1)) > 1 or int(env.get("SLURM_NTASKS", 1)) > 1
+    several = several or "LOCAL_RANK" in env or str(t.get("devices", 1)) != "1"
+    several = several or int(t.get("num_nodes", 1) or 1) > 1
+    if several and int(env.get("SLURM_RESTART_COUNT", 0) or 0) < 1:
         return False
     saved = Path(cfg.paths.output_dir) / "config.yaml"
     return saved.exists() and _comparable(OmegaConf.load(saved)) == _comparable(cfg)
@@ -82,6 +85,7 @@ def run(cfg: DictConfig) -> dict:
         run_task,
         write_json,
     )
+    from lightning_modules.utils import files
 
     check_config(cfg)  # a bad count or an ignored trainer key: one line, nothing started
     if cfg.get("threads") is not None:
@@ -107,8 +111,8 @@ def run(cfg: DictConfig) -> dict:
     check_shared_dir(out_dir, cfg, "the run dir")  # several nodes: one run dir they all see
     # rank zero writes the config; other DDP ranks share the directory
     if process_rank(cfg) == 0:
-        OmegaConf.save(cfg, out_dir / "config.yaml", resolve=False)
-        OmegaConf.save(cfg, out_dir / "config_resolved.yaml", resolve=True)
+        files.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg))  # atomic: ranks read it
+        files.write_text(out_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     start = time.perf_counter()
     metrics = run_task(cfg.task.name, cfg, out_dir)
@@ -235,8 +239,19 @@ def check_method_overrides(argv: list[str]) -> str | None:
     return None
 
 
+def jobs_import_this_checkout() -> None:
+    """Jobs a launcher starts (submitit's, a fanned-out ``task=reproduce``) import this checkout's
+    packages, not another copy the environment may point at (an editable install of a sibling
+    clone): its root goes first on the ``PYTHONPATH`` they inherit."""
+    root = str(Path(__file__).resolve().parent)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if not paths or paths[0] != root:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
+
+
 if __name__ == "__main__":
     argv = sys.argv[1:]
+    jobs_import_this_checkout()
     problem = check_launcher(argv) or check_group_choices(argv) or check_method_overrides(argv)
     if problem:
         print(f"error: {problem}", file=sys.stderr)

@@ -265,3 +265,46 @@ def test_signalled_local_job_is_requeued_and_continues(tiny_data, tmp_path):
         Path(p).read_text() for p in glob.glob(str(run_dir.parent / ".submitit/*/*.out"))
     )
     assert "Requeued job" in logs and "already holds this run: continuing it" in logs
+
+
+@pytest.mark.slow
+def test_signalled_job_saves_a_checkpoint_at_the_signal(tiny_data, tmp_path):
+    """The requeue signal mid-epoch: the job finishes its training step, writes last.ckpt there
+    (not only at the epoch end before), submitit requeues it, and the requeued job continues from
+    that step to the end."""
+    import glob
+    import signal
+    import time
+
+    cmd = [
+        sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=local", "task=classify",
+        "task.epochs=30", *data_args(tiny_data), "dataset.train_per_class=4", "net.width=8",
+        "dataset.batch_size=4", *QUIET,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    pattern = str(tmp_path / "outputs/multirun/*/0/checkpoints/last.ckpt")
+    deadline = time.monotonic() + 240
+    while not glob.glob(pattern) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert glob.glob(pattern), "no epoch checkpoint appeared"
+    job = subprocess.run(
+        ["pgrep", "-f", f"submitit.core._submit {tmp_path}"], capture_output=True, text=True
+    ).stdout.split()
+    assert job, "no submitit job process"
+    os.kill(int(job[0]), signal.SIGUSR2)
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    (run_dir,) = [Path(p).parents[1] for p in glob.glob(pattern)]
+    assert summary(run_dir)["epochs"] == 30
+    logs = "".join(
+        Path(p).read_text() for p in sorted(glob.glob(str(run_dir.parent / ".submitit/*/*.out")))
+    )
+    saved = logs.index("on the requeue signal; submitit requeues the job")
+    assert saved < logs.index("Requeued job") < logs.index("already holds this run")
+    step = int(logs[:saved].rsplit("at step ", 1)[1].split()[0])
+    assert step > 0
+    # the requeued job restored that checkpoint
+    assert f"Restoring states from the checkpoint path at {run_dir}" in logs

@@ -59,6 +59,7 @@ POSITIVE_COUNTS = (
     "reproduce.max_start_epoch",
     "reproduce.eval_epochs",
     "reproduce.num_eval",
+    "reproduce.expert_jobs",
 )
 #: keys that must be whole numbers >= 0 when given
 NON_NEGATIVE_COUNTS = (

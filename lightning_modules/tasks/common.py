@@ -107,11 +107,15 @@ def log_config(logger, cfg: DictConfig) -> None:
 
 
 def build_trainer(cfg: DictConfig, logger=None, callbacks=(), **overrides) -> L.Trainer:
-    """A Trainer from ``cfg.trainer`` with a rich progress bar and the run dir as root."""
+    """A Trainer from ``cfg.trainer`` with a rich progress bar and the run dir as root; in a
+    submitit job it also writes ``checkpoints/last.ckpt`` at submitit's requeue signal."""
     from lightning_modules.tasks.checks import check_trainer_overrides
+    from lightning_modules.tasks.preemption import SaveAtRequeueSignal, in_submitit_job
 
     check_trainer_overrides(cfg, overrides)
     callbacks = list(callbacks)
+    if in_submitit_job():  # the file classify, distill and ddpm continue from
+        callbacks.append(SaveAtRequeueSignal(Path(cfg.paths.output_dir) / "checkpoints/last.ckpt"))
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar(leave=True))
     trainer = instantiate(

@@ -36,6 +36,7 @@ from pathlib import Path
 from omegaconf import DictConfig, open_dict
 
 from lightning_modules.tasks.common import write_json
+from lightning_modules.tasks.reproduce import fanout
 from lightning_modules.tasks.reproduce.config import (
     CORESETS,
     MATCHING,
@@ -53,11 +54,9 @@ from lightning_modules.tasks.reproduce.config import (
 from lightning_modules.tasks.reproduce.stages import (
     Stage,
     cap_start_epoch,
-    coreset,
-    distilled_set,
     ensure_experts,
     evaluate_all,
-    matched_set,
+    make_set,
 )
 from lightning_modules.tasks.reproduce.tables import (
     _cell,
@@ -85,7 +84,12 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "Table III (cross-architecture)" if table == "cross_arch" else "a Table I row",
         cfg.dataset.name, int(cfg.ipc), "on" if cfg.dataset.zca else "off", methods, nets, workdir,
     )  # fmt: skip
-    experts, stages, reused = make_sets(cfg, methods, workdir)
+    launcher = fanout.enabled(cfg)  # a submitit launcher: the stages as parallel jobs first
+    jobs = (
+        fanout.run_phases(cfg, launcher, table, methods, nets, workdir, out_dir) if launcher else {}
+    )
+    experts, stages, reused = make_sets(cfg, methods, workdir)  # cached by the jobs, if any
+    reused.update(dict.fromkeys(jobs.get("sets", {}), False))
     entries = {m: stages[m].set_path for m in methods}
     if cfg.reproduce.full:
         entries["full"] = None
@@ -105,7 +109,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     print("\n" + markdown, flush=True)
     write_text(out_dir / "row.md", markdown)
     write_json(out_dir / "row.json", record)  # what was measured: the same on every rerun
-    write_json(out_dir / "stages.json", stage_details(stages, reused, results))
+    write_json(out_dir / "stages.json", {**stage_details(stages, reused, results), "jobs": jobs})
     summary = summarise(cfg, table, nets, workdir, markdown, record, results, info, images)
     summary["reused"] = reused
     log_table(cfg, record, summary, images, out_dir)
@@ -154,15 +158,9 @@ def make_sets(cfg: DictConfig, methods: list[str], workdir: Path):
         log.info("%s distillation: none in %s", _stage(2), methods)
     stages: dict[str, Stage] = {}
     reused: dict[str, bool] = {}
-    for method in ("pruning", "mtt"):
+    for method in ("pruning", "mtt", *MATCHING, *CORESETS):  # the order they always ran in
         if method in methods:
-            stages[method], reused[method] = distilled_set(cfg, method, workdir, experts)
-    for method in MATCHING:
-        if method in methods:
-            stages[method], reused[method] = matched_set(cfg, method, workdir)
-    for method in CORESETS:
-        if method in methods:
-            stages[method], reused[method] = coreset(cfg, method, workdir, experts)
+            stages[method], reused[method] = make_set(cfg, method, workdir, experts)
     if not any(m in CORESETS for m in methods):
         log.info("%s coresets: none in %s", _stage(3), methods)
     return experts, stages, reused

@@ -23,6 +23,7 @@ from lightning_modules.tasks.common import (
 )
 from lightning_modules.tasks.reproduce.config import (
     CORESET_KEYS,
+    MATCHING,
     _block,
     _canonical,
     _digest,
@@ -194,13 +195,22 @@ def _common_key(cfg: DictConfig) -> dict:
     }
 
 
+def distill_stage(cfg: DictConfig, method: str, workdir: Path, experts: dict) -> Stage:
+    """The cached stage of one distillation (``pruning`` with reproduce.eps, ``mtt`` with ε = 0)."""
+    block = _block(cfg, "distill")
+    block["eps"] = _method_eps(cfg, method)
+    key = {**_common_key(cfg), "distill": block, "experts": experts["identity"]}
+    return Stage(workdir, method, key)
+
+
+def _method_eps(cfg: DictConfig, method: str) -> float:
+    return float(cfg.reproduce.eps) if method == "pruning" else 0.0
+
+
 def distilled_set(cfg: DictConfig, method: str, workdir: Path, experts: dict) -> tuple[Stage, bool]:
     """Stage 2: one distillation (``pruning`` with reproduce.eps, ``mtt`` with ε = 0)."""
-    eps = float(cfg.reproduce.eps) if method == "pruning" else 0.0
-    block = _block(cfg, "distill")
-    block["eps"] = eps
-    key = {**_common_key(cfg), "distill": block, "experts": experts["identity"]}
-    stage = Stage(workdir, method, key)
+    eps = _method_eps(cfg, method)
+    stage = distill_stage(cfg, method, workdir, experts)
     what = f"distill eps={eps:g}" + (" (MTT)" if method == "mtt" else "")
     if stage.done():
         log.info("%s %s: reused %s", _stage(2), what, stage.set_path)
@@ -218,19 +228,24 @@ def distilled_set(cfg: DictConfig, method: str, workdir: Path, experts: dict) ->
     return stage, False
 
 
-def matched_set(cfg: DictConfig, method: str, workdir: Path) -> tuple[Stage, bool]:
-    """Stage 2: a DC / DSA / DM distillation (``task=distill method=<name>``) with the method's
-    published row, in the row's pixel space (``dataset.zca`` as settled for every column)."""
+def matching_stage(cfg: DictConfig, method: str, workdir: Path) -> tuple[Stage, DictConfig]:
+    """The cached stage of a DC / DSA / DM / CAFE / KIP distillation and its sub-task config."""
     from lightning_modules.tasks.matching_settings import matching_stage_config
 
-    iterations = cfg.reproduce.get("iterations")
-    sub_cfg = matching_stage_config(cfg, method, iterations=iterations)
+    sub_cfg = matching_stage_config(cfg, method, iterations=cfg.reproduce.get("iterations"))
     key = {
         **_common_key(cfg),
         "distill": _block(sub_cfg, "distill"),
         "method": OmegaConf.to_container(sub_cfg.method, resolve=True),
     }
-    stage = Stage(workdir, method, key)
+    return Stage(workdir, method, key), sub_cfg
+
+
+def matched_set(cfg: DictConfig, method: str, workdir: Path) -> tuple[Stage, bool]:
+    """Stage 2: a DC / DSA / DM distillation (``task=distill method=<name>``) with the method's
+    published row, in the row's pixel space (``dataset.zca`` as settled for every column)."""
+    iterations = cfg.reproduce.get("iterations")
+    stage, sub_cfg = matching_stage(cfg, method, workdir)
     if stage.done():
         log.info("%s distill method=%s: reused %s", _stage(2), method, stage.set_path)
         return stage, True
@@ -245,8 +260,8 @@ def matched_set(cfg: DictConfig, method: str, workdir: Path) -> tuple[Stage, boo
     return stage, False
 
 
-def coreset(cfg: DictConfig, method: str, workdir: Path, experts: dict) -> tuple[Stage, bool]:
-    """Stage 3: one coreset (random, herding in an expert's features, forgetting)."""
+def coreset_stage(cfg: DictConfig, method: str, workdir: Path, experts: dict | None) -> Stage:
+    """The cached stage of one coreset."""
     block = _block(cfg, "coreset")
     block["method"] = method
     key = {**_common_key(cfg), "coreset": {k: block[k] for k in CORESET_KEYS[method]}}
@@ -254,7 +269,12 @@ def coreset(cfg: DictConfig, method: str, workdir: Path, experts: dict) -> tuple
         key["experts"] = experts["identity"][:1] if experts else None  # the first expert's features
     if method == "random":
         key.pop("net")  # the choice does not involve a network
-    stage = Stage(workdir, method, key)
+    return Stage(workdir, method, key)
+
+
+def coreset(cfg: DictConfig, method: str, workdir: Path, experts: dict) -> tuple[Stage, bool]:
+    """Stage 3: one coreset (random, herding in an expert's features, forgetting)."""
+    stage = coreset_stage(cfg, method, workdir, experts)
     if stage.done():
         log.info("%s coreset %s: reused %s", _stage(3), method, stage.set_path)
         return stage, True
@@ -263,6 +283,60 @@ def coreset(cfg: DictConfig, method: str, workdir: Path, experts: dict) -> tuple
     sub = derive(cfg, "coreset", stage.dir, method, coreset={"method": method, "out": None})
     stage.finish(run_stage(sub, stage.dir))
     return stage, False
+
+
+def set_stage(cfg: DictConfig, method: str, workdir: Path, experts: dict | None) -> Stage:
+    """The cached stage that makes the set of column ``method`` (nothing is run)."""
+    if method in ("pruning", "mtt"):
+        return distill_stage(cfg, method, workdir, experts)
+    if method in MATCHING:
+        return matching_stage(cfg, method, workdir)[0]
+    return coreset_stage(cfg, method, workdir, experts)
+
+
+def make_set(cfg: DictConfig, method: str, workdir: Path, experts: dict | None):
+    """Stages 2-3 for one column: its set, reused when cached. Returns ``(stage, reused)``."""
+    if method in ("pruning", "mtt"):
+        return distilled_set(cfg, method, workdir, experts)
+    if method in MATCHING:
+        return matched_set(cfg, method, workdir)
+    return coreset(cfg, method, workdir, experts)
+
+
+def evaluation_cache(
+    cfg: DictConfig, column: str, set_path: Path | None, net: str, workdir: Path
+) -> tuple[Path, dict]:
+    """Where the evaluation of one set (``None``: the train split) on ``net`` is cached, and the
+    protocol that keys it: the set file's digest, the net and its options, the training recipe."""
+    e, r = cfg.evaluate, cfg.reproduce
+    options = {cfg.net.name: net_options(cfg.net)}  # the experts' net, as configured
+    epochs = int(e.epochs if column != "full" or r.full_epochs is None else r.full_epochs)
+    protocol = {
+        "set": file_digest(set_path) if set_path is not None else "full",
+        "net": net,
+        "options": options.get(net, {}),
+        "epochs": epochs,
+        "protocol": str(e.protocol),
+        "num_eval": int(e.num_eval),
+        "lr": e.lr,
+        "batch_size": int(e.batch_size),
+        "momentum": float(e.momentum),
+        "weight_decay": float(e.weight_decay),
+        "dsa_strategy": str(e.dsa_strategy),
+        "seed": int(cfg.seed),
+        "data": _block(cfg, "dataset"),
+    }
+    folder = (workdir / "full") if set_path is None else Path(set_path).parent
+    return folder / "eval" / f"{net}-{_digest(protocol)}.json", protocol
+
+
+def cached_evaluation(cache: Path, protocol: dict) -> dict | None:
+    """The result cached at ``cache`` when it was made with ``protocol``, else None."""
+    try:
+        saved = json.loads(Path(cache).read_text())
+    except (OSError, ValueError):
+        return None
+    return saved["result"] if saved.get("key") == _canonical(protocol) else None
 
 
 def evaluate_all(cfg: DictConfig, entries: dict, nets: list[str], workdir: Path) -> dict:
@@ -275,42 +349,23 @@ def evaluate_all(cfg: DictConfig, entries: dict, nets: list[str], workdir: Path)
     from lightning_modules.condense.evaluation import DEFAULT_LR, evaluate_set
     from lightning_modules.tasks.common import build_datamodule, require_images
 
-    e, r = cfg.evaluate, cfg.reproduce
+    e = cfg.evaluate
     dm = None
     options = {cfg.net.name: net_options(cfg.net)}  # the experts' net, as configured
     results: dict = {}
     for column, set_path in entries.items():
-        epochs = int(e.epochs if column != "full" or r.full_epochs is None else r.full_epochs)
-        digest = file_digest(set_path) if set_path is not None else "full"
         results[column] = {}
         for net in nets:
-            protocol = {
-                "set": digest,
-                "net": net,
-                "options": options.get(net, {}),
-                "epochs": epochs,
-                "protocol": str(e.protocol),
-                "num_eval": int(e.num_eval),
-                "lr": e.lr,
-                "batch_size": int(e.batch_size),
-                "momentum": float(e.momentum),
-                "weight_decay": float(e.weight_decay),
-                "dsa_strategy": str(e.dsa_strategy),
-                "seed": int(cfg.seed),
-                "data": _block(cfg, "dataset"),
-            }
-            folder = (workdir / "full") if set_path is None else Path(set_path).parent
-            cache = folder / "eval" / f"{net}-{_digest(protocol)}.json"
-            if cache.exists():
-                saved = json.loads(cache.read_text())
-                if saved.get("key") == _canonical(protocol):
-                    results[column][net] = {**saved["result"], "cached": True}
-                    log.info(
-                        "%s evaluate %s on %s: reused %.2f ± %.2f (%s)",
-                        _stage(4), column, net, saved["result"]["mean"], saved["result"]["std"],
-                        cache,
-                    )  # fmt: skip
-                    continue
+            cache, protocol = evaluation_cache(cfg, column, set_path, net, workdir)
+            saved = cached_evaluation(cache, protocol)
+            if saved is not None:
+                results[column][net] = {**saved, "cached": True}
+                log.info(
+                    "%s evaluate %s on %s: reused %.2f ± %.2f (%s)",
+                    _stage(4), column, net, saved["mean"], saved["std"], cache,
+                )  # fmt: skip
+                continue
+            epochs = int(protocol["epochs"])
             if dm is None:
                 dm = build_datamodule(cfg)
                 require_images(dm, "reproduce")
