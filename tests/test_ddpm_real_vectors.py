@@ -43,6 +43,20 @@ def _pca(data_dir, *extra):
     ]
 
 
+def test_sinkhorn_switches_to_exact_ot_only_where_it_would_underflow():
+    import ot
+
+    from lightning_modules.diffusion import metrics
+
+    assert metrics.sinkhorn_epsilon(h=2.0, reg=0.05) == 0.05  # toys: h² <= 5.3
+    assert metrics.sinkhorn_epsilon(h=4.0, reg=0.05) == 0.0
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(50, 13, generator=g), torch.randn(50, 13, generator=g) + 0.5
+    w = np.full(50, 1 / 50)
+    exact = ot.emd2(w, w, ot.dist(x.double().numpy(), y.double().numpy()))
+    assert metrics.sinkhorn_divergence(x, y, reg=0) == pytest.approx(exact, rel=1e-9)
+
+
 @pytest.fixture(scope="module")
 def convnet_features(tmp_path_factory):
     torch.manual_seed(0)
@@ -60,8 +74,8 @@ def test_tabular_wine_writes_sw_and_its_floor_band(compose, net):
     summary = train.run(cfg)
     for key in ("sw", "sw_floor", "sw_floor_lo", "sw_floor_hi", "sinkhorn_floor_lo"):
         assert np.isfinite(summary[key]) and summary[key] > 0, key
-    # 13-D: the Sinkhorn ε follows the data's scale (a fixed 0.05 underflows to garbage ~0)
-    assert summary["sinkhorn_eps"] > 0.05 and summary["sinkhorn"] > 0
+    # 13-D: Sinkhorn at ε=0.05 underflows (garbage ~0): its ε → 0 limit, exact W2², instead
+    assert summary["sinkhorn_eps"] == 0 and summary["sinkhorn"] > summary["sinkhorn_floor_lo"] > 0
     assert summary["sw_floor_lo"] <= summary["sw_floor"] <= summary["sw_floor_hi"]
     assert isinstance(summary["sw_in_band"], bool) and summary["metric_samples"] == 36
     samples = np.load(train.Path(cfg.paths.output_dir) / "samples.npy")

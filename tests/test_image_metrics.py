@@ -106,3 +106,25 @@ def test_bad_feature_files_are_one_line_user_errors(tmp_path):
     flat.save(str(tmp_path / "flat.pt"))
     with pytest.raises(UserError, match="does not take images"):
         image_metrics.feature_network(tmp_path / "flat.pt", (3, 8, 8))
+
+
+def test_task_classify_writes_a_loadable_feature_extractor(compose, tiny_data):
+    import train
+
+    cfg = compose(
+        "task=classify",
+        f"dataset.data_dir={tiny_data}",
+        "dataset.download=false",
+        "dataset.train_per_class=4",
+        "dataset.test_per_class=2",
+        "net.width=8",
+        "task.epochs=1",
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+    )
+    summary = train.run(cfg)
+    path = train.Path(summary["feature_extractor"])
+    assert path == train.Path(cfg.paths.output_dir) / "feature_extractor.pt2"
+    feature = image_metrics.feature_network(path, (3, 32, 32))
+    assert feature.num_features == 8 * 4 * 4  # ConvNet-3's penultimate layer
+    assert feature(images(3, 0).repeat(1, 1, 4, 4)).shape == (3, 128)
