@@ -19,6 +19,7 @@ from torch.optim.swa_utils import AveragedModel
 from lightning_modules.diffusion.schedules import NoiseSchedule
 from lightning_modules.diffusion.steppers import Stepper
 from lightning_modules.errors import UserError
+from lightning_modules.utils.seeds import derive_seed
 
 
 def ema_with_warmup(decay: float):
@@ -97,9 +98,11 @@ class DDPMModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.stepper = self._make_stepper(self.eps_net)
         self.generator = torch.Generator(device=self.device).manual_seed(
-            self.seed + 7919 * self.global_rank
+            derive_seed(self.seed, "ddpm_noise", self.global_rank)
         )
-        self._data_generator = torch.Generator().manual_seed(self.seed + 104729 + self.global_rank)
+        self._data_generator = torch.Generator().manual_seed(
+            derive_seed(self.seed, "ddpm_batches", self.global_rank)
+        )
         if self._pending_state is not None:
             self._restore(self._pending_state)
             self._pending_state = None

@@ -44,6 +44,7 @@ from lightning_modules.tasks.common import (
     instantiate_checked,
     log_config,
 )
+from lightning_modules.utils.seeds import derive_seed
 
 log = logging.getLogger("ddpm")
 
@@ -165,8 +166,11 @@ class Sampler:
         default_n = 64 if data.images else len(data.reference)
         self.num_samples = int(self.d.num_samples or default_n)
 
-    def draw(self, module: DDPMModule, num_samples: int, snapshots: int = 0, seed_offset: int = 1):
-        g = torch.Generator(device=module.device).manual_seed(self.seed + seed_offset)
+    def draw(self, module: DDPMModule, num_samples: int, snapshots: int = 0, draw: int = 0):
+        """Samples from the reverse chain seeded by ``derive_seed(seed, "ddpm_sample", draw)``."""
+        g = torch.Generator(device=module.device).manual_seed(
+            derive_seed(self.seed, "ddpm_sample", draw)
+        )
         return module.sample(
             num_samples,
             self.data.data_shape,
@@ -255,7 +259,7 @@ class Sampler:
             return
         start = time.perf_counter()
         n = min(self.num_samples, 16 if self.data.images else 1000)
-        samples, _ = self.draw(module, n, seed_offset=2)
+        samples, _ = self.draw(module, n, draw=1)
         samples = samples.cpu()
         tag = f"_epoch{epoch + 1:04d}"
         paths = self.pictures(samples, [], tag)
@@ -408,7 +412,7 @@ def sample(r: Run) -> tuple[list[Tensor], list[Snapshot]]:
     draws = [first.cpu()]
     if not r.data.images:
         for j in range(1, int(r.cfg.ddpm.metric_draws)):
-            draws.append(r.sampler.draw(r.module, n, seed_offset=100 + j)[0].cpu())
+            draws.append(r.sampler.draw(r.module, n, draw=100 + j)[0].cpu())
     return draws, snaps
 
 

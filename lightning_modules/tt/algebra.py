@@ -16,6 +16,16 @@ from lightning_modules.tt.ftt import CoreInterfaces
 
 Cores = list[torch.Tensor]
 
+# a factor carried between cores whose norm leaves [e^-8, e^8] is moved into the core it came
+# from (see round_tt): long trains stay in range, short ones keep the plain orthonormal gauge
+CARRY_DRIFT = 8.0
+
+
+def _carry_scale(factor: torch.Tensor) -> torch.Tensor:
+    """``[P]`` scalars that bring each TT's carried ``factor`` back to norm 1 when it drifted."""
+    norm = torch.linalg.matrix_norm(factor).clamp_min(torch.finfo(factor.dtype).tiny)
+    return torch.where(norm.log().abs() > CARRY_DRIFT, norm, torch.ones_like(norm))
+
 
 # ------------------------------------------------------------------------------ orthogonality
 def shift_right(cores: Cores, k: int) -> None:
@@ -63,19 +73,28 @@ def round_tt(cores: Cores, rank: int) -> tuple[Cores, list[torch.Tensor]]:
     """TT-SVD rounding to bond ranks ``min(rank, what the modes allow)``.
 
     Right-orthogonalise, then sweep left to right with truncated SVDs. Returns the cores (all but
-    the last left-orthogonal) and the singular values kept at each bond (``[P, r_k]``).
+    the last left-orthogonal up to a positive scalar) and the singular values kept at each bond
+    (``[P, r_k]``, relative to the weight carried there). A carried factor that leaves
+    ``[e^-8, e^8]`` in norm is divided out and its norm left in the core it came from, so trains
+    of thousands of cores neither overflow nor underflow; short trains are never rescaled.
     """
     cores = list(cores)
     for k in range(len(cores) - 1, 0, -1):
-        shift_left(cores, k)
+        P, r0, n, r1 = cores[k].shape
+        q, r = torch.linalg.qr(cores[k].reshape(P, r0, n * r1).transpose(1, 2))
+        c = _carry_scale(r)
+        cores[k] = (q.transpose(1, 2) * c[:, None, None]).reshape(P, q.shape[-1], n, r1)
+        cores[k - 1] = torch.einsum("paib,pcb->paic", cores[k - 1], r / c[:, None, None])
     kept = []
     for k in range(len(cores) - 1):
         P, r0, n, r1 = cores[k].shape
         u, s, vh = torch.linalg.svd(cores[k].reshape(P, r0 * n, r1), full_matrices=False)
         r = min(rank, s.shape[-1])
-        cores[k] = u[..., :r].reshape(P, r0, n, r)
-        cores[k + 1] = torch.einsum("pa,pab,pbic->paic", s[:, :r], vh[:, :r], cores[k + 1])
-        kept.append(s[:, :r])
+        c = _carry_scale(torch.diag_embed(s[:, :r]))
+        cores[k] = (u[..., :r] * c[:, None, None]).reshape(P, r0, n, r)
+        s = s[:, :r] / c[:, None]
+        cores[k + 1] = torch.einsum("pa,pab,pbic->paic", s, vh[:, :r], cores[k + 1])
+        kept.append(s)
     return cores, kept
 
 
@@ -186,32 +205,53 @@ def solve_ridge(
     *,
     what: str = "ALS",
     cond_limit: float = 1e12,
+    rows: float | None = None,
 ) -> torch.Tensor:
     """Solve ``(lhs + ridge · mean(diag(lhs)) I) g = rhs`` per TT by Cholesky (float64).
 
     The ridge is relative to the mean eigenvalue of ``lhs`` (its mean diagonal), so one value
-    suits any rank, basis size or data scale.
+    suits any rank, basis size or data scale. ``rhs`` is ``[P, F]`` or, for several right-hand
+    sides sharing ``lhs`` (the output core), ``[P, F, J]``.
 
     Raises:
-        UserError: the system is singular or its condition number (estimated from the Cholesky
-            diagonal) exceeds ``cond_limit``: too few samples or a redundant basis; a ridge
-            fixes it.
+        UserError: naming the cause: the normal equations are not finite (the partial products
+            overflowed, or the data is not finite), all zero (they underflowed), fewer rows than
+            unknowns (``rows``), or singular / ill-conditioned otherwise (a redundant basis or
+            basis functions that too few samples reach; a ridge or more samples fix it).
     """
     lhs = lhs.to(torch.float64)
-    eye = torch.eye(lhs.shape[-1], dtype=lhs.dtype, device=lhs.device)
-    scale = torch.diagonal(lhs, dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(lhs.dtype).tiny)
+    unknowns = lhs.shape[-1]
+    if not (torch.isfinite(lhs).all() and torch.isfinite(rhs).all()):
+        raise UserError(
+            f"{what}: the normal equations are not finite: the train's partial products "
+            "overflowed or the data has NaN/inf values; check the data and the FTT's scale"
+        )
+    diag = torch.diagonal(lhs, dim1=-2, dim2=-1)
+    if bool((diag.max(-1).values <= torch.finfo(lhs.dtype).tiny).any()):
+        raise UserError(
+            f"{what}: the interfaces of this core are zero for every sample (the partial "
+            "products underflowed or the other cores are zero); this is not a sample-count problem"
+        )
+    eye = torch.eye(unknowns, dtype=lhs.dtype, device=lhs.device)
+    scale = diag.mean(-1).clamp_min(torch.finfo(lhs.dtype).tiny)
     system = lhs + ridge * scale[:, None, None] * eye
     chol, info = torch.linalg.cholesky_ex(system)
-    diag = torch.diagonal(chol, dim1=-2, dim2=-1)
-    if bool((info > 0).any()) or not torch.isfinite(diag).all():
+    cdiag = torch.diagonal(chol, dim1=-2, dim2=-1)
+    few = "" if rows is None or rows >= unknowns else f" ({rows:g} rows for {unknowns} unknowns)"
+    if bool((info > 0).any()) or not torch.isfinite(cdiag).all():
         raise UserError(
-            f"{what}: the least-squares system is singular (als.ridge={ridge:g}); set als.ridge to "
-            "a positive value such as 1e-6, or draw more samples (als.samples)"
+            f"{what}: the least-squares system is singular{few} (als.ridge={ridge:g}): some basis "
+            "functions see too few samples or the basis is redundant; set als.ridge to a positive "
+            "value such as 1e-6, or draw more samples (als.samples)"
         )
-    cond = float(((diag.max(-1).values / diag.min(-1).values) ** 2).max())
+    cond = float(((cdiag.max(-1).values / cdiag.min(-1).values) ** 2).max())
     if cond > cond_limit:
         raise UserError(
             f"{what}: the least-squares system is ill-conditioned (condition ~{cond:.1e} with "
-            f"als.ridge={ridge:g}); raise als.ridge (e.g. 1e-6) or draw more samples (als.samples)"
+            f"als.ridge={ridge:g}){few}; raise als.ridge (e.g. 1e-6) or draw more samples "
+            "(als.samples)"
         )
-    return torch.cholesky_solve(rhs.to(torch.float64)[..., None], chol)[..., 0]
+    rhs = rhs.to(torch.float64)
+    if rhs.dim() == lhs.dim():
+        return torch.cholesky_solve(rhs, chol)
+    return torch.cholesky_solve(rhs[..., None], chol)[..., 0]

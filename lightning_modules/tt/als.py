@@ -8,11 +8,19 @@ once, left to right or right to left (alternating), solving
     z = vec(left ⊗ φ_k ⊗ right)
 
 in float64 over ``R`` (sample, output) rows, and moves the orthogonality centre on by a QR
-(the other cores stay orthonormal, which keeps the systems well conditioned and the gauge fixed).
-A sweep goes left to right through all ``K`` cores and back, ``2K - 1`` solves.
-``A`` and ``b`` are accumulated over chunks of ``batch`` samples, so the sample count is not
-bounded by memory, and summed over DDP ranks with ``reduce_sum`` before every solve, so all
-ranks take the same step.
+(the other cores stay orthonormal up to a scalar, which keeps the systems well conditioned and
+the gauge fixed; :mod:`.sweep`). A sweep goes left to right through all ``K`` cores and back,
+``2K - 1`` solves. ``A`` and ``b`` are accumulated over chunks of ``batch`` samples and summed
+over DDP ranks with ``reduce_sum`` before every solve, so all ranks take the same step.
+
+The left and right partial products of every chunk are cached and extended one core at a time
+as the centre moves (:mod:`.environments`), so a sweep costs ``O(K)`` core updates, not the
+``O(K²)`` of recomputing each core's interfaces (:meth:`ALS.reference_sweep`, kept as the
+formula the tests compare with). With an output core the ``J = D`` outputs share one chain: the
+cores beside it see ``Σ_j`` of the per-output terms (an ``r × r`` matrix per sample), and the
+output core's normal matrix is block-diagonal with one ``r² × r²`` block shared by all outputs.
+Memory: the cached partial products take ``8 · samples · (K + 1) · P · r · (1 + r)`` bytes at
+most (``P = 1`` with an output core); ``batch`` bounds the transient per-chunk terms.
 """
 
 from __future__ import annotations
@@ -31,7 +39,9 @@ from lightning_modules.tt.algebra import (
     shift_right,
     solve_ridge,
 )
+from lightning_modules.tt.environments import output_gram, site_gram_blocks, site_rhs
 from lightning_modules.tt.ftt import FunctionalTT
+from lightning_modules.tt.sweep import Sweep
 
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -134,8 +144,86 @@ class ALS:
         )
         return float(sse.sum().clamp_min(0) / (rows * self.net.num_tts))
 
+    def cached_normal_equations(self, sw: Sweep, k: int):
+        """:meth:`normal_equations` from the sweep's cached environments. For the output core
+        ``lhs`` is the one ``[P, r0 r1, r0 r1]`` block all outputs share and ``rhs`` is
+        ``[P, r0 r1, J]``."""
+        shape = sw.cores[k].shape
+        P, r0, n, r1 = shape
+        envs = list(zip(sw.left[k], sw.right[k + 1], sw.chunks))
+        rhs = sum(site_rhs(left, right, chunk, k, shape) for left, right, chunk in envs)
+        if self.net.sites[k][0] == "out":
+            lhs = sum(output_gram(left, right) for left, right, _ in envs)
+            rhs = rhs.permute(0, 1, 3, 2).reshape(P, r0 * r1, n)
+        else:
+            blocks = None
+            for left, right, chunk in envs:
+                blocks = site_gram_blocks(left, right, chunk, k, shape, out=blocks)
+            lhs = assemble_gram(blocks, r0, r1)
+            rhs = rhs.reshape(P, -1)
+        energy = sum((chunk.weights**2).sum((1, 2)) for chunk in sw.chunks)
+        rows = sum(chunk.weights.shape[1] * chunk.weights.shape[2] for chunk in sw.chunks)
+        return lhs, rhs, energy, rows
+
+    def cached_solve(self, sw: Sweep, k: int, reduce_sum) -> float:
+        """Replace ``sw.cores[k]`` by its ridge least-squares solution; the loss after it."""
+        lhs, rhs, energy, rows = self.cached_normal_equations(sw, k)
+        lhs, rhs, energy = reduce_sum(lhs), reduce_sum(rhs), reduce_sum(energy)
+        rows = float(reduce_sum(torch.tensor(float(rows), dtype=torch.float64, device=lhs.device)))
+        kind = self.net.sites[k][0]
+        P, r0, n, r1 = sw.cores[k].shape
+        solution = solve_ridge(
+            lhs / rows,
+            rhs / rows,
+            self.ridge,
+            what=f"ALS core {k} ({kind})",
+            rows=rows / (n if kind == "out" else 1),
+        )
+        if kind == "out":  # [P, r0 r1, J] -> [P, r0, J, r1]
+            sw.cores[k] = solution.reshape(P, r0, r1, n).permute(0, 1, 3, 2).contiguous()
+            quad = torch.einsum("pfj,pfg,pgj->p", solution, lhs, solution)
+        else:
+            sw.cores[k] = solution.reshape(P, r0, n, r1)
+            quad = torch.einsum("pf,pfg,pg->p", solution, lhs, solution)
+        # residual from the normal equations: ||Zg - y||² = gᵀAg - 2gᵀb + yᵀy
+        sse = quad - 2 * (solution * rhs).flatten(1).sum(-1) + energy
+        return float(sse.sum().clamp_min(0) / (rows * self.net.num_tts))
+
+    def start_sweep(self, chunks: list[Triple], reduce_sum=_identity) -> Sweep:
+        """The sweep state: float64 cores centred at core 0 with every right environment."""
+        net = self.net
+        cores = [c.detach().to(torch.float64) for c in net.cores]
+        data = [(x_t, t, net.from_data_layout(eps.to(torch.float64))) for x_t, t, eps in chunks]
+        sw = Sweep(net, cores, data, gram=True, reduce_sum=reduce_sum)
+        sw.centre_at_start()
+        return sw
+
     def sweep(self, chunks: list[Triple], reduce_sum=_identity) -> float:
         """One left-right sweep: cores ``0..K-1`` then back ``K-2..0``; the final loss."""
+        K = self.net.num_cores
+        sw = self.start_sweep(chunks, reduce_sum)
+        loss = float("nan")
+        for k in range(K):
+            loss = self.cached_solve(sw, k, reduce_sum)
+            if k < K - 1:
+                sw.move_right(k)
+                sw.drop_right(k + 1)
+        for k in range(K - 1, 0, -1):
+            sw.move_left(k)
+            sw.drop_left(k)
+            loss = self.cached_solve(sw, k - 1, reduce_sum)
+        self.write_cores(sw.cores)
+        self.sweeps_done += 1
+        return loss
+
+    def write_cores(self, cores) -> None:
+        with torch.no_grad():
+            for param, core in zip(self.net.cores, cores):
+                param.copy_(core.to(param.dtype))
+
+    def reference_sweep(self, chunks: list[Triple], reduce_sum=_identity) -> float:
+        """The uncached sweep (every core's interfaces from scratch, ``O(K²)``, orthonormal
+        gauge): the formula :meth:`sweep` must agree with, and the "before" of the benchmarks."""
         net = self.net
         K = net.num_cores
         cores = orthogonalize([c.detach().to(torch.float64) for c in net.cores], center=0)
@@ -147,9 +235,7 @@ class ALS:
         for k in range(K - 1, 0, -1):
             shift_left(cores, k)
             loss = self.solve_core(cores, k - 1, chunks, reduce_sum)
-        with torch.no_grad():
-            for param, core in zip(net.cores, cores):
-                param.copy_(core.to(param.dtype))
+        self.write_cores(cores)
         self.sweeps_done += 1
         return loss
 

@@ -21,6 +21,10 @@ can dominate it, which is why ``dmrg.ridge`` defaults higher than ``als.ridge``.
 
 Cost per pair: a normal matrix of ``F = r_{k-1} n_k n_{k+1} r_{k+1}`` unknowns per TT (``F²``
 memory, ``F³/3`` to factor): fine for the 2-D/3-D toy problems; refused above ``max_unknowns``.
+A pair holding the output core solves one shared ``r_{k-1} n r_{k+1}`` block for all outputs (the
+normal matrix is block-diagonal over them), so long output-core trains stay affordable.
+The partial products left and right of the pair are cached and extended as the sweep moves, in
+the scaled-orthogonal gauge of :mod:`.sweep` (``O(K)`` per sweep; finite for thousands of cores).
 """
 
 from __future__ import annotations
@@ -29,58 +33,11 @@ import torch
 from torch import nn
 
 from lightning_modules.errors import UserError
-from lightning_modules.tt.algebra import orthogonalize, shift_left, shift_right, solve_ridge
+from lightning_modules.tt.algebra import assemble_gram, solve_ridge
 from lightning_modules.tt.als import ALS, Triple, _identity
+from lightning_modules.tt.environments import basis_rhs, grouped_gram, site_gram_blocks
 from lightning_modules.tt.ftt import FunctionalTT
-
-
-def pair_features(net: FunctionalTT, k: int, x_t, t, cores):
-    """``(left [P,N,J,r0], values [N,J,s], index [N,J,s], right [P,N,J,r1])`` of sites k, k+1
-    merged: ``values``/``index`` are the products/flat indices ``i n_{k+1} + j`` of their bases."""
-    N, J = x_t.shape[0], net.num_outputs
-    bases = net.site_basis(x_t, t, cores[0].dtype)
-    left = net._left_vectors(cores, bases, k, N)
-    right = net._right_vectors(cores, bases, k + 2, N)
-    sites = []
-    for site in (k, k + 1):
-        if bases[site] is None:  # output core: slice j for output j
-            values = torch.ones(N, J, 1, dtype=left.dtype, device=left.device)
-            index = torch.arange(J, device=left.device)[None, :, None].expand(N, J, 1)
-        else:
-            values, index = bases[site][0][:, None, :], bases[site][1][:, None, :]
-        sites.append((values.expand(N, J, -1), index.expand(N, J, -1)))
-    (v1, i1), (v2, i2) = sites
-    values = (v1[..., :, None] * v2[..., None, :]).reshape(N, J, -1)
-    index = (i1[..., :, None] * net.mode_sizes[k + 1] + i2[..., None, :]).reshape(N, J, -1)
-    shape = (net.num_tts, N, J, -1)
-    return left.expand(*shape), values, index, right.expand(*shape)
-
-
-def accumulate_normal_equations(left, values, index, right, target, mode_size, lhs, rhs):
-    """Add ``Σ z zᵀ`` to ``lhs [P, F, F]`` and ``Σ z y`` to ``rhs [P, F]`` in core order (a, i, b).
-
-    Rows with the same active indices share one dense block over their ``s r0 r1`` features, so
-    the cost is ``O(rows (s r0 r1)²)`` plus one scatter per distinct index pattern.
-    """
-    P, N, J, r0 = left.shape
-    r1 = right.shape[-1]
-    rows = N * J
-    values, index = values.reshape(rows, -1), index.reshape(rows, -1)
-    local = values[None, :, :, None, None] * (left[..., :, None] * right[..., None, :]).reshape(
-        P, rows, 1, r0, r1
-    )
-    local = local.reshape(P, rows, -1)
-    y = target.reshape(P, rows)
-    patterns, group = torch.unique(index, dim=0, return_inverse=True)
-    order = torch.argsort(group, stable=True)
-    counts = torch.bincount(group, minlength=len(patterns)).tolist()
-    a = torch.arange(r0, device=left.device)[None, :, None]
-    b = torch.arange(r1, device=left.device)[None, None, :]
-    for pattern, rows_of in zip(patterns, torch.split(order, counts)):
-        block = local[:, rows_of]  # [P, n, s r0 r1]
-        position = ((a * mode_size + pattern[:, None, None]) * r1 + b).reshape(-1)
-        lhs[:, position[:, None], position[None, :]] += torch.einsum("pnx,pny->pxy", block, block)
-        rhs[:, position] += torch.einsum("pnx,pn->px", block, y[:, rows_of])
+from lightning_modules.tt.sweep import Sweep
 
 
 class DMRG(ALS):
@@ -109,30 +66,81 @@ class DMRG(ALS):
         if max_rank < 1 or tol < 0:
             raise UserError(f"dmrg.max_rank={max_rank}, dmrg.tol={tol}: need >= 1 and >= 0")
         self.max_rank, self.tol, self.max_unknowns = int(max_rank), float(tol), int(max_unknowns)
+        self._rounding = 0.0  # set per sweep from the data's energy
 
-    def solve_pair(self, cores, k: int, chunks: list[Triple], reduce_sum) -> torch.Tensor:
+    def _pair_equations(self, sw: Sweep, k: int):
+        """``(lhs [P, F, F], rhs [P, F], rows)`` of the merged sites k, k+1 (neither the output
+        core), from the cached environments."""
+        P, r0, r1 = self.net.num_tts, sw.cores[k].shape[1], sw.cores[k + 1].shape[3]
+        n1, n2 = self.net.mode_sizes[k], self.net.mode_sizes[k + 1]
+        size = r0 * n1 * n2 * r1
+        lhs = sw.cores[k].new_zeros(P, size, size)
+        rhs = sw.cores[k].new_zeros(P, r0, n1 * n2, r1)
+        a = torch.arange(r0, device=lhs.device)[None, :, None]
+        b = torch.arange(r1, device=lhs.device)[None, None, :]
+        for left, right, chunk in zip(sw.left[k], sw.right[k + 2], sw.chunks):
+            (v1, i1), (v2, i2) = chunk.bases[k], chunk.bases[k + 1]
+            values = (v1[:, :, None] * v2[:, None, :]).flatten(1)
+            index = (i1[:, :, None] * n2 + i2[:, None, :]).flatten(1)
+            rhs += basis_rhs(left, right, values, index, chunk.weights, (P, r0, n1 * n2, r1))
+            patterns, group = torch.unique(index, dim=0, return_inverse=True)
+            blocks = grouped_gram(left, right, values, group, len(patterns))
+            for pattern, block in zip(patterns, blocks.unbind(1)):
+                position = ((a * n1 * n2 + pattern[:, None, None]) * r1 + b).reshape(-1)
+                lhs[:, position[:, None], position[None, :]] += block
+        return lhs, rhs.reshape(P, -1)
+
+    def _output_pair_equations(self, sw: Sweep, k: int, x_site: int):
+        """The shared block ``[P, r0 n r1, r0 n r1]`` and ``rhs [P, r0 n r1, J]`` of a pair that
+        holds the output core and the basis site ``x_site``."""
+        P, r0, r1 = self.net.num_tts, sw.cores[k].shape[1], sw.cores[k + 1].shape[3]
+        n = self.net.mode_sizes[x_site]
+        shape = (P, r0, n, r1)
+        blocks, rhs = None, 0
+        for left, right, chunk in zip(sw.left[k], sw.right[k + 2], sw.chunks):
+            blocks = site_gram_blocks(left, right, chunk, x_site, shape, out=blocks)
+            values, index = chunk.bases[x_site]
+            phi = values.new_zeros(values.shape[0], n).scatter_add_(1, index, values)
+            scale = (left.log + right.log).exp()
+            rhs = rhs + torch.einsum(
+                "pn,ni,pnj,pna,pnb->paibj", scale, phi, chunk.weights, left.vec, right.vec
+            )
+        return assemble_gram(blocks, r0, r1), rhs.reshape(P, r0 * n * r1, -1)
+
+    def solve_pair(self, sw: Sweep, k: int, reduce_sum) -> torch.Tensor:
         """The ridge least-squares supercore ``[P, r0, n_k, n_{k+1}, r1]`` of sites k, k+1."""
         net = self.net
-        P, r0, r1 = net.num_tts, cores[k].shape[1], cores[k + 1].shape[3]
+        P, r0, r1 = net.num_tts, sw.cores[k].shape[1], sw.cores[k + 1].shape[3]
         n1, n2 = net.mode_sizes[k], net.mode_sizes[k + 1]
-        size = r0 * n1 * n2 * r1
+        kinds = (net.sites[k][0], net.sites[k + 1][0])
+        out_pair = "out" in kinds
+        x_site = k + 1 if kinds[0] == "out" else k
+        size = r0 * net.mode_sizes[x_site] * r1 if out_pair else r0 * n1 * n2 * r1
         if size > self.max_unknowns:
             raise UserError(
                 f"DMRG: the merged cores {k}, {k + 1} have {size:,} unknowns per TT (> "
                 f"{self.max_unknowns:,}); lower dmrg.max_rank or eps_net.num_basis"
             )
-        lhs = torch.zeros(P, size, size, dtype=torch.float64, device=cores[0].device)
-        rhs = torch.zeros(P, size, dtype=torch.float64, device=cores[0].device)
-        rows = 0
-        for x_t, t, eps in chunks:
-            left, values, index, right = pair_features(net, k, x_t, t, cores)
-            target = net.from_data_layout(eps.to(torch.float64))
-            accumulate_normal_equations(left, values, index, right, target, n1 * n2, lhs, rhs)
-            rows += target.shape[1] * target.shape[2]
+        if out_pair:
+            lhs, rhs = self._output_pair_equations(sw, k, x_site)
+        else:
+            lhs, rhs = self._pair_equations(sw, k)
+        rows = sum(c.weights.shape[1] * c.weights.shape[2] for c in sw.chunks)
         lhs, rhs = reduce_sum(lhs), reduce_sum(rhs)
         rows = float(reduce_sum(torch.tensor(float(rows), dtype=torch.float64, device=lhs.device)))
-        solution = solve_ridge(lhs / rows, rhs / rows, self.ridge, what=f"DMRG cores {k}, {k + 1}")
-        return solution.reshape(P, r0, n1, n2, r1)
+        solution = solve_ridge(
+            lhs / rows,
+            rhs / rows,
+            self.ridge,
+            what=f"DMRG cores {k}, {k + 1}",
+            rows=rows / (net.num_outputs if out_pair else 1),
+        )
+        if not out_pair:
+            return solution.reshape(P, r0, n1, n2, r1)
+        n, J = net.mode_sizes[x_site], net.num_outputs
+        solution = solution.reshape(P, r0, n, r1, J)
+        order = (0, 1, 2, 4, 3) if kinds[1] == "out" else (0, 1, 4, 2, 3)
+        return solution.permute(*order).contiguous()
 
     def kept_rank(self, singular: torch.Tensor) -> int:
         """Smallest rank whose discarded tail is ``<= tol`` of the norm, for every TT; capped."""
@@ -156,37 +164,46 @@ class DMRG(ALS):
         cores[k + 1] = cores[k + 1].reshape(P, r, n2, r1)
         return r
 
-    def update_pair(self, cores, k, chunks, reduce_sum, loss: float, centre_right: bool) -> float:
+    def update_pair(self, sw: Sweep, k, reduce_sum, loss: float, centre_right: bool) -> float:
         """Solve, split and refit the centre core of pair k, k+1; keep the old pair (re-gauged)
         when the truncated result fits the samples worse than it did. Returns the loss."""
+        cores = sw.cores
         old = cores[k].clone(), cores[k + 1].clone()
-        self.split(cores, k, self.solve_pair(cores, k, chunks, reduce_sum), centre_right)
-        centre = k + 1 if centre_right else k
-        new_loss = self.solve_core(cores, centre, chunks, reduce_sum)
-        if new_loss <= loss or old[0].shape[3] > self.max_rank:  # the old bond is too wide
+        self.split(cores, k, self.solve_pair(sw, k, reduce_sum), centre_right)
+        if centre_right:
+            sw.move_right(k, orthogonalise=False)  # core k is orthonormal from the SVD
+        else:
+            sw.move_left(k + 1, orthogonalise=False)
+        new_loss = self.cached_solve(sw, k + 1 if centre_right else k, reduce_sum)
+        # a residual from the normal equations is exact only up to rounding of the data's energy
+        if new_loss <= loss + self._rounding or old[0].shape[3] > self.max_rank:
             return new_loss
         cores[k], cores[k + 1] = old
         if centre_right:
-            shift_right(cores, k)
+            sw.move_right(k)
         else:
-            shift_left(cores, k + 1)
+            sw.move_left(k + 1)
         return loss
 
     def sweep(self, chunks: list[Triple], reduce_sum=_identity) -> float:
         """Pairs left to right, then back; writes the new cores (and ranks) into the net."""
-        net = self.net
-        K = net.num_cores
+        K = self.net.num_cores
         if K < 2:
             raise UserError("DMRG needs at least two cores; use ddpm.optimizer=als")
-        cores = orthogonalize([c.detach().to(torch.float64) for c in net.cores], center=0)
-        loss = self.loss(chunks, reduce_sum, cores)
+        sw = self.start_sweep(chunks, reduce_sum)
+        energy = reduce_sum(sum((c.weights**2).sum() for c in sw.chunks))
+        count = reduce_sum(sum(c.weights.new_tensor(float(c.weights.numel())) for c in sw.chunks))
+        self._rounding = float(1e-13 * energy / count.clamp_min(1))  # the same on every rank
+        loss = self.loss(chunks, reduce_sum, sw.cores)
         for k in range(K - 1):
-            loss = self.update_pair(cores, k, chunks, reduce_sum, loss, centre_right=True)
+            loss = self.update_pair(sw, k, reduce_sum, loss, centre_right=True)
+            sw.drop_right(k + 1)
         if K > 2:
-            shift_left(cores, K - 1)
+            sw.move_left(K - 1)
         for k in range(K - 3, -1, -1):
-            loss = self.update_pair(cores, k, chunks, reduce_sum, loss, centre_right=False)
-        self.write_back(cores)
+            loss = self.update_pair(sw, k, reduce_sum, loss, centre_right=False)
+            sw.drop_left(k + 1)
+        self.write_back(sw.cores)
         self.sweeps_done += 1
         return loss
 

@@ -74,53 +74,88 @@ def interfaces_flops(net, samples: int) -> int:
     return samples * (basis + chain)
 
 
-def als_sweep_flops(net, samples: int) -> int:
-    """One ALS sweep (``2K - 1`` core solves) on ``samples`` triples.
+def _out_site(net) -> int | None:
+    return next((k for k, (kind, _) in enumerate(net.sites) if kind == "out"), None)
 
-    Per solve of core ``k`` (``F = r n r'`` unknowns per TT, ``J`` outputs per sample): the
-    interfaces, the grouped normal equations ``2 (s r r')²`` per row, the right side
-    ``2 s r r'`` per row, Cholesky ``F³/3`` and two triangular solves ``2 F²`` per TT, the
-    residual ``2 F²``; plus one QR shift per solve and the initial orthogonalisation.
-    """
-    s = net.x_basis.active
-    K = net.num_cores
-    total = sum(_shift_flops(net, k) for k in range(K - 1))  # initial orthogonalisation
-    for k in list(range(K)) + list(range(K - 2, -1, -1)):
-        r0, n, r1 = net.ranks[k], net.mode_sizes[k], net.ranks[k + 1]
-        width = 1 if net.sites[k][0] == "out" else s
-        rows = samples * net.num_outputs
-        feats = width * r0 * r1
-        total += interfaces_flops(net, samples)
-        total += net.num_tts * rows * (2 * feats * feats + 4 * feats)
+
+def env_step_flops(net, k: int, left: bool, ranks=None) -> int:
+    """Extending one sample's cached environment through site ``k`` (:mod:`.environments`):
+    the slice matrix and a vector product, or ``M G Mᵀ`` on the output core's far side, or the
+    ``J`` per-output vectors summed into a Gram at the output core."""
+    ranks = ranks or net.ranks
+    r0, r1, s, J = ranks[k], ranks[k + 1], net.x_basis.active, net.num_outputs
+    out = _out_site(net)
+    if net.sites[k][0] == "out":
+        return J * (2 * r0 * r1 + 2 * r1 * r1 + 2 * r1)
+    far = out is not None and (k > out if left else k < out)
+    step = 2 * s * r0 * r1 + 2 * r0 * r1
+    if far:
+        step += 2 * r0 * r1 * (r0 + r1)
+    return step
+
+
+def _solve_flops(net, k: int, samples: int) -> int:
+    """Normal equations from the environments and the Cholesky solve of core ``k``."""
+    r0, n, r1 = net.ranks[k], net.mode_sizes[k], net.ranks[k + 1]
+    s, J = net.x_basis.active, net.num_outputs
+    if net.sites[k][0] == "out":  # one shared r0 r1 block, J right-hand sides
+        block = r0 * r1
+        per_sample = 2 * block * block + 2 * J * block
+        solve = block**3 // 3 + 4 * J * block * block
+    else:
+        width = s * r0
+        per_sample = width * width + 2 * width * width * r1 * r1 + 2 * s * r0 * r1
         unknowns = r0 * n * r1
-        total += net.num_tts * (unknowns**3 // 3 + 4 * unknowns * unknowns)
-        total += _shift_flops(net, min(k, K - 2))
+        solve = unknowns**3 // 3 + 4 * unknowns * unknowns
+    return net.num_tts * (samples * per_sample + solve)
+
+
+def als_sweep_flops(net, samples: int) -> int:
+    """One cached ALS sweep (``2K - 1`` core solves) on ``samples`` triples.
+
+    Right environments of every core once (``K - 1`` LQ shifts and environment steps), then per
+    solve the normal equations from the two environments (``(s r)² (1 + 2 r'²)`` per sample; at
+    the output core one ``(r r')²`` block shared by the ``J`` outputs), Cholesky ``F³/3`` and the
+    solves, and one shift plus one environment step as the centre moves: ``O(K)`` in all.
+    """
+    K, P = net.num_cores, net.num_tts
+    total = 0
+    for k in range(K - 1, 0, -1):  # centre to core 0, right environments
+        total += _shift_flops(net, k - 1) + P * samples * env_step_flops(net, k, left=False)
+    for k in range(K):
+        total += _solve_flops(net, k, samples)
+        if k < K - 1:
+            total += _shift_flops(net, k) + P * samples * env_step_flops(net, k, left=True)
+    for k in range(K - 1, 0, -1):
+        total += _shift_flops(net, k - 1) + P * samples * env_step_flops(net, k, left=False)
+        total += _solve_flops(net, k - 1, samples)
     return int(total)
 
 
 def riemannian_step_flops(net, batch: int, trials: int = 1) -> int:
     """One Riemannian step on ``batch`` triples with ``trials`` retractions (1 + backtracks).
 
-    Two orthogonalisations, the forward pass, the mixed-form gradient of every core (interfaces
-    plus ``4 s r r'`` per row), the tangent projection ``4 r n r'²`` per core, and per trial the
-    rounding of the rank-``2r`` TT (QR sweep plus truncated SVD sweep) and a forward pass.
+    Two orthogonalisations with their cached environments, the forward pass, the gradient of
+    every core from its two environments (``2 s r r'`` per sample, ``2 J r r'`` at the output
+    core), the tangent projection ``4 r n r'²`` per core, and per trial the rounding of the
+    rank-``2r`` TT (QR sweep plus truncated SVD sweep) and a forward pass.
     """
-    s = net.x_basis.active
-    K = net.num_cores
+    s, K, P, J = net.x_basis.active, net.num_cores, net.num_tts, net.num_outputs
     total = 2 * sum(_shift_flops(net, k) for k in range(K - 1))
+    total += P * batch * sum(env_step_flops(net, k, left=True) for k in range(K - 1))
+    total += P * batch * sum(env_step_flops(net, k, left=False) for k in range(1, K))
     total += batch * ftt_forward_flops(net)
     for k in range(K):
         r0, n, r1 = net.ranks[k], net.mode_sizes[k], net.ranks[k + 1]
-        width = 1 if net.sites[k][0] == "out" else s
-        total += interfaces_flops(net, batch)
-        total += net.num_tts * batch * net.num_outputs * 4 * width * r0 * r1
-        total += net.num_tts * 4 * r0 * n * r1 * r1
+        width = J if net.sites[k][0] == "out" else s
+        total += P * batch * 2 * width * r0 * r1
+        total += P * 4 * r0 * n * r1 * r1
     doubled = [1] + [2 * r for r in net.ranks[1:-1]] + [1]
     rounding = 0
     for k in range(K):
         r0, n, r1 = doubled[k], net.mode_sizes[k], doubled[k + 1]
-        rounding += net.num_tts * (qr_flops(r0, n * r1) + 2 * r0 * r0 * n * r1)
-        rounding += net.num_tts * (svd_flops(r0 * n, r1) + 2 * net.ranks[k + 1] * r1 * n)
+        rounding += P * (qr_flops(r0, n * r1) + 2 * r0 * r0 * n * r1)
+        rounding += P * (svd_flops(r0 * n, r1) + 2 * net.ranks[k + 1] * r1 * n)
     total += trials * (rounding + batch * ftt_forward_flops(net))
     return int(total)
 

@@ -30,6 +30,10 @@ the model output is linear in ``G_k``::
                             * G_k[p, a, index[n, j, s], b] * right[p, n, j, b]
 
 (:func:`contract_core`), with ``y[n]`` in data layout ``y.permute(1, 0, 2).reshape(N, P * J)``.
+Partial products are normalised per sample as they are formed, the scale kept as a float64 log
+(:func:`renormalise`): a product of thousands of cores would otherwise leave the float range.
+``interfaces(..., normalised=True)`` hands that scale over in ``CoreInterfaces.log_scale``.
+The optimisers use the cached form of the same products (:mod:`.environments`).
 ALS solves for ``G_k`` from this; the Riemannian optimiser uses it for the projected gradient.
 """
 
@@ -62,19 +66,39 @@ def sinusoidal_encoding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 @dataclass
 class CoreInterfaces:
-    """Everything but core ``k`` of a batch's contraction (see the module docstring's formula)."""
+    """Everything but core ``k`` of a batch's contraction (see the module docstring's formula).
+
+    With ``log_scale`` set, ``left`` and ``right`` are normalised per sample and the true
+    interfaces are ``left * right * exp(log_scale)``: long trains keep their numbers in range.
+    """
 
     left: torch.Tensor  # [P, N, J, r_{k-1}]
     values: torch.Tensor  # [N, J, s]  (J may be 1: broadcast)
     index: torch.Tensor  # [N, J, s]  int64 slice of core k each value multiplies
     right: torch.Tensor  # [P, N, J, r_k]
+    log_scale: torch.Tensor | None = None  # [P, N] float64, or None (scale already folded in)
 
 
 def contract_core(core: torch.Tensor, iface: CoreInterfaces) -> torch.Tensor:
     """``y[p, n, j]`` of the model whose core ``k`` is ``core`` (``[P, r, n_k, r']``)."""
     slices = core.permute(0, 2, 1, 3)[:, iface.index]  # [P, N, J, s, r, r']
     matrix = (iface.values[None, ..., None, None] * slices).sum(3)  # [P, N, J, r, r']
-    return torch.einsum("pnja,pnjab,pnjb->pnj", iface.left, matrix, iface.right)
+    y = torch.einsum("pnja,pnjab,pnjb->pnj", iface.left, matrix, iface.right)
+    if iface.log_scale is not None:
+        y = y * iface.log_scale.exp().to(y.dtype)[..., None]
+    return y
+
+
+def renormalise(state: torch.Tensor, log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Divide ``state [P, N, ...]`` by its per-(p, n) largest magnitude, adding its log to ``log``.
+
+    The divisor is detached: the value ``state * exp(log)`` and its gradient are unchanged, and
+    a product of thousands of cores neither underflows nor overflows.
+    """
+    norm = state.detach().abs().flatten(2).amax(-1)
+    norm = torch.where(norm > 0, norm, torch.ones_like(norm))  # an exact zero stays zero
+    shape = norm.shape + (1,) * (state.dim() - 2)
+    return state / norm.reshape(shape), log + norm.to(torch.float64).log()
 
 
 class FunctionalTT(nn.Module):
@@ -267,34 +291,54 @@ class FunctionalTT(nn.Module):
         slices = core.permute(0, 2, 1, 3)[:, index]  # [P, N, s, r, r']
         return torch.einsum("ns,pnsab->pnab", values, slices)
 
-    def _left_vectors(self, cores, bases, stop: int, N: int) -> torch.Tensor:
-        """Product of sites ``0..stop-1``: ``[P, N, J', r_stop]`` (``J' = J`` past the out core)."""
-        P = self.num_tts
-        state = torch.ones(P, N, 1, 1, dtype=cores[0].dtype, device=cores[0].device)
+    def _left_step(self, state, core, basis) -> torch.Tensor:
+        """``state [P, N, J', r]`` times site ``core``: ``[P, N, J'', r']``."""
+        if basis is None:
+            return torch.einsum("pnxa,pajb->pnjb", state, core)
+        return torch.einsum("pnja,pnab->pnjb", state, self._slice_matrix(core, basis))
+
+    def _right_step(self, state, core, basis) -> torch.Tensor:
+        """Site ``core`` times ``state [P, N, J', r']``: ``[P, N, J'', r]``."""
+        if basis is None:
+            return torch.einsum("pajb,pnxb->pnja", core, state)
+        return torch.einsum("pnab,pnjb->pnja", self._slice_matrix(core, basis), state)
+
+    def left_chain(self, cores, bases, stop: int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Product of sites ``0..stop-1``, normalised per sample: ``([P, N, J', r], log [P, N])``.
+
+        The product is ``state * exp(log)`` (``J' = J`` past the out core, else 1).
+        """
+        state = torch.ones(self.num_tts, N, 1, 1, dtype=cores[0].dtype, device=cores[0].device)
+        log = torch.zeros(self.num_tts, N, dtype=torch.float64, device=cores[0].device)
         for k in range(stop):
-            if bases[k] is None:
-                state = torch.einsum("pnxa,pajb->pnjb", state, cores[k])
-            else:
-                state = torch.einsum(
-                    "pnja,pnab->pnjb", state, self._slice_matrix(cores[k], bases[k])
-                )
-        return state
+            state, log = renormalise(self._left_step(state, cores[k], bases[k]), log)
+        return state, log
+
+    def right_chain(self, cores, bases, start: int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Product of sites ``start..K-1`` as ``([P, N, J', r_start], log [P, N])``."""
+        state = torch.ones(self.num_tts, N, 1, 1, dtype=cores[0].dtype, device=cores[0].device)
+        log = torch.zeros(self.num_tts, N, dtype=torch.float64, device=cores[0].device)
+        for k in range(self.num_cores - 1, start - 1, -1):
+            state, log = renormalise(self._right_step(state, cores[k], bases[k]), log)
+        return state, log
+
+    def _left_vectors(self, cores, bases, stop: int, N: int) -> torch.Tensor:
+        """Product of sites ``0..stop-1``: ``[P, N, J', r_stop]`` (scale folded in)."""
+        state, log = self.left_chain(cores, bases, stop, N)
+        return state * log.exp().to(state.dtype)[..., None, None]
 
     def _right_vectors(self, cores, bases, start: int, N: int) -> torch.Tensor:
-        """Product of sites ``start..K-1`` as ``[P, N, J', r_start]``."""
-        P = self.num_tts
-        state = torch.ones(P, N, 1, 1, dtype=cores[0].dtype, device=cores[0].device)
-        for k in range(self.num_cores - 1, start - 1, -1):
-            if bases[k] is None:
-                state = torch.einsum("pajb,pnxb->pnja", cores[k], state)
-            else:
-                state = torch.einsum(
-                    "pnab,pnjb->pnja", self._slice_matrix(cores[k], bases[k]), state
-                )
-        return state
+        """Product of sites ``start..K-1`` as ``[P, N, J', r_start]`` (scale folded in)."""
+        state, log = self.right_chain(cores, bases, start, N)
+        return state * log.exp().to(state.dtype)[..., None, None]
 
     def interfaces(
-        self, k: int, x_t: torch.Tensor, t: torch.Tensor, cores: list[torch.Tensor] | None = None
+        self,
+        k: int,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        cores: list[torch.Tensor] | None = None,
+        normalised: bool = False,
     ) -> CoreInterfaces:
         """Left and right interface matrices of core ``k`` for a batch (formula: module docstring).
 
@@ -303,34 +347,51 @@ class FunctionalTT(nn.Module):
             x_t: ``[N, *data_shape]`` noisy inputs.
             t: ``[N]`` int64 time steps.
             cores: cores to contract instead of the model's own (all but core ``k`` are used).
+            normalised: keep the per-sample scale apart in ``log_scale`` (long trains: the folded
+                interfaces of thousands of cores under- or overflow).
         """
         cores = list(self.cores) if cores is None else cores
         N, J = x_t.shape[0], self.num_outputs
         bases = self.site_basis(x_t, t, cores[0].dtype)
-        left = self._left_vectors(cores, bases, k, N)
-        right = self._right_vectors(cores, bases, k + 1, N)
+        left, left_log = self.left_chain(cores, bases, k, N)
+        right, right_log = self.right_chain(cores, bases, k + 1, N)
         if bases[k] is None:
             values = torch.ones(N, J, 1, dtype=left.dtype, device=left.device)
             index = torch.arange(J, device=left.device)[None, :, None].expand(N, J, 1)
         else:
             values, index = bases[k][0][:, None, :], bases[k][1][:, None, :]
         shape = (self.num_tts, N, J)
-        return CoreInterfaces(left.expand(*shape, -1), values, index, right.expand(*shape, -1))
+        if normalised:
+            log_scale = left_log + right_log
+        else:
+            left = left * left_log.exp().to(left.dtype)[..., None, None]
+            right = right * right_log.exp().to(right.dtype)[..., None, None]
+            log_scale = None
+        return CoreInterfaces(
+            left.expand(*shape, -1), values, index, right.expand(*shape, -1), log_scale
+        )
 
     def evaluate(
         self, x_t: torch.Tensor, t: torch.Tensor, cores: list[torch.Tensor] | None = None
     ) -> torch.Tensor:
-        """``y[p, n, j]`` for the given cores (the model's own by default)."""
+        """``y[p, n, j]`` for the given cores (the model's own by default).
+
+        Partial products are normalised per sample with the scale carried as a log, so a train of
+        thousands of cores stays finite in float32.
+        """
         cores = list(self.cores) if cores is None else cores
         N = x_t.shape[0]
         bases = self.site_basis(x_t, t, cores[0].dtype)
         # meet at the output core (or at the end): both chains then stay J-free until the last step
         split = next((k for k, b in enumerate(bases) if b is None), self.num_cores)
-        left = self._left_vectors(cores, bases, split, N)  # [P, N, 1, r]
+        left, log = self.left_chain(cores, bases, split, N)  # [P, N, 1, r]
         if split == self.num_cores:
-            return left[..., 0]
-        right = self._right_vectors(cores, bases, split + 1, N)  # [P, N, 1, r']
-        return torch.einsum("pnxa,pajb,pnxb->pnj", left, cores[split], right)
+            y = left[..., 0]
+        else:
+            right, right_log = self.right_chain(cores, bases, split + 1, N)  # [P, N, 1, r']
+            y = torch.einsum("pnxa,pajb,pnxb->pnj", left, cores[split], right)
+            log = log + right_log
+        return y * log.exp().to(y.dtype)[..., None]
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``ε_θ(x_t, t)``: ``[N, *data_shape]`` from ``x_t [N, *data_shape]`` and ``t [N]``."""

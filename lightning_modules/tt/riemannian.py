@@ -12,6 +12,14 @@ the gradient in core ``k`` at the mixed canonical form: :func:`~.algebra.core_gr
 interfaces built from ``U`` on the left and ``V`` on the right. The components are mutually
 orthogonal, so ``||grad||² = Σ_k ||δ_k||²``. A step ``X - α ξ`` is a TT of rank ``2r`` (block
 cores) and TT-SVD rounding retracts it back to rank ``r``. Computations run in float64.
+
+Long trains: ``U`` and ``V`` are kept in the scaled-orthogonal gauge of :mod:`.sweep`
+(``U_k = c_k Û_k``, ``Û_k`` orthonormal), so their interfaces stay in range. With
+``s_k = Π_{j<k} c^U_j Π_{j>k} c^V_j`` the gradient computed from them is ``E_k = s_k Ê_k``, and the
+component stored for :func:`tangent_to_cores` (which multiplies it by ``s_k`` again) is
+``P^⊥(E_k) / s_k²``; ``||grad||² = Σ_k ||P^⊥(E_k)||² / s_k²``. The interfaces are cached
+(:mod:`.environments`): one gradient costs ``O(K)`` core updates, not ``O(K²)``. Short trains
+never need a scalar (``s_k = 1``): the formulas above are then the plain ones.
 """
 
 from __future__ import annotations
@@ -21,8 +29,10 @@ import math
 import torch
 
 from lightning_modules.errors import UserError
-from lightning_modules.tt.algebra import Cores, core_gradient, full_tensor, orthogonalize, round_tt
+from lightning_modules.tt.algebra import Cores, full_tensor, round_tt
+from lightning_modules.tt.environments import site_rhs
 from lightning_modules.tt.ftt import FunctionalTT
+from lightning_modules.tt.sweep import Sweep
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -152,24 +162,49 @@ class RiemannianGD:
         return float(sse / count)
 
     def riemannian_gradient(self, cores, x_t, t, target, reduce_sum=_identity):
-        """``(U, V, δ, f)``: orthogonal forms, tangent components of the gradient, and the loss."""
+        """``(U, V, δ, f)``: orthogonal forms, tangent components of the gradient, and the loss.
+
+        ``U`` and ``V`` are in the scaled-orthogonal gauge (module docstring); ``Σ_k ||δ̂_k||²``
+        in the orthonormal gauge is left in ``self._grad_sq`` (the stored ``δ_k`` may underflow
+        on long trains while that sum does not). Interfaces come from cached environments over
+        the whole batch: memory ``8 · N · (K + 1) · P · r`` bytes for ``N`` samples.
+        """
         net = self.net
         K = len(cores)
-        left = orthogonalize(cores, center=K - 1)
-        right = orthogonalize(cores, center=0)
-        y = net.evaluate(x_t, t, cores=left)
+        y = net.evaluate(x_t, t, cores=cores)
         count = reduce_sum(
             torch.tensor(float(target.numel()), dtype=torch.float64, device=y.device)
         )
         residual = y - target
         loss = float(reduce_sum((residual**2).sum()) / count)
         weights = 2 * residual / count  # dLoss/dy
-        gradients = []
+        data = [(x_t, t, weights)]
+        right = Sweep(net, cores, data, gram=False, reduce_sum=reduce_sum)
+        right.centre_at_start()  # V: right-orthogonal (scaled), every right environment
+        left = Sweep(net, cores, data, gram=False, reduce_sum=reduce_sum)  # U, built below
+        deltas, grad_sq = [], torch.zeros((), dtype=torch.float64, device=y.device)
+        log_v = torch.stack(right.log_gauge)  # [K, P] log c_k of V's cores
         for k in range(K):
-            mixed = left[:k] + [cores[k]] + right[k + 1 :]
-            iface = net.interfaces(k, x_t, t, cores=mixed)
-            gradients.append(reduce_sum(core_gradient(iface, weights, net.mode_sizes[k])))
-        return left, right, project_gradients(left, gradients), loss
+            if k < K - 1:
+                left.move_right(k)  # U_k left-orthogonal (scaled); its left env at k+1
+            log_u = torch.stack(left.log_gauge)
+            shape = left.cores[k].shape
+            grad = reduce_sum(
+                site_rhs(left.left[k][0], right.right[k + 1][0], left.chunks[0], k, shape)
+            )
+            log_s = log_u[:k].sum(0) + log_v[k + 1 :].sum(0)  # [P]
+            if k < K - 1:
+                P, r0, n, r1 = shape
+                u = (left.cores[k] * (-log_u[k]).exp()[:, None, None, None]).reshape(P, r0 * n, r1)
+                e = grad.reshape(P, r0 * n, r1)
+                grad = (e - u @ (u.transpose(1, 2) @ e)).reshape(shape)
+            # ||δ̂_k||² = ||P^⊥ E_k||² / s_k²; the stored component is P^⊥ E_k / s_k²
+            grad_sq = grad_sq + ((grad**2).flatten(1).sum(1) * (-2 * log_s).exp()).sum()
+            deltas.append(grad * (-2 * log_s).exp()[:, None, None, None])
+            left.drop_left(k)
+            right.drop_right(k + 1)
+        self._grad_sq = float(grad_sq)
+        return left.cores, right.cores, deltas, loss
 
     def step(
         self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, reduce_sum=_identity
@@ -185,7 +220,7 @@ class RiemannianGD:
         x_t = x_t.to(torch.float64)
         target = net.from_data_layout(eps.to(torch.float64))
         left, right, deltas, loss = self.riemannian_gradient(cores, x_t, t, target, reduce_sum)
-        grad_sq = float(sum((d**2).sum() for d in deltas))
+        grad_sq = self._grad_sq  # Σ_k ||δ_k||² in the orthonormal gauge
         stats = {"loss": loss, "grad_norm": grad_sq**0.5, "backtracks": 0.0, "step_size": 0.0}
         if grad_sq == 0.0:
             stats["loss_after"] = loss

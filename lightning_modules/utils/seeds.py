@@ -12,6 +12,8 @@ an architecture
 distillation pair draw          ``derive_seed(seed, "pairs", rank, iteration)``
 distillation unroll (DSA, ...)  ``derive_seed(seed, "unroll", rank, iteration)``
 initial synthetic images        ``derive_seed(seed, "init")``
+DDPM training noise / batches   ``derive_seed(seed, "ddpm_noise" | "ddpm_batches", rank)``
+DDPM sample draw ``j``          ``derive_seed(seed, "ddpm_sample", j)``
 ==============================  =========================================================
 
 Strings are hashed with CRC-32, then NumPy's ``SeedSequence`` mixes all keys into a 63-bit
