@@ -38,17 +38,26 @@ class VectorDataModule(L.LightningDataModule):
         """Shape of one sample, ``(D,)`` (what the DDPM eps-networks are built for)."""
         return (self.dim,)
 
-    def _standardise(self, train: np.ndarray, reference: np.ndarray) -> None:
+    def _standardise(
+        self, train: np.ndarray, reference: np.ndarray, per_coordinate: bool = False
+    ) -> None:
+        """Centre on the training mean and divide by one scalar std (the shape of the data is
+        kept) or, with ``per_coordinate``, by each coordinate's training std (a constant
+        coordinate keeps scale 1)."""
         train_t = torch.as_tensor(train, dtype=torch.float32)
         self.shift = train_t.mean(0)
-        self.scale = float((train_t - self.shift).std()) or 1.0
+        if per_coordinate:
+            std = train_t.std(0)
+            self.scale = torch.where(std > 0, std, torch.ones_like(std))
+        else:
+            self.scale = float((train_t - self.shift).std()) or 1.0
         self.train_x = (train_t - self.shift) / self.scale
         self.reference_x = (
             torch.as_tensor(reference, dtype=torch.float32) - self.shift
         ) / self.scale
 
     def to_data_space(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale + self.shift.to(x)
+        return x * torch.as_tensor(self.scale).to(x) + self.shift.to(x)
 
     def train_dataloader(self):
         return batch_loader(self.train_x, batch_size=self.batch_size, shuffle=True, seed=self.seed)

@@ -171,7 +171,8 @@ def test_cifar_unet_in_process_writes_grid_and_fid_with_local_features(
     assert (out / "reverse_process.png").exists() and (out / "loss_curve.png").exists()
     samples = torch.load(out / "samples.pt")
     assert samples.shape == (6, 3, 32, 32) and samples.dtype == torch.uint8
-    assert summary["fid"] >= 0 and summary["fid_samples"] == 6 and summary["steps"] == 3
+    assert summary["convnet_fid"] >= 0 and summary["fid_samples"] == 6 and summary["steps"] == 3
+    assert summary["convnet_fid_real"] >= 0 and "within the project" in summary["fid_note"]
 
 
 # -- through train.py ----------------------------------------------------------------------------
@@ -201,8 +202,8 @@ def test_train_py_cifar_unet_says_when_no_feature_extractor(tiny_data, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = _run_dir(tmp_path / "outputs")
     assert (run_dir / "samples_grid.png").exists()
-    assert json.loads((run_dir / "summary.json").read_text())["fid"] is None
-    assert "FID/KID: not computed: no feature extractor configured" in out.stdout + out.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["convnet_fid"] is None
+    assert "ConvNet-FID/KID: not computed: no feature extractor" in out.stdout + out.stderr
 
 
 def _one_line_error(out, *needles):

@@ -261,35 +261,6 @@ def test_vector_sample_metrics_floor_below_a_bad_model():
     assert any("floor" in line for line in metrics.metrics_lines(m_good))
 
 
-def test_fid_and_kid_on_features():
-    g = torch.Generator().manual_seed(0)
-    f = torch.randn(400, 8, generator=g, dtype=torch.float64)
-    assert metrics.frechet_distance(f, f) == pytest.approx(0.0, abs=1e-6)
-    shift = torch.zeros(8, dtype=torch.float64)
-    shift[0] = 3.0
-    assert metrics.frechet_distance(f, f + shift) == pytest.approx(9.0, rel=1e-6)
-    other = torch.randn(400, 8, generator=g, dtype=torch.float64)
-    assert abs(metrics.kernel_inception_distance(f, other, subsets=3, subset_size=200)) < 0.05
-    assert metrics.kernel_inception_distance(f, f + shift, subsets=3, subset_size=200) > 0.5
-
-
-def test_feature_extractor_files(tmp_path):
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
-    )
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    program = torch.export.export(net, (torch.rand(2, 3, 8, 8),), dynamic_shapes=({0: batch},))
-    torch.export.save(program, tmp_path / "features.pt2")
-    loaded = metrics.load_feature_extractor(tmp_path / "features.pt2")
-    feats = metrics.extract_features(loaded, torch.rand(5, 3, 8, 8), batch_size=2)
-    assert feats.shape == (5, 4)
-    with pytest.raises(UserError, match="does not exist"):
-        metrics.load_feature_extractor(tmp_path / "missing.pt2")
-    (tmp_path / "junk.pt").write_bytes(b"not a model")
-    with pytest.raises(UserError, match="could not be loaded"):
-        metrics.load_feature_extractor(tmp_path / "junk.pt")
-
-
 # -- pictures ----------------------------------------------------------------------------------
 def test_pictures_are_written(tmp_path):
     from lightning_modules.diffusion.schedules import Snapshot

@@ -52,6 +52,8 @@ POSITIVE_COUNTS = (
     "ddpm.num_samples",
     "ddpm.sample_steps",
     "ddpm.sample_batch",
+    "ddpm.kid_subsets",
+    "ddpm.kid_subset_size",
     "reproduce.experts",
     "reproduce.expert_epochs",
     "reproduce.iterations",

@@ -3,6 +3,10 @@
 ``resume=true`` restarts from ``checkpoints/last.ckpt`` (written after every epoch) with the
 weights, optimiser, schedule and the loader's shuffle generator, so the resumed run ends at the
 uninterrupted run's weights; a CSV logger keeps the rows written before the kill.
+
+The trained net's penultimate layer (``net.embed`` behind the input map) is written as
+``feature_extractor.pt2`` (format: ``lightning_modules/nets/feature_export.py``), the feature
+network of ``task=ddpm``'s ConvNet-FID/KID.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from omegaconf import DictConfig
 
 from lightning_modules.classifier import ClassifierModule
 from lightning_modules.errors import UserError
+from lightning_modules.nets.feature_export import export_feature_extractor
 from lightning_modules.tasks.common import (
     ShuffleState,
     build_datamodule,
@@ -85,7 +90,15 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         ckpt_path=ckpt_path,
     )
     result = trainer.test(module, datamodule=dm, verbose=False)[0]
+    extra = {}
+    if trainer.is_global_zero and hasattr(module.net, "embed"):
+        # the penultimate layer as a file: task=ddpm's ConvNet-FID/KID (ddpm.feature_extractor)
+        path = export_feature_extractor(
+            module.net, dm.transform.state_dict(), out_dir / "feature_extractor.pt2", dm.data_shape
+        )
+        extra["feature_extractor"] = str(path)
     return {
+        **extra,
         "test_acc": result["test/acc"],
         "test_loss": result["test/loss"],
         "epochs": t.epochs,

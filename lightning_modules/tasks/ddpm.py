@@ -5,8 +5,9 @@ samples are scored against the held-out reference sample by sliced Wasserstein a
 beside its floor (the same metric between a seeded subset of the training sample and the
 reference). Images (``dataset=cifar10|cifar100``): the datamodule's mean/std (or ZCA) input is
 mapped back to [0, 1] with its ``transform.inverse`` and then to [-1, 1], the range Ho et al.
-train in; samples are clipped to [-1, 1] and drawn as grids; FID/KID only with a local feature
-network (``ddpm.feature_extractor``).
+train in; samples are clipped to [-1, 1] and drawn as grids; ConvNet-FID/KID only with a local
+feature network (``ddpm.feature_extractor``). Vector data with a ``decode_images`` map
+(``dataset=cifar10_pca``) is scored as vectors and, decoded, as images, and drawn as both.
 
 Files in the run directory: ``samples.npy`` (vectors, data coordinates) or ``samples.pt``
 (images, uint8 [N, C, H, W]), ``samples_scatter.png`` / ``samples_grid.png``,
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from datamodules.tensor_data import batch_loader
 from lightning_modules.ddpm import DDPMModule
-from lightning_modules.diffusion import metrics, plots
+from lightning_modules.diffusion import image_metrics, metrics, plots
 from lightning_modules.diffusion.schedules import NoiseSchedule, Snapshot
 from lightning_modules.diffusion.steppers import make_stepper
 from lightning_modules.errors import UserError
@@ -58,6 +59,11 @@ class DiffusionData:
     to_view: object = None  # model space -> data coordinates (vectors) or [0, 1] (images)
     test_images01: Tensor | None = None  # images: real test images in [0, 1] for FID/KID
     structure: object = None  # vectors: data coordinates -> {"mode_share", ...} (or None)
+    decode: object = None  # latent vectors (cifar10_pca): model space -> images in [0, 1]
+
+    def images01(self, x: Tensor) -> Tensor | None:
+        """Model space → images in [0, 1] (images, or decoded latents), else None."""
+        return self.to_view(x) if self.images else self.decode(x) if self.decode else None
 
     @property
     def data_shape(self) -> tuple[int, ...]:
@@ -88,6 +94,8 @@ def load_data(cfg: DictConfig) -> DiffusionData:
         reference=dm.reference_x,
         to_view=dm.to_data_space,
         structure=getattr(dm, "structure_metric", None),
+        decode=getattr(dm, "decode_images", None),
+        test_images01=getattr(dm, "test_images01", None),
     )
 
 
@@ -181,6 +189,7 @@ class Sampler:
         """Image metrics of the first draw, or the vector metrics of all draws (module doc)."""
         if self.data.images:
             return self.image_metrics(draws[0])
+        decoded = self.image_metrics(draws[0]) if self.data.decode else {}
         result = metrics.vector_sample_metrics(
             draws,
             self.data.reference,
@@ -191,7 +200,7 @@ class Sampler:
             sinkhorn_samples=int(self.d.sinkhorn_samples),
             seed=self.seed,
         )
-        return {**result, **self.structure(draws)}
+        return {**result, **self.structure(draws), **decoded}
 
     def structure(self, draws: list[Tensor]) -> dict:
         """``mode_share`` (median over draws) beside the reference sample's own value."""
@@ -216,31 +225,32 @@ class Sampler:
         return out
 
     def image_metrics(self, samples: Tensor) -> dict:
-        path = self.d.get("feature_extractor")
-        if not path:
-            log.info(
-                "FID/KID: not computed: no feature extractor configured "
-                "(ddpm.feature_extractor=<.pt2 or TorchScript file>)"
-            )
-            return {"fid": None, "kid": None, "fid_note": "no feature extractor configured"}
-        if self.data.test_images01 is None:
-            return {"fid": None, "kid": None, "fid_note": "no test images to compare with"}
-        out = metrics.image_sample_metrics(
-            self.data.to_view(samples), self.data.test_images01, path, seed=self.seed
+        """ConvNet-FID/KID against the test images, beside the same of n training images."""
+        d, n = self.d, len(samples)
+        out = image_metrics.convnet_scores(
+            self.data.images01(samples),
+            self.data.test_images01,
+            d.get("feature_extractor"),
+            floor01=self.data.images01(self.data.train[:n]),
+            kid_subsets=int(d.kid_subsets),
+            kid_subset_size=int(d.kid_subset_size),
+            seed=self.seed,
         )
-        log.info(
-            "FID %.3f  KID %.5f  (%d vs %d test images)",
-            out["fid"],
-            out["kid"],
-            *[out["fid_samples"]] * 2,
-        )
+        log.info(image_metrics.scores_line(out))
         return out
 
     def pictures(self, samples: Tensor, snaps, tag: str = "") -> list[Path]:
         reference = None if self.data.images else self.data.reference
-        return plots.sample_pictures(
+        paths = plots.sample_pictures(
             samples, snaps, self.out_dir, view=self.data.to_view, reference=reference, tag=tag
         )
+        if self.data.decode is not None:  # latents: the decoded samples (and test images) too
+            grid = self.data.decode(samples[:64])
+            paths.append(plots.image_grid(grid, self.out_dir / f"samples_grid{tag}.png"))
+            if not tag:
+                real = self.data.decode(self.data.reference[:64])
+                paths.append(plots.image_grid(real, self.out_dir / "reference_decoded.png"))
+        return paths
 
     def on_epoch_end(self, module: DDPMModule, epoch: int) -> None:
         """Every ``ddpm.sample_every`` epochs: a smaller sample, its metrics and picture."""
@@ -306,6 +316,10 @@ def build(cfg: DictConfig, out_dir: Path) -> Run:
         d.schedule, int(d.timesteps), float(d.beta_start), float(d.beta_end)
     )
     eps_net = build_eps_net(cfg, data, schedule.timesteps)
+    if d.get("feature_extractor"):  # a bad file stops the run before training, not after
+        if data.test_images01 is None:
+            raise UserError("ddpm.feature_extractor scores images: dataset=cifar10|cifar100|*_pca")
+        image_metrics.feature_network(d.feature_extractor, tuple(data.test_images01.shape[1:]))
     if d.optimizer in TT_OPTIMIZERS and len(data.train) < 2:
         raise UserError(f"ddpm.optimizer={d.optimizer} needs a training set")
     if int(d.batch_size) > len(data.train):
@@ -488,7 +502,7 @@ def summarise(r: Run, result: dict, num_samples: int) -> dict:
         "basis": r.cfg.eps_net.get("basis"),
         "optimizer": d.optimizer,
         "dataset": _dataset_name(r.cfg),
-        "objective": result.get("sw", result.get("fid")),
+        "objective": result.get("sw", result.get("convnet_fid")),
     }
 
 

@@ -14,6 +14,9 @@ distillation unroll (DSA, ...)  ``derive_seed(seed, "unroll", rank, iteration)``
 initial synthetic images        ``derive_seed(seed, "init")``
 DDPM training noise / batches   ``derive_seed(seed, "ddpm_noise" | "ddpm_batches", rank)``
 DDPM sample draw ``j``          ``derive_seed(seed, "ddpm_sample", j)``
+tabular reference rows         ``derive_seed(seed, "tabular_reference", name)``
+PCA reference test images      ``derive_seed(seed, "pca_reference", name)``
+ConvNet-KID subsets            ``derive_seed(seed, "kid")``
 ==============================  =========================================================
 
 Strings are hashed with CRC-32, then NumPy's ``SeedSequence`` mixes all keys into a 63-bit
