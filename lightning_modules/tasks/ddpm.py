@@ -90,12 +90,25 @@ def load_data(cfg: DictConfig) -> DiffusionData:
     )
 
 
-def build_eps_net(cfg: DictConfig, data: DiffusionData, timesteps: int):
-    """The configured noise model for this data shape (UserError on a mismatch)."""
+def build_eps_net(cfg: DictConfig, data: DiffusionData, schedule: NoiseSchedule):
+    """The configured noise model for this data shape (UserError on a mismatch).
+
+    A noise model with a ``skip`` key (the FTT) also gets the schedule's ᾱ and the data's
+    per-coordinate mean and variance, which its Gaussian skip predictor needs.
+    """
     lo = data.train.amin(dim=0)
     hi = data.train.amax(dim=0)
+    extra = {}
+    if "skip" in cfg.eps_net:
+        flat = data.train.reshape(len(data.train), -1).double()
+        var = flat.var(dim=0) if len(flat) > 1 else torch.zeros(flat.shape[1], dtype=flat.dtype)
+        extra = {"alpha_bar": schedule.alpha_bar, "data_moments": (flat.mean(dim=0), var)}
     return instantiate_checked(
-        cfg.eps_net, data_shape=data.data_shape, timesteps=timesteps, data_bounds=(lo, hi)
+        cfg.eps_net,
+        data_shape=data.data_shape,
+        timesteps=schedule.timesteps,
+        data_bounds=(lo, hi),
+        **extra,
     )
 
 
@@ -301,7 +314,7 @@ def build(cfg: DictConfig, out_dir: Path) -> Run:
     schedule = NoiseSchedule.from_config(
         d.schedule, int(d.timesteps), float(d.beta_start), float(d.beta_end)
     )
-    eps_net = build_eps_net(cfg, data, schedule.timesteps)
+    eps_net = build_eps_net(cfg, data, schedule)
     if d.optimizer in TT_OPTIMIZERS and len(data.train) < 2:
         raise UserError(f"ddpm.optimizer={d.optimizer} needs a training set")
     if int(d.batch_size) > len(data.train):

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lightning_modules.diffusion.skip import GaussianSkip
 from lightning_modules.errors import UserError
 from lightning_modules.tt.bases import make_basis
 from lightning_modules.tt.bspline import BSplineBasis
@@ -127,6 +128,10 @@ class FunctionalTT(nn.Module):
         time_basis: int | None = None,
         seed: int = 0,
         basis: str = "bspline",
+        skip: str = "none",
+        data_moments: tuple[torch.Tensor, torch.Tensor] | None = None,
+        alpha_bar: torch.Tensor | None = None,
+        core_lr_scale: float = 1.0,
         name: str = "ftt",
     ):
         super().__init__()
@@ -188,6 +193,41 @@ class FunctionalTT(nn.Module):
         ]
 
         self.cores = nn.ParameterList(nn.Parameter(core) for core in cores)
+        self._init_skip(skip, data_moments, alpha_bar)
+        self._set_core_lr_scale(core_lr_scale)
+
+    # ------------------------------------------------------------------ skip and lr scaling
+    def _init_skip(self, skip: str, data_moments, alpha_bar) -> None:
+        """``skip=gaussian``: ε̂ = skip + c_out · gain · TT (:mod:`..diffusion.skip`), gain 0 at
+        init so training starts from the Gaussian predictor; ``auto``: gaussian with an output
+        core (images), none otherwise."""
+        if skip not in ("auto", "none", "gaussian"):
+            raise UserError(f"eps_net.skip={skip!r}: use auto, none or gaussian")
+        if skip == "auto":
+            skip = "gaussian" if self.output_mode == "core" else "none"
+        self.skip_mode = skip
+        self.skip: GaussianSkip | None = None
+        if skip == "none":
+            return
+        if alpha_bar is None:
+            raise UserError("eps_net.skip=gaussian needs the schedule's alpha_bar")
+        if data_moments is None:  # standardised data
+            data_moments = (torch.zeros(self.dim), torch.ones(self.dim))
+        mean, var = (torch.as_tensor(m, dtype=torch.float64).reshape(-1) for m in data_moments)
+        if mean.numel() != self.dim or var.numel() != self.dim:
+            raise UserError(f"data_moments have {mean.numel()} entries; the data has {self.dim}")
+        if len(alpha_bar) != self.timesteps:
+            raise UserError(f"alpha_bar has {len(alpha_bar)} steps; timesteps={self.timesteps}")
+        self.skip = GaussianSkip(mean, var, alpha_bar)
+        self.out_gain = nn.Parameter(torch.zeros(()))
+
+    def _set_core_lr_scale(self, scale: float) -> None:
+        """Gradient optimisers step the cores with ``lr × scale`` (read from ``p.lr_scale``)."""
+        if not scale > 0:
+            raise UserError(f"eps_net.core_lr_scale={scale}: must be > 0")
+        self.core_lr_scale = float(scale)
+        for core in self.cores:
+            core.lr_scale = self.core_lr_scale
 
     # ----------------------------------------------------------------------------------- layout
     def _mode_size(self, kind: str) -> int:
@@ -334,8 +374,11 @@ class FunctionalTT(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``ε_θ(x_t, t)``: ``[N, *data_shape]`` from ``x_t [N, *data_shape]`` and ``t [N]``."""
-        y = self.evaluate(x_t, t)
-        return y.permute(1, 0, 2).reshape(x_t.shape).to(x_t.dtype)
+        y = self.evaluate(x_t, t).permute(1, 0, 2).reshape(x_t.shape[0], -1).to(x_t.dtype)
+        if self.skip is not None:
+            skip, c_out = self.skip(x_t.reshape(x_t.shape[0], -1), t)
+            y = skip + c_out * self.out_gain * y
+        return y.reshape(x_t.shape)
 
     def to_data_layout(self, y: torch.Tensor) -> torch.Tensor:
         """``y[p, n, j]`` → ``[N, P * J]``."""
