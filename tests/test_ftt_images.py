@@ -54,7 +54,7 @@ def test_output_core_ftt_learns_tiny_images_and_beats_its_skip():
     x, schedule = _tiny_images(), NoiseSchedule.from_config("linear", 1000)
     net = _ftt(x, schedule, rank=4, num_basis=8)
     skip_only = _eval_loss(net, x, schedule)  # the gain starts at 0: the skip alone
-    stepper = make_stepper("adam", net, lr=2e-3, weight_decay=0.0, grad_clip=1.0)
+    stepper = make_stepper("adam", net, lr=1e-2, weight_decay=0.0, grad_clip=1.0)
     g = torch.Generator().manual_seed(1)
     for _ in range(200):
         stepper.step(lambda: schedule.training_triple(x, g), lambda v: v)
@@ -118,5 +118,10 @@ def test_core_lr_scale_sets_the_cores_learning_rate():
     stepper = make_stepper("adam", net, lr=0.5, weight_decay=0.0, grad_clip=None)
     lrs = {len(group["params"]): group["lr"] for group in stepper.optimizer.param_groups}
     assert lrs == {net.num_cores: pytest.approx(0.005), 1: 0.5}
-    with pytest.raises(UserError, match="core_lr_scale"):
-        _ftt(x, schedule, rank=2, num_basis=6, core_lr_scale=0.0)
+    auto = _ftt(x, schedule, rank=2, num_basis=6, core_lr_scale="auto")
+    assert auto.core_lr_scale == pytest.approx(auto.num_cores**-0.5)
+    vec = FunctionalTT(data_shape=(2,), timesteps=100, core_lr_scale="auto")
+    assert vec.core_lr_scale == 1.0
+    for bad in (0.0, "fast"):
+        with pytest.raises(UserError, match="core_lr_scale"):
+            _ftt(x, schedule, rank=2, num_basis=6, core_lr_scale=bad)

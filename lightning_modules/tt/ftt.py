@@ -109,6 +109,14 @@ class FunctionalTT(nn.Module):
         basis: ``bspline`` (degree ``q``, local), ``legendre`` or ``fourier`` (orthonormal on the
             support, all ``num_basis`` functions active; :mod:`.bases`) for the coordinate cores;
             the time core keeps B-splines (a Fourier basis would make t = 0 and t = T meet).
+        skip: ``none``; ``gaussian``: ``ε̂ = skip + c_out · gain · TT`` with the per-coordinate
+            Gaussian predictor of :mod:`lightning_modules.diffusion.skip` and a scalar ``gain``
+            (``out_gain``) that starts at 0; ``auto``: gaussian with ``output="core"``.
+        data_moments: ``(mean, var)`` per coordinate of the training data for the skip
+            (``None``: 0 and 1, standardised data).
+        alpha_bar: ``[timesteps]`` the schedule's ᾱ_t (needed by the skip).
+        core_lr_scale: gradient optimisers step the cores with ``lr × core_lr_scale``; ``auto``:
+            ``1 / sqrt(num_cores)`` with an output core, else 1 (:meth:`_set_core_lr_scale`).
         name: the config's name (ignored).
     """
 
@@ -131,7 +139,7 @@ class FunctionalTT(nn.Module):
         skip: str = "none",
         data_moments: tuple[torch.Tensor, torch.Tensor] | None = None,
         alpha_bar: torch.Tensor | None = None,
-        core_lr_scale: float = 1.0,
+        core_lr_scale: float | str = 1.0,
         name: str = "ftt",
     ):
         super().__init__()
@@ -221,13 +229,25 @@ class FunctionalTT(nn.Module):
         self.skip = GaussianSkip(mean, var, alpha_bar)
         self.out_gain = nn.Parameter(torch.zeros(()))
 
-    def _set_core_lr_scale(self, scale: float) -> None:
-        """Gradient optimisers step the cores with ``lr × scale`` (read from ``p.lr_scale``)."""
+    def _set_core_lr_scale(self, scale: float | str) -> None:
+        """Gradient optimisers step the cores with ``lr × scale`` (read from ``p.lr_scale``).
+
+        ``auto``: ``1 / sqrt(num_cores)`` with an output core, else 1. Every core's gradient has
+        the same component along the core itself, so Adam moves all K cores by about lr in the
+        same direction and the output by about (1 ± lr)^K: at K = 3074 one step at lr 2e-3
+        rescales it by e^±6 (measured: the TT collapses and adds nothing to its skip).
+        """
+        if scale == "auto":
+            scale = 1 / math.sqrt(self.num_cores) if self.output_mode == "core" else 1.0
+        try:
+            scale = float(scale)
+        except (TypeError, ValueError):
+            scale = float("nan")
         if not scale > 0:
-            raise UserError(f"eps_net.core_lr_scale={scale}: must be > 0")
-        self.core_lr_scale = float(scale)
+            raise UserError(f"eps_net.core_lr_scale={scale}: use auto or a number > 0")
+        self.core_lr_scale = scale
         for core in self.cores:
-            core.lr_scale = self.core_lr_scale
+            core.lr_scale = scale
 
     # ----------------------------------------------------------------------------------- layout
     def _mode_size(self, kind: str) -> int:
