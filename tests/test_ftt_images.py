@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lightning_modules.diffusion.schedules import NoiseSchedule
-from lightning_modules.diffusion.skip import GaussianSkip
+from lightning_modules.diffusion.skip import GaussianSkip, fit_skip
 from lightning_modules.diffusion.steppers import make_stepper
 from lightning_modules.errors import UserError
 from lightning_modules.tt.ftt import FunctionalTT
@@ -29,13 +29,12 @@ def _ftt(x, schedule, **overrides):
     cfg = OmegaConf.to_container(OmegaConf.load(CONF))
     cfg.pop("_target_")
     cfg.update(time_basis=None, seed=0, output="core", **overrides)
-    flat = x.reshape(len(x), -1)
     return FunctionalTT(
         data_shape=tuple(x.shape[1:]),
         timesteps=schedule.timesteps,
         data_bounds=(x.amin(0), x.amax(0)),
         alpha_bar=schedule.alpha_bar,
-        data_moments=(flat.mean(0), flat.var(0)),
+        train_data=x,
         **cfg,
     )
 
@@ -49,10 +48,10 @@ def _eval_loss(net, x, schedule, seed=9, repeats=128):
 
 def test_output_core_ftt_learns_tiny_images_and_beats_its_skip():
     # before the skip: the loss stuck at ~0.98 (eps_hat ~ 0); a low-rank output core cannot copy
-    # x_t, the high-noise optimum
+    # x_t, the high-noise optimum. The diagonal skip leaves the TT the correlations to learn
     torch.manual_seed(0)
     x, schedule = _tiny_images(), NoiseSchedule.from_config("linear", 1000)
-    net = _ftt(x, schedule, rank=4, num_basis=8)
+    net = _ftt(x, schedule, rank=4, num_basis=8, skip="gaussian")
     skip_only = _eval_loss(net, x, schedule)  # the gain starts at 0: the skip alone
     stepper = make_stepper("adam", net, lr=1e-2, weight_decay=0.0, grad_clip=1.0)
     g = torch.Generator().manual_seed(1)
@@ -89,10 +88,33 @@ def test_gaussian_skip_is_the_best_predictor_for_gaussian_data():
     assert float((((eps - pred) / c_out.clamp(min=1e-3)) ** 2).mean()) == pytest.approx(1, rel=0.1)
 
 
+def test_pca_skip_with_all_components_is_the_exact_gaussian_predictor():
+    g = torch.Generator().manual_seed(0)
+    mix = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.3, 0.0], [0.2, -0.5, 0.05]])
+    x0 = (torch.randn(400, 3, generator=g) @ mix.T + torch.tensor([0.3, -0.1, 0.0])).double()
+    schedule = NoiseSchedule.from_config("linear", 1000)
+    x_t, t, _ = schedule.training_triple(x0.float(), g)
+    mu, cov = x0.mean(0), torch.cov(x0.T)
+    ab = schedule.alpha_bar[t][:, None, None]
+    inv = torch.linalg.inv(ab * cov + (1 - ab) * torch.eye(3))  # [N, 3, 3]
+    z = x_t.double() - ab[:, 0].sqrt() * mu
+    expected = (1 - ab[:, 0]).sqrt() * (inv @ z[..., None])[..., 0]
+    c_out = (1 - (1 - ab[:, 0]) * torch.diagonal(inv, dim1=1, dim2=2)).sqrt()
+    for k in (3, 2):  # k = 2: the third direction's variance becomes the isotropic floor
+        skip = fit_skip("pca", x0, schedule.alpha_bar, components=k)
+        pred, out = skip(x_t, t)
+        if k == 3:
+            torch.testing.assert_close(pred.double(), expected, atol=2e-3, rtol=1e-3)
+            torch.testing.assert_close(out.double(), c_out, atol=2e-3, rtol=1e-3)
+        assert skip.components.shape == (3, k) and float(skip.floor) >= 0
+    diag = fit_skip("gaussian", x0, schedule.alpha_bar, components=0)
+    torch.testing.assert_close(diag.var.double(), x0.var(0), atol=1e-5, rtol=1e-5)
+
+
 def test_skip_starts_as_the_skip_and_auto_follows_the_output():
     x, schedule = _tiny_images(), NoiseSchedule.from_config("linear", 100)
     net = _ftt(x, schedule, rank=2, num_basis=6)
-    assert net.skip_mode == "gaussian" and float(net.out_gain.detach()) == 0.0
+    assert net.skip_mode == "pca" and float(net.out_gain.detach()) == 0.0
     g = torch.Generator().manual_seed(0)
     x_t, t, _ = schedule.training_triple(x, g)
     expected, _ = net.skip(x_t.reshape(len(x), -1), t)
@@ -101,7 +123,7 @@ def test_skip_starts_as_the_skip_and_auto_follows_the_output():
     assert vec.skip_mode == "none" and vec.skip is None
     with pytest.raises(UserError, match="eps_net.skip"):
         FunctionalTT(data_shape=(2,), timesteps=100, skip="linear")
-    with pytest.raises(UserError, match="alpha_bar"):
+    with pytest.raises(UserError, match="train_data"):
         FunctionalTT(data_shape=(2,), timesteps=100, skip="gaussian")
 
 

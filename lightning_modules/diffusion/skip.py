@@ -1,15 +1,20 @@
-"""A fixed Gaussian "skip" predictor of ε that a learned noise model corrects (plain torch).
+"""Fixed Gaussian "skip" predictors of ε that a learned noise model corrects (plain torch).
 
-If every coordinate of x_0 were an independent Gaussian N(μ_j, v_j), then with
-``x_t = s x_0 + σ ε`` (``s² = ᾱ_t``, ``σ² = 1 - ᾱ_t``) the best prediction of ε is linear:
+If x_0 were Gaussian, N(μ, Σ), then with ``x_t = s x_0 + σ ε`` (``s² = ᾱ_t``, ``σ² = 1 - ᾱ_t``)
+the best prediction of ε would be linear,
 
-    E[ε_j | x_t] = σ (x_t,j - s μ_j) / (s² v_j + σ²),   its error variance  s² v_j / (s² v_j + σ²).
+    E[ε | x_t] = σ (s² Σ + σ² I)⁻¹ (x_t - s μ),   error covariance  I - σ² (s² Σ + σ² I)⁻¹.
 
-:class:`GaussianSkip` is that predictor (``c_skip``) and the square root of its error variance
-(``c_out``, EDM-style): a network ``F`` then learns the *normalised* residual,
-``ε̂ = skip(x_t, t) + c_out(t) · F(x_t, t)``, whose target has unit variance at every t under the
-Gaussian model. At high noise the skip alone is optimal (ε̂ ≈ x_t); at low noise it knows only
-the per-pixel mean and variance, and everything else is left to ``F``.
+A skip is that predictor for a Σ fitted to the training data (``c_skip``), together with the
+square root of the diagonal of its error covariance (``c_out``, EDM-style): a network ``F`` then
+learns the *normalised* residual, ``ε̂ = skip(x_t, t) + c_out · F(x_t, t)``, whose target has
+unit variance per coordinate under the Gaussian model.
+
+* :class:`GaussianSkip`: diagonal Σ (per-coordinate mean and variance); its samples are the
+  mean image plus independent pixel noise.
+* :class:`PCASkip`: Σ = V diag(λ) Vᵀ + δ I with the top ``k`` principal directions of the data
+  (δ: the variance left outside them, per coordinate); its samples are Gaussian images in the
+  span of those directions (blurry blends of training images, not pixel noise).
 """
 
 from __future__ import annotations
@@ -18,8 +23,13 @@ import torch
 from torch import Tensor, nn
 
 
+def _alpha_terms(alpha_bar: Tensor, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    ab = alpha_bar[t].to(like.dtype)[:, None]  # [N, 1]
+    return ab, 1 - ab
+
+
 class GaussianSkip(nn.Module):
-    """``skip(x_t, t)`` and ``c_out(t)`` of per-coordinate Gaussian data (module docstring).
+    """Diagonal-covariance skip (module docstring).
 
     Args:
         mean: ``[D]`` per-coordinate mean of the training data (model space).
@@ -37,21 +47,77 @@ class GaussianSkip(nn.Module):
         self.register_buffer("var", var.float())
         self.register_buffer("alpha_bar", torch.as_tensor(alpha_bar, dtype=torch.float64).float())
 
-    def _terms(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        ab = self.alpha_bar[t].to(like.dtype)[:, None]  # [N, 1]
-        s, sigma2 = ab.sqrt(), 1 - ab
-        denom = ab * self.var.to(like.dtype) + sigma2  # [N, D]
-        return s, sigma2, denom
-
     def forward(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """``(skip, c_out)``, both ``[N, D]``, for flattened ``x_t [N, D]`` and ``t [N]``."""
-        s, sigma2, denom = self._terms(t, x_t)
-        skip = sigma2.sqrt() * (x_t - s * self.mean.to(x_t.dtype)) / denom
+        ab, sigma2 = _alpha_terms(self.alpha_bar, t, x_t)
+        denom = ab * self.var.to(x_t.dtype) + sigma2  # [N, D]
+        skip = sigma2.sqrt() * (x_t - ab.sqrt() * self.mean.to(x_t.dtype)) / denom
         c_out = (1 - sigma2 / denom).clamp(min=0).sqrt()
         return skip, c_out
 
     def expected_loss(self) -> float:
-        """The skip's own loss E||ε - skip||² / D under the Gaussian model, t uniform."""
+        """The skip's own loss E||ε - skip||² / D under its Gaussian model, t uniform."""
         ab = self.alpha_bar.double()[:, None]
         mmse = ab * self.var.double() / (ab * self.var.double() + 1 - ab)
         return float(mmse.mean())
+
+
+class PCASkip(nn.Module):
+    """Skip of the Gaussian with covariance ``V diag(λ) Vᵀ + δ I`` (module docstring).
+
+    Args:
+        mean: ``[D]`` mean of the training data.
+        components: ``[D, k]`` orthonormal principal directions ``V``.
+        variances: ``[k]`` the data's variance along each, beyond ``floor`` (``λ``).
+        floor: ``δ``, the variance per coordinate left outside the ``k`` directions.
+        alpha_bar: ``[T]`` the schedule's ᾱ_t.
+    """
+
+    def __init__(
+        self, mean: Tensor, components: Tensor, variances: Tensor, floor: float, alpha_bar: Tensor
+    ):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean).reshape(-1).float())
+        self.register_buffer("components", torch.as_tensor(components).float())
+        self.register_buffer("variances", torch.as_tensor(variances).clamp(min=0).float())
+        self.register_buffer("floor", torch.as_tensor(float(floor)).clamp(min=0).float())
+        self.register_buffer("alpha_bar", torch.as_tensor(alpha_bar, dtype=torch.float64).float())
+
+    def forward(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(skip, c_out)``, both ``[N, D]``, for flattened ``x_t [N, D]`` and ``t [N]``."""
+        ab, sigma2 = _alpha_terms(self.alpha_bar, t, x_t)
+        V = self.components.to(x_t.dtype)
+        rest = ab * self.floor.to(x_t.dtype) + sigma2  # [N, 1]: outside the k directions
+        inside = ab * (self.variances.to(x_t.dtype) + self.floor) + sigma2  # [N, k]
+        z = x_t - ab.sqrt() * self.mean.to(x_t.dtype)
+        coef = z @ V  # [N, k]
+        skip = sigma2.sqrt() * ((coef / inside) @ V.T + (z - coef @ V.T) / rest)
+        # diagonal of (s²Σ + σ²I)⁻¹: Σ_i V_ji² / inside_i + (1 - Σ_i V_ji²) / rest
+        v2 = V.square()  # [D, k]
+        diag = (1 / inside) @ v2.T + (1 - v2.sum(1)) / rest
+        c_out = (1 - sigma2 * diag).clamp(min=0).sqrt()
+        return skip, c_out
+
+
+def fit_skip(kind: str, data: Tensor, alpha_bar: Tensor, components: int) -> nn.Module:
+    """The ``kind`` (``gaussian`` | ``pca``) skip fitted to ``data [N, ...]`` (float64 fit)."""
+    x = data.reshape(len(data), -1).double()
+    mean = x.mean(0)
+    if kind == "gaussian":
+        var = x.var(0) if len(x) > 1 else torch.zeros_like(mean)
+        return GaussianSkip(mean, var, alpha_bar)
+    centred = x - mean
+    n, dim = centred.shape
+    k = max(0, min(int(components), n - 1, dim))
+    if n <= dim:  # exact and deterministic: SVD of the N x D data
+        _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+        eig, vecs = s**2 / max(n - 1, 1), vh.T
+    else:  # D x D covariance, accumulated in chunks
+        cov = torch.zeros(dim, dim, dtype=torch.float64)
+        for i in range(0, n, 4096):
+            cov += centred[i : i + 4096].T @ centred[i : i + 4096]
+        eig, vecs = torch.linalg.eigh(cov / (n - 1))
+        eig, vecs = eig.flip(0), vecs.flip(1)
+    total = float(centred.square().sum() / max(n - 1, 1))
+    floor = max(total - float(eig[:k].sum()), 0.0) / dim
+    return PCASkip(mean, vecs[:, :k], eig[:k] - floor, floor, alpha_bar)

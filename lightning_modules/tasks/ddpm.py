@@ -93,16 +93,14 @@ def load_data(cfg: DictConfig) -> DiffusionData:
 def build_eps_net(cfg: DictConfig, data: DiffusionData, schedule: NoiseSchedule):
     """The configured noise model for this data shape (UserError on a mismatch).
 
-    A noise model with a ``skip`` key (the FTT) also gets the schedule's ᾱ and the data's
-    per-coordinate mean and variance, which its Gaussian skip predictor needs.
+    A noise model with a ``skip`` key (the FTT) also gets the schedule's ᾱ and the training
+    data, to which its Gaussian skip predictor is fitted.
     """
     lo = data.train.amin(dim=0)
     hi = data.train.amax(dim=0)
     extra = {}
     if "skip" in cfg.eps_net:
-        flat = data.train.reshape(len(data.train), -1).double()
-        var = flat.var(dim=0) if len(flat) > 1 else torch.zeros(flat.shape[1], dtype=flat.dtype)
-        extra = {"alpha_bar": schedule.alpha_bar, "data_moments": (flat.mean(dim=0), var)}
+        extra = {"alpha_bar": schedule.alpha_bar, "train_data": data.train}
     return instantiate_checked(
         cfg.eps_net,
         data_shape=data.data_shape,

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_modules.diffusion.skip import GaussianSkip
+from lightning_modules.diffusion.skip import fit_skip
 from lightning_modules.errors import UserError
 from lightning_modules.tt.bases import make_basis
 from lightning_modules.tt.bspline import BSplineBasis
@@ -109,11 +109,12 @@ class FunctionalTT(nn.Module):
         basis: ``bspline`` (degree ``q``, local), ``legendre`` or ``fourier`` (orthonormal on the
             support, all ``num_basis`` functions active; :mod:`.bases`) for the coordinate cores;
             the time core keeps B-splines (a Fourier basis would make t = 0 and t = T meet).
-        skip: ``none``; ``gaussian``: ``ε̂ = skip + c_out · gain · TT`` with the per-coordinate
-            Gaussian predictor of :mod:`lightning_modules.diffusion.skip` and a scalar ``gain``
-            (``out_gain``) that starts at 0; ``auto``: gaussian with ``output="core"``.
-        data_moments: ``(mean, var)`` per coordinate of the training data for the skip
-            (``None``: 0 and 1, standardised data).
+        skip: ``none``; ``gaussian`` / ``pca``: ``ε̂ = skip + c_out · gain · TT`` with the
+            diagonal / principal-component Gaussian predictor of
+            :mod:`lightning_modules.diffusion.skip` fitted to ``train_data`` and a scalar
+            ``gain`` (``out_gain``) that starts at 0; ``auto``: pca with ``output="core"``.
+        skip_components: principal directions of the ``pca`` skip (at most N - 1).
+        train_data: ``[N, *data_shape]`` training data (model space) the skip is fitted to.
         alpha_bar: ``[timesteps]`` the schedule's ᾱ_t (needed by the skip).
         core_lr_scale: gradient optimisers step the cores with ``lr × core_lr_scale``; ``auto``:
             ``1 / sqrt(num_cores)`` with an output core, else 1 (:meth:`_set_core_lr_scale`).
@@ -137,7 +138,8 @@ class FunctionalTT(nn.Module):
         seed: int = 0,
         basis: str = "bspline",
         skip: str = "none",
-        data_moments: tuple[torch.Tensor, torch.Tensor] | None = None,
+        skip_components: int = 128,
+        train_data: torch.Tensor | None = None,
         alpha_bar: torch.Tensor | None = None,
         core_lr_scale: float | str = 1.0,
         name: str = "ftt",
@@ -201,32 +203,31 @@ class FunctionalTT(nn.Module):
         ]
 
         self.cores = nn.ParameterList(nn.Parameter(core) for core in cores)
-        self._init_skip(skip, data_moments, alpha_bar)
+        self._init_skip(skip, skip_components, train_data, alpha_bar)
         self._set_core_lr_scale(core_lr_scale)
 
     # ------------------------------------------------------------------ skip and lr scaling
-    def _init_skip(self, skip: str, data_moments, alpha_bar) -> None:
-        """``skip=gaussian``: ε̂ = skip + c_out · gain · TT (:mod:`..diffusion.skip`), gain 0 at
-        init so training starts from the Gaussian predictor; ``auto``: gaussian with an output
-        core (images), none otherwise."""
-        if skip not in ("auto", "none", "gaussian"):
-            raise UserError(f"eps_net.skip={skip!r}: use auto, none or gaussian")
+    def _init_skip(self, skip: str, components: int, train_data, alpha_bar) -> None:
+        """``skip=gaussian|pca``: ε̂ = skip + c_out · gain · TT (:mod:`..diffusion.skip`), gain 0
+        at init so training starts from the fixed Gaussian predictor; ``auto``: pca with an
+        output core (images), none otherwise."""
+        if skip not in ("auto", "none", "gaussian", "pca"):
+            raise UserError(f"eps_net.skip={skip!r}: use auto, none, gaussian or pca")
         if skip == "auto":
-            skip = "gaussian" if self.output_mode == "core" else "none"
+            skip = "pca" if self.output_mode == "core" else "none"
         self.skip_mode = skip
-        self.skip: GaussianSkip | None = None
+        self.skip: nn.Module | None = None
         if skip == "none":
             return
-        if alpha_bar is None:
-            raise UserError("eps_net.skip=gaussian needs the schedule's alpha_bar")
-        if data_moments is None:  # standardised data
-            data_moments = (torch.zeros(self.dim), torch.ones(self.dim))
-        mean, var = (torch.as_tensor(m, dtype=torch.float64).reshape(-1) for m in data_moments)
-        if mean.numel() != self.dim or var.numel() != self.dim:
-            raise UserError(f"data_moments have {mean.numel()} entries; the data has {self.dim}")
+        if alpha_bar is None or train_data is None:
+            raise UserError(f"eps_net.skip={skip} needs the schedule's alpha_bar and train_data")
+        if train_data[0].numel() != self.dim:
+            raise UserError(f"train_data has {train_data[0].numel()} coordinates, not {self.dim}")
         if len(alpha_bar) != self.timesteps:
             raise UserError(f"alpha_bar has {len(alpha_bar)} steps; timesteps={self.timesteps}")
-        self.skip = GaussianSkip(mean, var, alpha_bar)
+        if components < 0:
+            raise UserError(f"eps_net.skip_components={components}: must be >= 0")
+        self.skip = fit_skip(skip, train_data.cpu(), alpha_bar.cpu(), components)
         self.out_gain = nn.Parameter(torch.zeros(()))
 
     def _set_core_lr_scale(self, scale: float | str) -> None:
