@@ -56,12 +56,13 @@ def score_run(run: Path, repeats: int) -> dict:
         "sample_s": round(summary["sample_s"], 1),
         "steps": summary["steps"],
         "final_loss": round(summary["final_loss"], 4),
-        "fixed_loss": round(fixed_loss(net, data.train, schedule, int(cfg.seed), repeats), 4),
+        "fixed_loss": round(fixed_loss(net, data.train, schedule, int(cfg.seed), repeats), 5),
     }
     if getattr(net, "skip", None) is not None:
-        net.out_gain.zero_()
+        with torch.no_grad():
+            net.out_gain.zero_()
         out["skip_only_loss"] = round(
-            fixed_loss(net, data.train, schedule, int(cfg.seed), repeats), 4
+            fixed_loss(net, data.train, schedule, int(cfg.seed), repeats), 5
         )
     samples = torch.load(run / "samples.pt", weights_only=False).float() / 255
     return out, samples
@@ -73,6 +74,7 @@ def main() -> None:
     parser.add_argument("--labels", nargs="+", required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--repeats", type=int, default=20, help="passes over the train images")
+    parser.add_argument("--num", type=int, default=32, help="samples drawn per run")
     args = parser.parse_args()
     if len(args.labels) != len(args.runs):
         parser.error("one label per run")
@@ -80,9 +82,9 @@ def main() -> None:
     for run, label in zip(args.runs, args.labels):
         row, samples = score_run(run, args.repeats)
         rows.append({"label": label, **row})
-        grids.append(image_grid_array(samples[:64], nrow=8))
+        grids.append(image_grid_array(samples[: args.num], nrow=8))
         print(json.dumps(rows[-1]), flush=True)
-    fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.6))
+    fig, axes = plt.subplots(1, len(grids), figsize=(3.6 * len(grids), 2.5))
     for ax, grid, row in zip(list(axes) if len(grids) > 1 else [axes], grids, rows):
         ax.imshow(grid, interpolation="nearest")
         ax.axis("off")
