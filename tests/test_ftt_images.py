@@ -119,6 +119,9 @@ def test_skip_starts_as_the_skip_and_auto_follows_the_output():
     x_t, t, _ = schedule.training_triple(x, g)
     expected, _ = net.skip(x_t.reshape(len(x), -1), t)
     torch.testing.assert_close(net(x_t, t).reshape(len(x), -1), expected)
+    # 16 images span 15 directions; the skip's cost is counted in the forward FLOPs
+    assert net.skip.components.shape == (48, 15)
+    assert net.flops_per_sample() - net._skip_flops() > 0 and net._skip_flops() == 6 * 48 * 15 + 576
     vec = FunctionalTT(data_shape=(2,), timesteps=100, skip="auto")
     assert vec.skip_mode == "none" and vec.skip is None
     with pytest.raises(UserError, match="eps_net.skip"):

@@ -428,7 +428,16 @@ class FunctionalTT(nn.Module):
         """Analytic forward FLOPs for one sample (see :mod:`.flops`)."""
         from lightning_modules.tt.flops import ftt_forward_flops
 
-        return ftt_forward_flops(self)
+        return ftt_forward_flops(self) + self._skip_flops()
+
+    def _skip_flops(self) -> int:
+        """The skip's FLOPs per sample: pca ~ 3 products of [D] with [D, k] (prediction, c_out),
+        gaussian ~ 8 per coordinate; none 0."""
+        if self.skip is None:
+            return 0
+        if self.skip_mode == "pca":
+            return 6 * self.dim * int(self.skip.components.shape[1]) + 12 * self.dim
+        return 8 * self.dim
 
     def extra_repr(self) -> str:
         return (
