@@ -26,6 +26,7 @@ from datamodules.cifar import SPECS, balanced_subset, ensure_cifar, read_cifar
 from datamodules.vectors import VectorDataModule
 from lightning_modules.errors import UserError
 from lightning_modules.utils.files import atomic_path
+from lightning_modules.utils.pca import principal_components
 from lightning_modules.utils.seeds import derive_seed
 
 PCA_FORMAT = "cifar_pca/1"
@@ -36,40 +37,23 @@ def to_pixels(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.reshape(len(images_u8), -1).double() / 127.5 - 1
 
 
-def fit_pca(images_u8: torch.Tensor, dim: int, chunk: int = 5000) -> dict:
-    """The first ``dim`` principal components of the images in [-1, 1], in float64: an SVD of
-    the centred data when there are fewer images than pixels, else the eigenvectors of the
-    covariance accumulated in chunks (so 50,000 x 3072 never needs a float64 copy)."""
-    n = len(images_u8)
-    features = images_u8[0].numel()
-    mean = torch.zeros(features, dtype=torch.float64)
-    for i in range(0, n, chunk):
-        mean += to_pixels(images_u8[i : i + chunk]).sum(0)
-    mean /= n
-    if n < features:
-        centred = to_pixels(images_u8) - mean
-        _, singular, vt = torch.linalg.svd(centred, full_matrices=False)
-        values, vectors = singular[:dim] ** 2 / max(n - 1, 1), vt[:dim].contiguous()
-        total = float(centred.square().sum()) / max(n - 1, 1)
-    else:
-        cov = torch.zeros(features, features, dtype=torch.float64)
-        for i in range(0, n, chunk):
-            x = to_pixels(images_u8[i : i + chunk]) - mean
-            cov += x.T @ x
-        cov /= max(n - 1, 1)
-        values, vectors = torch.linalg.eigh(cov)  # ascending
-        values, vectors = values.flip(0)[:dim], vectors.flip(1)[:, :dim].T.contiguous()
-        total = float(cov.diagonal().sum())
-    # a deterministic sign per component: its largest-magnitude entry is positive
-    pivot = vectors.abs().argmax(1)
-    vectors *= torch.sign(vectors[torch.arange(dim), pivot]).unsqueeze(1)
+def fit_pca(images_u8: torch.Tensor, dim: int) -> dict:
+    """The first ``dim`` principal components of the images in [-1, 1] (float64; see
+    :func:`~lightning_modules.utils.pca.principal_components`). They are fitted on the uint8
+    values, so 50,000 x 3072 images never need a float64 copy, and mapped to [-1, 1] pixels
+    (an affine map: same directions, variances / 127.5²)."""
+    pc = principal_components(images_u8.reshape(len(images_u8), -1), dim)
+    if pc.vectors.shape[1] < dim:
+        n = len(images_u8)
+        raise UserError(f"dataset.dim={dim}: {n} training images give at most {n - 1} directions")
+    scale = 127.5**2
     return {
         "format": PCA_FORMAT,
-        "mean": mean.float(),
-        "components": vectors.float(),
-        "variances": values.clamp_min(0),
-        "total_variance": total,
-        "num_train": n,
+        "mean": (pc.mean / 127.5 - 1).float(),
+        "components": pc.vectors.T.contiguous().float(),
+        "variances": pc.variances / scale,
+        "total_variance": pc.total_variance / scale,
+        "num_train": len(images_u8),
     }
 
 

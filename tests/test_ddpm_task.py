@@ -175,6 +175,21 @@ def test_cifar_unet_in_process_writes_grid_and_fid_with_local_features(
     assert summary["convnet_fid_real"] >= 0 and "within the project" in summary["fid_note"]
 
 
+@pytest.mark.skipif(not HAVE_FTT, reason="FunctionalTT not written yet")
+def test_cifar_ftt_output_core_starts_from_its_gaussian_skip(compose, tiny_data):
+    # the default skip=auto is on for an output core: the step-1 loss is the skip's (well below
+    # the 1 of eps_hat = 0), the gain is a trained parameter, and a grid is written
+    cfg = compose(
+        *tiny_cifar(tiny_data, net=("ftt", "eps_net.output=core", "eps_net.rank=2")),
+        "eps_net.num_basis=4",
+    )
+    summary = train.run(cfg)
+    out = train.Path(cfg.paths.output_dir)
+    assert summary["final_loss"] < 0.9 and (out / "samples_grid.png").exists()
+    state = torch.load(out / "eps_net.pt", weights_only=False)["state_dict"]
+    assert "out_gain" in state and state["skip.mean"].shape == (3 * 32 * 32,)
+
+
 # -- through train.py ----------------------------------------------------------------------------
 def _run_dir(root):
     dirs = [d for d in (root / "ddpm").iterdir() if d.is_dir()]

@@ -30,8 +30,18 @@ def eps_net_cfg(name: str, *overrides: str):
 
 def build(name: str, shape, *overrides: str, timesteps: int = 50):
     bounds = (-2 * torch.ones(shape), 2 * torch.ones(shape))
+    cfg = eps_net_cfg(name, *overrides)
+    # as the task does (tasks/ddpm.build_eps_net): a net with a skip gets the schedule's ᾱ
+    extra = {
+        "alpha_bar": make_betas("linear", timesteps).neg().add(1).cumprod(0),
+        "train_data": torch.rand(8, *shape, generator=torch.Generator().manual_seed(0)),
+    }
     return instantiate_checked(
-        eps_net_cfg(name, *overrides), data_shape=shape, timesteps=timesteps, data_bounds=bounds
+        cfg,
+        data_shape=shape,
+        timesteps=timesteps,
+        data_bounds=bounds,
+        **(extra if "skip" in cfg else {}),
     )
 
 

@@ -78,6 +78,15 @@ class GradientStepper:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
+def _lr_groups(params: list[nn.Parameter], lr: float) -> list[dict]:
+    """One optimiser group per distinct ``p.lr_scale`` (default 1): lr × scale for its members
+    (the FTT's long core chains want smaller per-core steps, ``eps_net.core_lr_scale``)."""
+    groups: dict[float, list[nn.Parameter]] = {}
+    for p in params:
+        groups.setdefault(float(getattr(p, "lr_scale", 1.0)), []).append(p)
+    return [{"params": ps, "lr": lr * scale} for scale, ps in groups.items()]
+
+
 def make_stepper(name: str, eps_net: nn.Module, **options) -> Stepper:
     """The stepper called ``name`` (``ddpm.optimizer``): adam | sgd | als | dmrg | riemannian.
 
@@ -104,6 +113,7 @@ def make_stepper(name: str, eps_net: nn.Module, **options) -> Stepper:
     if not params:
         raise UserError(f"ddpm.optimizer={name}: the eps-net has no trainable parameters")
     lr, weight_decay = float(options["lr"]), float(options["weight_decay"] or 0.0)
+    params = _lr_groups(params, lr)
     if name == "adam":
         opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     else:

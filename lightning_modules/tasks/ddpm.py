@@ -99,12 +99,26 @@ def load_data(cfg: DictConfig) -> DiffusionData:
     )
 
 
-def build_eps_net(cfg: DictConfig, data: DiffusionData, timesteps: int):
-    """The configured noise model for this data shape (UserError on a mismatch)."""
+def build_eps_net(cfg: DictConfig, data: DiffusionData, schedule: NoiseSchedule):
+    """The configured noise model for this data shape (UserError on a mismatch).
+
+    A noise model with a ``skip`` key (the FTT) also gets the schedule's ᾱ and the training
+    data, to which its Gaussian skip predictor is fitted; ``skip=auto`` means no skip under
+    the tensor-train optimisers, which fit the cores to ε itself.
+    """
     lo = data.train.amin(dim=0)
     hi = data.train.amax(dim=0)
+    extra = {}
+    if "skip" in cfg.eps_net:
+        extra = {"alpha_bar": schedule.alpha_bar, "train_data": data.train}
+        if cfg.eps_net.skip == "auto" and cfg.ddpm.optimizer in TT_OPTIMIZERS:
+            extra["skip"] = "none"  # ALS/DMRG/Riemannian fit the cores to ε itself
     return instantiate_checked(
-        cfg.eps_net, data_shape=data.data_shape, timesteps=timesteps, data_bounds=(lo, hi)
+        cfg.eps_net,
+        data_shape=data.data_shape,
+        timesteps=schedule.timesteps,
+        data_bounds=(lo, hi),
+        **extra,
     )
 
 
@@ -315,7 +329,7 @@ def build(cfg: DictConfig, out_dir: Path) -> Run:
     schedule = NoiseSchedule.from_config(
         d.schedule, int(d.timesteps), float(d.beta_start), float(d.beta_end)
     )
-    eps_net = build_eps_net(cfg, data, schedule.timesteps)
+    eps_net = build_eps_net(cfg, data, schedule)
     if d.get("feature_extractor"):  # a bad file stops the run before training, not after
         if data.test_images01 is None:
             raise UserError("ddpm.feature_extractor scores images: dataset=cifar10|cifar100|*_pca")

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lightning_modules.diffusion.skip import fit_skip
 from lightning_modules.errors import UserError
 from lightning_modules.tt.bases import make_basis
 from lightning_modules.tt.bspline import BSplineBasis
@@ -132,6 +133,15 @@ class FunctionalTT(nn.Module):
         basis: ``bspline`` (degree ``q``, local), ``legendre`` or ``fourier`` (orthonormal on the
             support, all ``num_basis`` functions active; :mod:`.bases`) for the coordinate cores;
             the time core keeps B-splines (a Fourier basis would make t = 0 and t = T meet).
+        skip: ``none``; ``gaussian`` / ``pca``: ``ε̂ = skip + c_out · gain · TT`` with the
+            diagonal / principal-component Gaussian predictor of
+            :mod:`lightning_modules.diffusion.skip` fitted to ``train_data`` and a scalar
+            ``gain`` (``out_gain``) that starts at 0; ``auto``: pca with ``output="core"``.
+        skip_components: principal directions of the ``pca`` skip (at most N - 1).
+        train_data: ``[N, *data_shape]`` training data (model space) the skip is fitted to.
+        alpha_bar: ``[timesteps]`` the schedule's ᾱ_t (needed by the skip).
+        core_lr_scale: gradient optimisers step the cores with ``lr × core_lr_scale``; ``auto``:
+            ``1 / sqrt(num_cores)`` with an output core, else 1 (:meth:`_set_core_lr_scale`).
         name: the config's name (ignored).
     """
 
@@ -151,6 +161,11 @@ class FunctionalTT(nn.Module):
         time_basis: int | None = None,
         seed: int = 0,
         basis: str = "bspline",
+        skip: str = "none",
+        skip_components: int = 128,
+        train_data: torch.Tensor | None = None,
+        alpha_bar: torch.Tensor | None = None,
+        core_lr_scale: float | str = 1.0,
         name: str = "ftt",
     ):
         super().__init__()
@@ -212,6 +227,52 @@ class FunctionalTT(nn.Module):
         ]
 
         self.cores = nn.ParameterList(nn.Parameter(core) for core in cores)
+        self._init_skip(skip, skip_components, train_data, alpha_bar)
+        self._set_core_lr_scale(core_lr_scale)
+
+    # ------------------------------------------------------------------ skip and lr scaling
+    def _init_skip(self, skip: str, components: int, train_data, alpha_bar) -> None:
+        """``skip=gaussian|pca``: ε̂ = skip + c_out · gain · TT (:mod:`..diffusion.skip`), gain 0
+        at init so training starts from the fixed Gaussian predictor; ``auto``: pca with an
+        output core (images), none otherwise."""
+        if skip not in ("auto", "none", "gaussian", "pca"):
+            raise UserError(f"eps_net.skip={skip!r}: use auto, none, gaussian or pca")
+        if skip == "auto":
+            skip = "pca" if self.output_mode == "core" else "none"
+        self.skip_mode = skip
+        self.skip: nn.Module | None = None
+        if skip == "none":
+            return
+        if alpha_bar is None or train_data is None:
+            raise UserError(f"eps_net.skip={skip} needs the schedule's alpha_bar and train_data")
+        if train_data[0].numel() != self.dim:
+            raise UserError(f"train_data has {train_data[0].numel()} coordinates, not {self.dim}")
+        if len(alpha_bar) != self.timesteps:
+            raise UserError(f"alpha_bar has {len(alpha_bar)} steps; timesteps={self.timesteps}")
+        if components < 0:
+            raise UserError(f"eps_net.skip_components={components}: must be >= 0")
+        self.skip = fit_skip(skip, train_data.cpu(), alpha_bar.cpu(), components)
+        self.out_gain = nn.Parameter(torch.zeros(()))
+
+    def _set_core_lr_scale(self, scale: float | str) -> None:
+        """Gradient optimisers step the cores with ``lr × scale`` (read from ``p.lr_scale``).
+
+        ``auto``: ``1 / sqrt(num_cores)`` with an output core, else 1. Every core's gradient has
+        the same component along the core itself, so Adam moves all K cores by about lr in the
+        same direction and the output by about (1 ± lr)^K: at K = 3074 one step at lr 2e-3
+        rescales it by e^±6 (measured: the TT collapses and adds nothing to its skip).
+        """
+        if scale == "auto":
+            scale = 1 / math.sqrt(self.num_cores) if self.output_mode == "core" else 1.0
+        try:
+            scale = float(scale)
+        except (TypeError, ValueError):
+            scale = float("nan")
+        if not scale > 0:
+            raise UserError(f"eps_net.core_lr_scale={scale}: use auto or a number > 0")
+        self.core_lr_scale = scale
+        for core in self.cores:
+            core.lr_scale = scale
 
     # ----------------------------------------------------------------------------------- layout
     def _mode_size(self, kind: str) -> int:
@@ -395,8 +456,11 @@ class FunctionalTT(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``ε_θ(x_t, t)``: ``[N, *data_shape]`` from ``x_t [N, *data_shape]`` and ``t [N]``."""
-        y = self.evaluate(x_t, t)
-        return y.permute(1, 0, 2).reshape(x_t.shape).to(x_t.dtype)
+        y = self.evaluate(x_t, t).permute(1, 0, 2).reshape(x_t.shape[0], -1).to(x_t.dtype)
+        if self.skip is not None:
+            skip, c_out = self.skip(x_t.reshape(x_t.shape[0], -1), t)
+            y = skip + c_out * self.out_gain * y
+        return y.reshape(x_t.shape)
 
     def to_data_layout(self, y: torch.Tensor) -> torch.Tensor:
         """``y[p, n, j]`` → ``[N, P * J]``."""
@@ -425,7 +489,16 @@ class FunctionalTT(nn.Module):
         """Analytic forward FLOPs for one sample (see :mod:`.flops`)."""
         from lightning_modules.tt.flops import ftt_forward_flops
 
-        return ftt_forward_flops(self)
+        return ftt_forward_flops(self) + self._skip_flops()
+
+    def _skip_flops(self) -> int:
+        """The skip's FLOPs per sample: pca ~ 3 products of [D] with [D, k] (prediction, c_out),
+        gaussian ~ 8 per coordinate; none 0."""
+        if self.skip is None:
+            return 0
+        if self.skip_mode == "pca":
+            return 6 * self.dim * int(self.skip.components.shape[1]) + 12 * self.dim
+        return 8 * self.dim
 
     def extra_repr(self) -> str:
         return (

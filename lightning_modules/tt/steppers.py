@@ -87,6 +87,11 @@ def make_tt_stepper(name: str, eps_net, **options) -> SweepStepper | RiemannianS
             f"ddpm.optimizer={name} needs eps_net=ftt (the noise model here is "
             f"{type(eps_net).__name__}); use eps_net=ftt, or ddpm.optimizer=adam for this model"
         )
+    if getattr(eps_net, "skip", None) is not None:
+        raise UserError(
+            f"ddpm.optimizer={name} fits the cores to ε itself, not to the residual of "
+            f"eps_net.skip={eps_net.skip_mode}; set eps_net.skip=none or use ddpm.optimizer=adam"
+        )
     _check_options(name, options)
     if name == "riemannian":
         return RiemannianStepper(eps_net, **options)
