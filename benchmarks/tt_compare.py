@@ -9,6 +9,10 @@ band (5-95 % over real-vs-real pairs), and the structure metric beside the data'
         2spirals swiss_roll --methods "ResNet + Adam" "FTT + ALS" "FTT + DMRG" \
         --overrides ddpm.sampler=ddim ddpm.sample_steps=50 --out benchmarks/results/tt_suite
     python benchmarks/tt_compare.py --bases bspline legendre fourier --seeds 0 1 2
+    python benchmarks/tt_compare.py --datasets "tabular dataset.name=wine" \
+        "cifar10_pca dataset.dim=32 dataset.data_dir=$PWD/../shared/data dataset.download=false"
+
+A dataset spec is the ``dataset=`` value followed by that dataset's own overrides.
 """
 
 from __future__ import annotations
@@ -65,10 +69,25 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text).strip("_")
 
 
+def dataset_args(spec: str) -> list[str]:
+    """``"moons"`` → ``[dataset=moons]``; ``"tabular dataset.name=wine"`` → the dataset and its
+    own overrides (a spec is the ``dataset=`` value followed by overrides, space-separated)."""
+    name, *overrides = spec.split()
+    return [f"dataset={name}", *overrides]
+
+
+def short_name(spec: str) -> str:
+    """The spec as a table label: its name and the overrides that select data, not paths
+    (``"cifar10_pca dataset.dim=32 dataset.data_dir=..."`` → ``"cifar10_pca dim=32"``)."""
+    name, *overrides = spec.split()
+    keep = [o.removeprefix("dataset.") for o in overrides if "data_dir" not in o]
+    return " ".join([name, *(o for o in keep if not o.startswith("download"))])
+
+
 def run_one(label: str, dataset: str, basis: str, seed: int, out: Path, extra: list[str]) -> dict:
-    run_dir = out / f"{dataset}_{_slug(label)}_{basis}_seed{seed}"
+    run_dir = out / f"{_slug(short_name(dataset))}_{_slug(label)}_{basis}_seed{seed}"
     basis_arg = [f"eps_net.basis={basis}"] if "FTT" in label else []
-    args = [f"dataset={dataset}", *METHODS[label], *basis_arg, f"seed={seed}", *extra]
+    args = [*dataset_args(dataset), *METHODS[label], *basis_arg, f"seed={seed}", *extra]
     argv = [sys.executable, str(ROOT / "train.py"), *BASE, *args, f"paths.output_dir={run_dir}"]
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -77,12 +96,18 @@ def run_one(label: str, dataset: str, basis: str, seed: int, out: Path, extra: l
     if r.returncode != 0:
         print(r.stderr[-2000:], file=sys.stderr)
         error = (r.stderr.strip().splitlines() or ["?"])[-1][:160]
-        return {"method": label, "dataset": dataset, "basis": basis, "seed": seed, "error": error}
+        return {
+            "method": label,
+            "dataset": short_name(dataset),
+            "basis": basis,
+            "seed": seed,
+            "error": error,
+        }
     summary = json.loads((run_dir / "summary.json").read_text())
     command = "python train.py " + " ".join([*BASE, *args])
     return {
         "method": label,
-        "dataset": dataset,
+        "dataset": short_name(dataset),
         "basis": basis,
         "seed": seed,
         "command": command,
