@@ -142,11 +142,15 @@ def test_unet_ho_preset_is_the_published_size():
 @pytest.mark.skipif(not HAVE_FTT, reason="FunctionalTT not written yet")
 def test_ftt_per_coordinate_on_images_is_one_line_with_parameter_count():
     with pytest.raises(UserError) as info:
-        build("ftt", CIFAR)
+        build("ftt", CIFAR, "eps_net.output=per_coordinate")
     message = str(info.value)
     assert "per_coordinate" in message and "parameters" in message and "\n" not in message
-    net = build("ftt", (3, 8, 8), "eps_net.output=core", "eps_net.rank=2", "eps_net.num_basis=4")
-    assert net(torch.randn(2, 3, 8, 8), torch.tensor([0, 1])).shape == (2, 3, 8, 8)
+    for output in ("core", "auto"):  # the default, auto, is an output core on images
+        net = build(
+            "ftt", (3, 8, 8), f"eps_net.output={output}", "eps_net.rank=2", "eps_net.num_basis=4"
+        )
+        assert net.output_mode == "core"
+        assert net(torch.randn(2, 3, 8, 8), torch.tensor([0, 1])).shape == (2, 3, 8, 8)
 
 
 def _tiny_case(name):

@@ -177,3 +177,25 @@ def test_linear_init_predicts_the_clamped_input(time):
     assert (net.x_basis.clamp(u) != u).any()  # some inputs were outside the support
     with pytest.raises(UserError, match="init=linear needs eps_net.output=per_coordinate"):
         FunctionalTT(data_shape=(3,), output="core", init="linear")
+
+
+@pytest.mark.parametrize(
+    "shape,expected",
+    [((2,), "per_coordinate"), ((8,), "per_coordinate"), ((9,), "core"), ((3, 4, 4), "core")],
+)
+def test_output_auto_keeps_per_coordinate_trains_for_low_dimensions_only(shape, expected):
+    net = FunctionalTT(data_shape=shape, output="auto", num_basis=4, rank=2)
+    assert net.output_mode == expected
+
+
+def test_als_auto_samples_gives_64_equations_per_unknown():
+    from lightning_modules.tt.als import ALS
+
+    per_coordinate = FunctionalTT(data_shape=(2,), output="per_coordinate", num_basis=16, rank=8)
+    assert ALS(per_coordinate, samples="auto").samples == 65536  # the 2-D default it replaces
+    core = FunctionalTT(data_shape=(32,), output="core", num_basis=16, rank=8)
+    assert ALS(core, samples="auto").samples == 2048  # 32 equations per triple
+    small = FunctionalTT(data_shape=(32,), output="core", num_basis=4, rank=2)
+    assert ALS(small, samples="auto").samples == 1024  # the floor that covers the time steps
+    with pytest.raises(UserError, match="als.samples"):
+        ALS(core, samples="many")

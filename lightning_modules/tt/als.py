@@ -25,6 +25,7 @@ most (``P = 1`` with an output core); ``batch`` bounds the transient per-chunk t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -50,6 +51,17 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def auto_samples(net: FunctionalTT) -> int:
+    """``als.samples=auto``: 64 equations per unknown of the largest input/time core (a triple gives
+    one equation per output coordinate of a TT), and at least 1024 triples so that the time
+    steps are covered: 65,536 for per-coordinate TTs at rank 8 with 16 splines, 2,048 for an
+    output core over 32 coordinates."""
+    # the output core's slices each see their own equations: it is never the binding one
+    cores = [c for c, (kind, _) in zip(net.cores, net.sites, strict=True) if kind != "out"]
+    unknowns = max(core[0].numel() for core in cores)
+    return max(1024, math.ceil(64 * unknowns / net.num_outputs))
+
+
 class ALS:
     """ALS sweeps for a :class:`FunctionalTT`, writing the solved cores back into it.
 
@@ -60,7 +72,8 @@ class ALS:
             samples, and a strong ridge pulls their coefficients (ε̂ in the tails) to zero, which
             lets samples drift out during sampling.
         sweeps: sweeps per :meth:`step` (``als.sweeps``).
-        samples: (x_t, t, ε) triples per sweep and rank (``als.samples``).
+        samples: (x_t, t, ε) triples per sweep and rank (``als.samples``); ``"auto"``:
+            :func:`auto_samples`.
         batch: rows per accumulation chunk (``als.batch``): bounds the memory of one chunk.
         fixed: draw the samples once and reuse them in every sweep (``als.fixed``); otherwise draw
             fresh ones each sweep (stochastic ALS).
@@ -72,12 +85,16 @@ class ALS:
         *,
         ridge: float = 1e-6,
         sweeps: int = 2,
-        samples: int = 8192,
+        samples: int | str = 8192,
         batch: int = 2048,
         fixed: bool = False,
     ):
         if ridge < 0:
             raise UserError(f"als.ridge={ridge}: the ridge must be >= 0")
+        if samples == "auto":
+            samples = auto_samples(net)
+        if not isinstance(samples, int) or isinstance(samples, bool):
+            raise UserError(f"als.samples={samples!r}: a whole number or auto")
         if sweeps < 1 or samples < 1 or batch < 1:
             raise UserError(
                 f"als.sweeps={sweeps}, als.samples={samples}, als.batch={batch}: all must be >= 1"

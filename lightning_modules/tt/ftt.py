@@ -102,6 +102,10 @@ def renormalise(state: torch.Tensor, log: torch.Tensor) -> tuple[torch.Tensor, t
     return state / norm.reshape(shape), log + norm.to(torch.float64).log()
 
 
+# eps_net.output=auto: per-coordinate TTs up to this vector dimension (D TTs of D + 1 cores:
+# 72 cores of r² m parameters at D = 8), one output core above it
+AUTO_PER_COORDINATE_MAX_DIM = 8
+
 class FunctionalTT(nn.Module):
     """Functional tensor train ``ε_θ(x_t, t)`` with B-spline bases (eq. 9 of the draft).
 
@@ -116,8 +120,9 @@ class FunctionalTT(nn.Module):
         num_basis: splines per coordinate ``m``.
         rank: TT rank ``r`` of every inner bond.
         time: ``"additive"`` (``u = x_t + posenc(t)``, the draft) or ``"core"`` (t on its own core).
-        output: ``"per_coordinate"`` (one TT per output coordinate) or ``"core"`` (an
-            output-index core).
+        output: ``"per_coordinate"`` (one TT per output coordinate), ``"core"`` (an
+            output-index core) or ``"auto"``: per_coordinate for vectors of at most
+            ``AUTO_PER_COORDINATE_MAX_DIM`` (8) coordinates, core otherwise.
         init: ``"identity"``: every core slice the identity, boundary cores ones-vectors, scaled so
             the output is exactly 1 everywhere (splines sum to one), for any ``D``;
             ``"linear"`` (per_coordinate only): the same, with each TT's own coordinate core
@@ -171,8 +176,12 @@ class FunctionalTT(nn.Module):
         super().__init__()
         if time not in ("additive", "core"):
             raise UserError(f"eps_net.time={time!r}: use additive (u = x_t + posenc(t)) or core")
-        if output not in ("per_coordinate", "core"):
-            raise UserError(f"eps_net.output={output!r}: use per_coordinate or core")
+        if output not in ("auto", "per_coordinate", "core"):
+            raise UserError(f"eps_net.output={output!r}: use auto, per_coordinate or core")
+        if output == "auto":  # D TTs of D + 1 cores each grow as D²: an output core beyond D = 8
+            dim = math.prod(int(s) for s in data_shape)
+            vector = len(tuple(data_shape)) == 1
+            output = "per_coordinate" if vector and dim <= AUTO_PER_COORDINATE_MAX_DIM else "core"
         if init not in ("identity", "linear", "random"):
             raise UserError(f"eps_net.init={init!r}: use identity, linear or random")
         if init == "linear" and output != "per_coordinate":
