@@ -130,11 +130,28 @@ def test_skip_starts_as_the_skip_and_auto_follows_the_output():
         FunctionalTT(data_shape=(2,), timesteps=100, skip="gaussian")
 
 
-def test_tt_optimisers_refuse_a_skip():
+def test_tt_optimisers_fit_the_skips_normalised_residual():
     x, schedule = _tiny_images(), NoiseSchedule.from_config("linear", 100)
     net = _ftt(x, schedule, rank=2, num_basis=6)
-    with pytest.raises(UserError, match="eps_net.skip=none"):
-        make_tt_stepper("als", net, ridge=1e-6, sweeps=1, samples=64, batch=64, fixed=False)
+    g = torch.Generator().manual_seed(1)
+    t = torch.randint(0, 100, (len(x),), generator=g)
+    eps = torch.randn(x.shape, generator=g)
+    ab = schedule.alpha_bar[t][:, None, None, None]
+    x_t = ab.sqrt() * x + (1 - ab).sqrt() * eps
+    stepper = make_tt_stepper("als", net, ridge=1e-6, sweeps=1, samples=16, batch=16, fixed=True)
+    assert float(net.out_gain) == 1.0  # the gain is fixed at 1; the TT carries the residual
+    skip, c_out = net.skip(x_t.reshape(len(x), -1), t)
+    target = net.tt_target(x_t, t, eps).reshape(len(x), -1)
+    torch.testing.assert_close(target, (eps.reshape(len(x), -1) - skip) / c_out.clamp(min=1e-4))
+
+    def tt_out():
+        return net.to_data_layout(net.evaluate(x_t, t)).float()
+
+    skip_alone = float((target**2).mean())  # TT = 0
+    stepper.step(lambda: (x_t, t, eps))
+    assert float(((target - tt_out()) ** 2).mean()) < 0.5 * skip_alone
+    # sampling sees ε̂ = skip + c_out · TT: the residual fitted above, mapped back
+    torch.testing.assert_close(net(x_t, t).reshape(len(x), -1), skip + c_out * tt_out())
 
 
 def test_core_lr_scale_sets_the_cores_learning_rate():

@@ -103,16 +103,13 @@ def build_eps_net(cfg: DictConfig, data: DiffusionData, schedule: NoiseSchedule)
     """The configured noise model for this data shape (UserError on a mismatch).
 
     A noise model with a ``skip`` key (the FTT) also gets the schedule's ᾱ and the training
-    data, to which its Gaussian skip predictor is fitted; ``skip=auto`` means no skip under
-    the tensor-train optimisers, which fit the cores to ε itself.
+    data, to which its Gaussian skip predictor is fitted.
     """
     lo = data.train.amin(dim=0)
     hi = data.train.amax(dim=0)
     extra = {}
     if "skip" in cfg.eps_net:
         extra = {"alpha_bar": schedule.alpha_bar, "train_data": data.train}
-        if cfg.eps_net.skip == "auto" and cfg.ddpm.optimizer in TT_OPTIMIZERS:
-            extra["skip"] = "none"  # ALS/DMRG/Riemannian fit the cores to ε itself
     return instantiate_checked(
         cfg.eps_net,
         data_shape=data.data_shape,

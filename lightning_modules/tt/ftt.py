@@ -106,6 +106,7 @@ def renormalise(state: torch.Tensor, log: torch.Tensor) -> tuple[torch.Tensor, t
 # 72 cores of r² m parameters at D = 8), one output core above it
 AUTO_PER_COORDINATE_MAX_DIM = 8
 
+
 class FunctionalTT(nn.Module):
     """Functional tensor train ``ε_θ(x_t, t)`` with B-spline bases (eq. 9 of the draft).
 
@@ -470,6 +471,17 @@ class FunctionalTT(nn.Module):
             skip, c_out = self.skip(x_t.reshape(x_t.shape[0], -1), t)
             y = skip + c_out * self.out_gain * y
         return y.reshape(x_t.shape)
+
+    def tt_target(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """What the TT alone is fitted to by ALS/DMRG/Riemannian (``[N, *data_shape]``): ``ε``
+        without a skip; with one, the normalised residual ``(ε - skip) / (c_out · gain)``, which
+        ``ε̂ = skip + c_out · gain · TT`` maps back to ``ε`` (the target of the Adam path up to
+        its weighting: unit weight per normalised coordinate, EDM's choice)."""
+        if self.skip is None:
+            return eps
+        skip, c_out = self.skip(x_t.reshape(x_t.shape[0], -1), t)
+        scale = (c_out * self.out_gain.detach()).clamp(min=1e-4)
+        return ((eps.reshape(skip.shape) - skip) / scale).reshape(eps.shape)
 
     def to_data_layout(self, y: torch.Tensor) -> torch.Tensor:
         """``y[p, n, j]`` → ``[N, P * J]``."""

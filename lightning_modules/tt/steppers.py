@@ -25,6 +25,17 @@ from lightning_modules.tt.riemannian import RiemannianGD
 Draw = Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
+def tt_targets(net: FunctionalTT, draw: Draw) -> Draw:
+    """``draw`` with ``ε`` replaced by what the TT alone is fitted to
+    (:meth:`FunctionalTT.tt_target`: ``ε`` itself, or the normalised residual of the skip)."""
+
+    def draw_targets():
+        x_t, t, eps = draw()
+        return x_t, t, net.tt_target(x_t, t, eps)
+
+    return draw_targets
+
+
 class SweepStepper:
     """``sweeps`` ALS or DMRG sweeps per training step on ``samples`` triples each."""
 
@@ -33,7 +44,7 @@ class SweepStepper:
         self.als = solver
 
     def step(self, draw: Draw, reduce_sum=lambda x: x) -> dict[str, float]:
-        out = self.als.step(draw, reduce_sum)
+        out = self.als.step(tt_targets(self.net, draw), reduce_sum)
         if isinstance(self.als, DMRG):
             out.update({f"rank_{k + 1}": float(r) for k, r in enumerate(self.net.ranks[1:-1])})
         return out
@@ -54,7 +65,7 @@ class RiemannianStepper:
         self.gd = RiemannianGD(net, **options)
 
     def step(self, draw: Draw, reduce_sum=lambda x: x) -> dict[str, float]:
-        x_t, t, eps = draw()
+        x_t, t, eps = tt_targets(self.net, draw)()
         return self.gd.step(x_t, t, eps, reduce_sum)
 
 
@@ -87,11 +98,9 @@ def make_tt_stepper(name: str, eps_net, **options) -> SweepStepper | RiemannianS
             f"ddpm.optimizer={name} needs eps_net=ftt (the noise model here is "
             f"{type(eps_net).__name__}); use eps_net=ftt, or ddpm.optimizer=adam for this model"
         )
-    if getattr(eps_net, "skip", None) is not None:
-        raise UserError(
-            f"ddpm.optimizer={name} fits the cores to ε itself, not to the residual of "
-            f"eps_net.skip={eps_net.skip_mode}; set eps_net.skip=none or use ddpm.optimizer=adam"
-        )
+    if eps_net.skip is not None:  # the TT fits the normalised residual with the gain fixed at 1
+        with torch.no_grad():
+            eps_net.out_gain.fill_(1.0)
     _check_options(name, options)
     if name == "riemannian":
         return RiemannianStepper(eps_net, **options)
