@@ -173,6 +173,8 @@ def table(runs: list[dict]) -> str:
         else:
             mode = "-"
         ranks = ok[0].get("bond_ranks") or "-"
+        if isinstance(ranks, list) and len(set(ranks)) == 1:
+            ranks = f"{ranks[0]} (all {len(ranks)} bonds)"  # fixed rank: one number, not a list
         rows.append(
             f"| {dataset} | {label} | {basis_txt} | {med['params']:,.0f} | {med['train_s']:.1f} | "
             f"{med['sample_s']:.2f} | {_cell(ok, 'sw')} | {_cell(ok, 'sinkhorn')} | "
@@ -248,18 +250,24 @@ def main(argv=None) -> str:
                     )
                     (args.out / "runs.json").write_text(json.dumps(runs, indent=2))
     commands = "\n".join(f"    {r['command']}" for r in runs if "command" in r)
+    write_table(runs, args.seeds, commands, args.out)
+    return (args.out / "table.md").read_text()
+
+
+def write_table(runs: list[dict], seeds: list[int], commands: str, out: Path) -> None:
+    """``table.md`` and ``suite.png`` in ``out`` for ``runs`` (also for runs.json files merged
+    by hand: ``write_table(json.load(...) + json.load(...), ...)``)."""
     text = (
-        f"## tt_compare (median over seeds {args.seeds}; cells: median of the sample draws "
+        f"## tt_compare (median over seeds {seeds}; cells: median of the sample draws "
         "[floor band 5-95 %] and how many seeds are inside the band)\n\n"
         + table(runs)
         + f"\n\nCommands:\n\n{commands}\n"
     )
     print(text)
-    tmp = args.out / ".table.md.tmp"
+    tmp = out / ".table.md.tmp"
     tmp.write_text(text)
-    tmp.replace(args.out / "table.md")
-    plot(runs, args.out / "suite.png")
-    return text
+    tmp.replace(out / "table.md")
+    plot(runs, out / "suite.png")
 
 
 if __name__ == "__main__":
