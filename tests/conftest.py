@@ -16,6 +16,18 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """``train.run(cfg)`` with ``threads=N`` sets torch's process-wide thread count; restore it
+    so a later in-process run is not silently single-threaded while its subprocess twin is not
+    (CPU results depend on the thread count)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """CIFAR-10 (20/5 per class) and CIFAR-100 (3/2 per class) in one data_dir."""

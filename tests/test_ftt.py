@@ -7,7 +7,8 @@ import torch
 from hydra.utils import instantiate
 
 from lightning_modules.errors import UserError
-from lightning_modules.tt.ftt import FunctionalTT, contract_core
+from lightning_modules.tt.ftt import FunctionalTT
+from lightning_modules.tt.interfaces import contract_core
 
 
 def _batch(shape, n=7, T=100, seed=0, scale=1.0):

@@ -12,7 +12,8 @@ from lightning_modules.errors import UserError
 from lightning_modules.tt import algebra, sweep
 from lightning_modules.tt.als import ALS
 from lightning_modules.tt.dmrg import DMRG
-from lightning_modules.tt.ftt import FunctionalTT, contract_core
+from lightning_modules.tt.ftt import FunctionalTT
+from lightning_modules.tt.interfaces import contract_core
 from lightning_modules.tt.riemannian import RiemannianGD
 
 T = 50

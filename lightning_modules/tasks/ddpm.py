@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from lightning_modules.tasks.common import (
     instantiate_checked,
     log_config,
 )
+from lightning_modules.utils.devices import peak_memory, reset_peak_memory
 from lightning_modules.utils.seeds import derive_seed
 
 log = logging.getLogger("ddpm")
@@ -117,20 +117,6 @@ def build_eps_net(cfg: DictConfig, data: DiffusionData, schedule: NoiseSchedule)
         data_bounds=(lo, hi),
         **extra,
     )
-
-
-def _peak_memory_start(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.init()  # the peak counters cannot be reset before CUDA is initialised
-        torch.cuda.reset_peak_memory_stats(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _peak_memory(device: torch.device) -> tuple[float, str]:
-    """CUDA: max allocated since the reset; CPU: the process's peak resident set (MB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
 
 
 def _dataset_name(cfg: DictConfig) -> str:
@@ -398,7 +384,7 @@ def build(cfg: DictConfig, out_dir: Path) -> Run:
 def train(r: Run) -> None:
     """Fit (resuming from ``checkpoints/last.ckpt`` with ``resume=true``); time and memory."""
     device = r.trainer.strategy.root_device
-    _peak_memory_start(device)
+    reset_peak_memory(device)
     last = r.out_dir / "checkpoints" / "last.ckpt"
     start = time.perf_counter()
     r.trainer.fit(
@@ -407,7 +393,7 @@ def train(r: Run) -> None:
         ckpt_path=str(last) if r.cfg.resume and last.exists() else None,
     )
     r.timings["train_s"] = time.perf_counter() - start - r.sampler.callback_s
-    r.timings["peak_mem_mb"], r.timings["peak_mem_kind"] = _peak_memory(device)
+    r.timings["peak_mem_mb"], r.timings["peak_mem_kind"] = peak_memory(device)
 
 
 def sample(r: Run) -> tuple[list[Tensor], list[Snapshot]]:

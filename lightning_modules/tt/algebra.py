@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from lightning_modules.errors import UserError
-from lightning_modules.tt.ftt import CoreInterfaces
+from lightning_modules.tt.interfaces import CoreInterfaces
 
 Cores = list[torch.Tensor]
 
@@ -255,3 +255,20 @@ def solve_ridge(
     if rhs.dim() == lhs.dim():
         return torch.cholesky_solve(rhs, chol)
     return torch.cholesky_solve(rhs[..., None], chol)[..., 0]
+
+
+def check_ranks(mode_sizes: list[int], ranks: list[int], what: str = "rank") -> None:
+    """UserError if a bond rank exceeds what the modes on either side of it can carry."""
+    left = 1
+    right = [1] * (len(mode_sizes) + 1)
+    for k in range(len(mode_sizes) - 1, -1, -1):
+        right[k] = min(right[k + 1] * mode_sizes[k], 1 << 62)
+    for k in range(1, len(mode_sizes)):
+        left = min(left * mode_sizes[k - 1], 1 << 62)
+        cap = min(left, right[k])
+        if ranks[k] > cap:
+            raise UserError(
+                f"{what}={ranks[k]} is larger than the TT allows at bond {k} (at most {cap}: the "
+                f"product of the mode sizes on its smaller side); lower {what} or raise "
+                "eps_net.num_basis"
+            )

@@ -29,9 +29,10 @@ the model output is linear in ``G_k``::
     y[p, n, j] = Σ_{a, s, b} left[p, n, j, a] * values[n, j, s]
                             * G_k[p, a, index[n, j, s], b] * right[p, n, j, b]
 
-(:func:`contract_core`), with ``y[n]`` in data layout ``y.permute(1, 0, 2).reshape(N, P * J)``.
-Partial products are normalised per sample as they are formed, the scale kept as a float64 log
-(:func:`renormalise`): a product of thousands of cores would otherwise leave the float range.
+(:func:`.interfaces.contract_core`), with ``y[n]`` in data layout
+``y.permute(1, 0, 2).reshape(N, P * J)``. Partial products are normalised per sample as they are
+formed, the scale kept as a float64 log (:func:`.interfaces.renormalise`): a product of
+thousands of cores would otherwise leave the float range.
 ``interfaces(..., normalised=True)`` hands that scale over in ``CoreInterfaces.log_scale``.
 The optimisers use the cached form of the same products (:mod:`.environments`).
 ALS solves for ``G_k`` from this; the Riemannian optimiser uses it for the projected gradient.
@@ -40,15 +41,16 @@ ALS solves for ``G_k`` from this; the Riemannian optimiser uses it for the proje
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lightning_modules.diffusion.skip import fit_skip
 from lightning_modules.errors import UserError
+from lightning_modules.tt.algebra import check_ranks
 from lightning_modules.tt.bases import make_basis
 from lightning_modules.tt.bspline import BSplineBasis
+from lightning_modules.tt.interfaces import CoreInterfaces, renormalise
 
 
 def sinusoidal_encoding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -63,43 +65,6 @@ def sinusoidal_encoding(t: torch.Tensor, dim: int) -> torch.Tensor:
     angles = t.to(torch.float64)[:, None] * freqs[None, :]
     enc = torch.stack([angles.sin(), angles.cos()], dim=-1).reshape(t.shape[0], 2 * half)
     return enc[:, :dim]
-
-
-@dataclass
-class CoreInterfaces:
-    """Everything but core ``k`` of a batch's contraction (see the module docstring's formula).
-
-    With ``log_scale`` set, ``left`` and ``right`` are normalised per sample and the true
-    interfaces are ``left * right * exp(log_scale)``: long trains keep their numbers in range.
-    """
-
-    left: torch.Tensor  # [P, N, J, r_{k-1}]
-    values: torch.Tensor  # [N, J, s]  (J may be 1: broadcast)
-    index: torch.Tensor  # [N, J, s]  int64 slice of core k each value multiplies
-    right: torch.Tensor  # [P, N, J, r_k]
-    log_scale: torch.Tensor | None = None  # [P, N] float64, or None (scale already folded in)
-
-
-def contract_core(core: torch.Tensor, iface: CoreInterfaces) -> torch.Tensor:
-    """``y[p, n, j]`` of the model whose core ``k`` is ``core`` (``[P, r, n_k, r']``)."""
-    slices = core.permute(0, 2, 1, 3)[:, iface.index]  # [P, N, J, s, r, r']
-    matrix = (iface.values[None, ..., None, None] * slices).sum(3)  # [P, N, J, r, r']
-    y = torch.einsum("pnja,pnjab,pnjb->pnj", iface.left, matrix, iface.right)
-    if iface.log_scale is not None:
-        y = y * iface.log_scale.exp().to(y.dtype)[..., None]
-    return y
-
-
-def renormalise(state: torch.Tensor, log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Divide ``state [P, N, ...]`` by its per-(p, n) largest magnitude, adding its log to ``log``.
-
-    The divisor is detached: the value ``state * exp(log)`` and its gradient are unchanged, and
-    a product of thousands of cores neither underflows nor overflows.
-    """
-    norm = state.detach().abs().flatten(2).amax(-1)
-    norm = torch.where(norm > 0, norm, torch.ones_like(norm))  # an exact zero stays zero
-    shape = norm.shape + (1,) * (state.dim() - 2)
-    return state / norm.reshape(shape), log + norm.to(torch.float64).log()
 
 
 # eps_net.output=auto: per-coordinate TTs up to this vector dimension (D TTs of D + 1 cores:
@@ -544,20 +509,3 @@ def _bounds(data_bounds, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         raise UserError("data_bounds are not finite: the training data has NaN or inf values")
     return lo, hi
-
-
-def check_ranks(mode_sizes: list[int], ranks: list[int], what: str = "rank") -> None:
-    """UserError if a bond rank exceeds what the modes on either side of it can carry."""
-    left = 1
-    right = [1] * (len(mode_sizes) + 1)
-    for k in range(len(mode_sizes) - 1, -1, -1):
-        right[k] = min(right[k + 1] * mode_sizes[k], 1 << 62)
-    for k in range(1, len(mode_sizes)):
-        left = min(left * mode_sizes[k - 1], 1 << 62)
-        cap = min(left, right[k])
-        if ranks[k] > cap:
-            raise UserError(
-                f"{what}={ranks[k]} is larger than the TT allows at bond {k} (at most {cap}: the "
-                f"product of the mode sizes on its smaller side); lower {what} or raise "
-                "eps_net.num_basis"
-            )

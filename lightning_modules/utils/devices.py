@@ -1,6 +1,9 @@
-"""The one device rule of the plain loops (teacher, coreset, evaluate; the Trainer has its own)."""
+"""The one device rule of the plain loops (teacher, coreset, evaluate; the Trainer has its own),
+and peak-memory readings per device."""
 
 from __future__ import annotations
+
+import resource
 
 import torch
 
@@ -34,3 +37,18 @@ def resolve_device(accelerator: str | None = "auto") -> torch.device:
             f"device {accelerator!r} asked for but MPS is not available; use auto or cpu"
         )
     return device
+
+
+def reset_peak_memory(device: torch.device) -> float:
+    """Reset CUDA's peak counter; returns the CPU process's peak resident set so far (MB)."""
+    if device.type == "cuda":
+        torch.cuda.init()  # the peak counters cannot be reset before CUDA is initialised
+        torch.cuda.reset_peak_memory_stats(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    """CUDA: max allocated since the reset; CPU: the process's peak resident set (MB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
