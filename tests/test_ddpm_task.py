@@ -249,6 +249,12 @@ def test_bad_input_is_one_line(tmp_path, tiny_data):
             cwd=tmp_path,
         )
         _one_line_error(out, "per_coordinate", "parameters")
+        # a bad optimiser option stops before the Trainer exists (nothing started)
+        out = run_train(
+            *TINY_ROLL, "eps_net=ftt", "ddpm.optimizer=als", "als.samples=many", runs, cwd=tmp_path
+        )
+        _one_line_error(out, "als.samples")
+        assert "GPU available" not in out.stdout + out.stderr
 
     out = run_train(
         *TINY_ROLL,

@@ -344,6 +344,7 @@ def build(cfg: DictConfig, out_dir: Path) -> Run:
         )
         ema = None
     options = stepper_options(cfg, d.optimizer)
+    make_stepper(d.optimizer, eps_net, **options)  # a bad option stops here, before the Trainer
     module = DDPMModule(
         eps_net,
         schedule,
