@@ -124,6 +124,10 @@ def run(cfg: DictConfig) -> dict:
     }
     write_json(out_dir / "summary.json", summary)
     finish_wandb()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # left to interpreter shutdown, gloo's threads can abort the process after the run
+        # ("terminate called without an active exception", seen in a two-node CPU test)
+        torch.distributed.destroy_process_group()
     return summary
 
 
