@@ -231,17 +231,17 @@ def test_launcher_without_the_plugin_is_one_line(monkeypatch):
     assert message and 'pip install -e ".[slurm]"' in message
 
 
-@pytest.mark.slow
-def test_signalled_local_job_is_requeued_and_continues(tiny_data, tmp_path):
-    """submitit's pre-timeout signal (USR2) on a running job: submitit requeues it, the requeued
-    job finds its own run dir holding this run and continues from the last epoch checkpoint."""
+def _signal_local_job(tiny_data, tmp_path, *overrides: str) -> tuple[Path, str]:
+    """Start a ``task=classify`` job under ``hydra/launcher=local``, send its submitit job the
+    pre-timeout signal (USR2) once an epoch checkpoint exists, wait for the (requeued) job to
+    finish; ``(run dir, the jobs' logs in order)``."""
     import glob
     import signal
     import time
 
     cmd = [
         sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=local", "task=classify",
-        "task.epochs=40", *data_args(tiny_data), "dataset.train_per_class=4", "net.width=8", *QUIET,
+        *data_args(tiny_data), "dataset.train_per_class=4", "net.width=8", *overrides, *QUIET,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     proc = subprocess.Popen(
@@ -260,10 +260,18 @@ def test_signalled_local_job_is_requeued_and_continues(tiny_data, tmp_path):
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-3000:]
     (run_dir,) = [Path(p).parents[1] for p in glob.glob(pattern)]
-    assert summary(run_dir)["epochs"] == 40
     logs = "".join(
-        Path(p).read_text() for p in glob.glob(str(run_dir.parent / ".submitit/*/*.out"))
+        Path(p).read_text() for p in sorted(glob.glob(str(run_dir.parent / ".submitit/*/*.out")))
     )
+    return run_dir, logs
+
+
+@pytest.mark.slow
+def test_signalled_local_job_is_requeued_and_continues(tiny_data, tmp_path):
+    """submitit's pre-timeout signal (USR2) on a running job: submitit requeues it, the requeued
+    job finds its own run dir holding this run and continues from the last epoch checkpoint."""
+    run_dir, logs = _signal_local_job(tiny_data, tmp_path, "task.epochs=40")
+    assert summary(run_dir)["epochs"] == 40
     assert "Requeued job" in logs and "already holds this run: continuing it" in logs
 
 
@@ -272,36 +280,8 @@ def test_signalled_job_saves_a_checkpoint_at_the_signal(tiny_data, tmp_path):
     """The requeue signal mid-epoch: the job finishes its training step, writes last.ckpt there
     (not only at the epoch end before), submitit requeues it, and the requeued job continues from
     that step to the end."""
-    import glob
-    import signal
-    import time
-
-    cmd = [
-        sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=local", "task=classify",
-        "task.epochs=30", *data_args(tiny_data), "dataset.train_per_class=4", "net.width=8",
-        "dataset.batch_size=4", *QUIET,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.Popen(
-        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    pattern = str(tmp_path / "outputs/multirun/*/0/checkpoints/last.ckpt")
-    deadline = time.monotonic() + 240
-    while not glob.glob(pattern) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert glob.glob(pattern), "no epoch checkpoint appeared"
-    job = subprocess.run(
-        ["pgrep", "-f", f"submitit.core._submit {tmp_path}"], capture_output=True, text=True
-    ).stdout.split()
-    assert job, "no submitit job process"
-    os.kill(int(job[0]), signal.SIGUSR2)
-    out, err = proc.communicate(timeout=400)
-    assert proc.returncode == 0, err[-3000:]
-    (run_dir,) = [Path(p).parents[1] for p in glob.glob(pattern)]
+    run_dir, logs = _signal_local_job(tiny_data, tmp_path, "task.epochs=30", "dataset.batch_size=4")
     assert summary(run_dir)["epochs"] == 30
-    logs = "".join(
-        Path(p).read_text() for p in sorted(glob.glob(str(run_dir.parent / ".submitit/*/*.out")))
-    )
     saved = logs.index("on the requeue signal; submitit requeues the job")
     assert saved < logs.index("Requeued job") < logs.index("already holds this run")
     step = int(logs[:saved].rsplit("at step ", 1)[1].split()[0])
