@@ -54,7 +54,6 @@ METHODS = {
         "eps_net=ftt",
         "eps_net.init=linear",
         "ddpm.optimizer=riemannian",
-        "riemannian.lr=300",
         "ddpm.steps=1500",
         "ddpm.ema=null",
     ],

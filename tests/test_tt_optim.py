@@ -239,6 +239,8 @@ def test_tangent_cores_and_rounding():
     torch.testing.assert_close(
         full_tensor(block), full_tensor(cores) + 0.3 * tangent_dense(left, right, deltas)
     )
+    alone = tangent_to_cores(left, right, deltas, 0.3, point=False)  # the tangent vector alone
+    torch.testing.assert_close(full_tensor(alone), 0.3 * tangent_dense(left, right, deltas))
     # rounding a TT that has rank 3 stored at rank 6 is exact
     padded = tangent_to_cores(left, right, [torch.zeros_like(d) for d in deltas], 1.0)
     rounded, kept = round_tt(padded, 3)
@@ -269,10 +271,30 @@ def test_riemannian_with_backtracking_never_increases_the_loss_and_keeps_the_ran
         assert s.shape[-1] == model.rank and float(s.min()) > 1e-8 * float(s.max())
 
 
-def test_riemannian_fixed_step_takes_lr():
+def test_riemannian_fixed_step_takes_lr_times_the_line_minimiser():
     _, model, draw = _problem(2, "core", "per_coordinate")
     stats = RiemannianGD(model, lr=0.25, armijo=False).step(*draw())
-    assert stats["step_size"] == 0.25 and stats["backtracks"] == 0
+    assert stats["line_minimiser"] > 0 and stats["backtracks"] == 0
+    assert stats["step_size"] == pytest.approx(0.25 * stats["line_minimiser"], rel=1e-12)
+
+
+@pytest.mark.parametrize("dim,time,output", LAYOUTS)
+def test_line_minimiser_is_the_vertex_of_the_loss_along_the_tangent_line(dim, time, output):
+    """Before retraction the batch loss along ``X - α ξ`` is a parabola in ``α``: its values at
+    0 and 2α* are equal and the one at α* is below both (a wrong α* breaks the symmetry)."""
+    _, model, draw = _problem(dim, time, output)
+    x, t, eps = draw()
+    opt, target = RiemannianGD(model), model.from_data_layout(eps)
+    cores = [c.detach() for c in model.cores]
+    left, right, deltas, _ = opt.riemannian_gradient(cores, x, t, target)
+    best = opt.line_minimiser(cores, left, right, deltas, x, t, target, lambda v: v)
+
+    def loss(alpha):
+        return opt._loss(tangent_to_cores(left, right, deltas, -alpha), x, t, target, lambda v: v)
+
+    assert best > 0
+    assert loss(0.0) == pytest.approx(loss(2 * best), rel=1e-8)
+    assert loss(best) < loss(0.9 * best) and loss(best) < loss(1.1 * best) < loss(0.0)
 
 
 def test_riemannian_without_descent_is_a_user_error():

@@ -89,7 +89,6 @@ def test_hydra_multirun_over_rank_offline(tmp_path):
         "eps_net=ftt",
         "eps_net.rank=2,3",
         "ddpm.optimizer=riemannian",
-        "riemannian.lr=300",
         "eps_net.init=linear",
         *TINY,
         f"paths.runs_dir={tmp_path / 'outputs'}",

@@ -11,7 +11,10 @@ and for the Euclidean gradient ``Z = Σ_n w_n φ(u_n)`` of the loss (``w = dLoss
 the gradient in core ``k`` at the mixed canonical form: :func:`~.algebra.core_gradient` with
 interfaces built from ``U`` on the left and ``V`` on the right. The components are mutually
 orthogonal, so ``||grad||² = Σ_k ||δ_k||²``. A step ``X - α ξ`` is a TT of rank ``2r`` (block
-cores) and TT-SVD rounding retracts it back to rank ``r``. Computations run in float64.
+cores) and TT-SVD rounding retracts it back to rank ``r``. The step size is relative: a fraction
+``riemannian.lr`` of the exact minimiser of the batch loss along the line ``X - α ξ`` (the loss is
+quadratic there; the output of ``ξ``, itself a rank-``2r`` TT, gives the minimiser in closed form).
+Computations run in float64.
 
 Long trains: ``U`` and ``V`` are kept in the scaled-orthogonal gauge of :mod:`.sweep`
 (``U_k = c_k Û_k``, ``Û_k`` orthonormal), so their interfaces stay in range. With
@@ -89,22 +92,26 @@ def tangent_dense(left_cores: Cores, right_cores: Cores, deltas: Cores) -> torch
     return sum(full_tensor(left_cores[:k] + [deltas[k]] + right_cores[k + 1 :]) for k in range(K))
 
 
-def tangent_to_cores(left_cores: Cores, right_cores: Cores, deltas: Cores, scale: float) -> Cores:
-    """``X + scale · Σ_k U_<k δ_k V_>k`` as a TT of rank ``2r`` (block cores).
+def tangent_to_cores(
+    left_cores: Cores, right_cores: Cores, deltas: Cores, scale: float, *, point: bool = True
+) -> Cores:
+    """``X + scale · Σ_k U_<k δ_k V_>k`` as a TT of rank ``2r`` (block cores); with
+    ``point=False`` the tangent vector ``scale · Σ_k U_<k δ_k V_>k`` alone (same blocks, the last
+    one without ``X``).
 
     ``left_cores`` is the left-orthogonal form of ``X`` (its last core carries ``X``'s norm), and
     ``right_cores`` the right-orthogonal one (its first core is not used).
     """
     K = len(deltas)
     if K == 1:
-        return [left_cores[0] + scale * deltas[0]]
+        return [left_cores[0] * point + scale * deltas[0]]
     cores = []
     for k in range(K):
         u, d = left_cores[k], scale * deltas[k]
         if k == 0:
             cores.append(torch.cat([d, u], dim=-1))
         elif k == K - 1:
-            cores.append(torch.cat([right_cores[k], u + d], dim=1))
+            cores.append(torch.cat([right_cores[k], u + d if point else d], dim=1))
         else:
             v = right_cores[k]
             top = torch.cat([v, torch.zeros_like(u)], dim=-1)
@@ -118,13 +125,15 @@ class RiemannianGD:
 
     Args:
         net: the FTT; its cores are overwritten in place by each accepted step.
-        lr: the step size ``α`` (``riemannian.lr``): fixed without Armijo, the first trial of
-            every step with it. Its scale is that of the loss (a mean over samples and
-            coordinates), whose gradient is small: hundreds suit the 2-D swiss roll.
-        armijo: backtrack from ``lr`` until ``f(R(X - α ξ)) <= f(X) - c α ||ξ||²`` on the step's
-            batch (``riemannian.armijo``); ``False`` takes the fixed step ``lr``. Growing the
-            trial step beyond ``lr`` (as deterministic line searches do) was tried and dropped:
-            on a minibatch it accepts steps that fit the batch and hurt the population loss.
+        lr: the relative step (``riemannian.lr``): each step's first trial is
+            ``α = lr · α*``, where ``α*`` minimises the batch loss along the tangent line
+            (:meth:`line_minimiser`); fixed at that without Armijo. A relative step does not
+            depend on the gradient's scale, which shrinks like ``num_basis^(-K/2)`` with the number
+            of cores ``K`` (an absolute step that suits 3 cores does not move 33: no descent at
+            D = 30). ``α*`` fits the batch exactly along the line; fractions of it (0.01-0.1)
+            average over batches as a learning rate does.
+        armijo: backtrack from ``lr · α*`` until ``f(R(X - α ξ)) <= f(X) - c α ||ξ||²`` on the
+            step's batch (``riemannian.armijo``); ``False`` takes the step ``lr · α*``.
         shrink: factor applied to ``α`` per backtrack (``riemannian.shrink``).
         max_backtracks: backtracks before giving up (``riemannian.max_backtracks``): a
             :class:`UserError` (one line: lower ``riemannian.lr``), since no descent from a nonzero
@@ -136,14 +145,14 @@ class RiemannianGD:
         self,
         net: FunctionalTT,
         *,
-        lr: float = 0.5,
+        lr: float = 0.03,
         armijo: bool = True,
         shrink: float = 0.5,
         max_backtracks: int = 20,
         armijo_c: float = 1e-4,
     ):
         if lr <= 0:
-            raise UserError(f"riemannian.lr={lr}: the step size must be > 0")
+            raise UserError(f"riemannian.lr={lr}: the relative step must be > 0")
         if not 0 < shrink < 1:
             raise UserError(f"riemannian.shrink={shrink}: use a factor in (0, 1), e.g. 0.5")
         if max_backtracks < 0:
@@ -206,14 +215,25 @@ class RiemannianGD:
         self._grad_sq = float(grad_sq)
         return left.cores, right.cores, deltas, loss
 
+    def line_minimiser(self, cores, left, right, deltas, x_t, t, target, reduce_sum) -> float:
+        """``α* = <y - target, dy> / <dy, dy>``: the step that minimises the batch loss along
+        ``X - α ξ`` before retraction (the loss is quadratic in ``α`` there), with ``dy`` the
+        output of the tangent vector ``ξ`` (a rank-``2r`` TT). It carries the scale of the
+        gradient, which shrinks like ``num_basis^(-K/2)`` with the number of cores ``K``."""
+        net = self.net
+        residual = net.evaluate(x_t, t, cores=cores) - target
+        dy = net.evaluate(x_t, t, cores=tangent_to_cores(left, right, deltas, 1.0, point=False))
+        along, curvature = reduce_sum((residual * dy).sum()), reduce_sum((dy * dy).sum())
+        return float(along / curvature) if curvature > 0 else 0.0
+
     def step(
         self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, reduce_sum=_identity
     ) -> dict:
         """One Riemannian step on the batch.
 
         Returns:
-            ``loss`` (before the step), ``loss_after``, ``step_size``, ``grad_norm`` and
-            ``backtracks``.
+            ``loss`` (before the step), ``loss_after``, ``step_size`` (``α``),
+            ``line_minimiser`` (``α*``), ``grad_norm`` and ``backtracks``.
         """
         net = self.net
         cores = [c.detach().to(torch.float64) for c in net.cores]
@@ -225,7 +245,9 @@ class RiemannianGD:
         if grad_sq == 0.0:
             stats["loss_after"] = loss
             return stats  # a stationary point: nothing to do
-        alpha = self.lr
+        best = self.line_minimiser(cores, left, right, deltas, x_t, t, target, reduce_sum)
+        stats["line_minimiser"] = best
+        alpha = self.lr * best
         for attempt in range(self.max_backtracks + 1):
             step = tangent_to_cores(left, right, deltas, -alpha)
             if not all(torch.isfinite(c).all() for c in step):
