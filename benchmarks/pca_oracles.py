@@ -12,7 +12,11 @@ Rows (each draw is as large as the reference sample):
 * independent marginals: each coordinate drawn from its own training values, independently (the
   best any model whose coordinates are independent can do; PCA latents are uncorrelated, so this
   is also the best Gaussian-copula model);
-* Gaussian: the training mean and covariance (what a Gaussian / PCA skip samples).
+* Gaussian: the training mean and covariance (what a Gaussian / PCA skip samples);
+* radial denoiser: a trained noise model of the form ``ε̂ = x_t · (σ_t + φ(log |x_t|², t))``
+  (the unit-variance Gaussian skip plus a small MLP ``φ`` of the norm and time: 4,417
+  parameters, 2,000 Adam steps), sampled by the project's ancestral chain at 200 and 1000 steps:
+  what a model that captures the radial law and nothing else achieves.
 """
 
 from __future__ import annotations
@@ -31,6 +35,50 @@ sys.path.insert(0, str(ROOT))
 
 from datamodules.cifar_pca import CIFARPCADataModule  # noqa: E402
 from lightning_modules.diffusion.metrics import floor_bands, vector_sample_metrics  # noqa: E402
+from lightning_modules.diffusion.schedules import NoiseSchedule  # noqa: E402
+
+
+class RadialDenoiser(torch.nn.Module):
+    """``ε̂ = x_t · (σ_t + φ(log mean(x_t²), t / T))`` for standardised data (module docstring)."""
+
+    def __init__(self, schedule: NoiseSchedule, hidden: int = 64):
+        super().__init__()
+        self.register_buffer("sigma", (1 - schedule.alpha_bar).sqrt().float())
+        self.timesteps = schedule.timesteps
+        self.phi = torch.nn.Sequential(
+            torch.nn.Linear(2, hidden),
+            torch.nn.SiLU(),
+            torch.nn.Linear(hidden, hidden),
+            torch.nn.SiLU(),
+            torch.nn.Linear(hidden, 1),
+        )
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        features = torch.stack([x_t.square().mean(1).log(), t.float() / self.timesteps], 1)
+        return x_t * (self.sigma[t][:, None] + self.phi(features))
+
+
+def radial_samples(train: torch.Tensor, n: int, steps_list, draws: int, seed: int) -> dict:
+    """Train a :class:`RadialDenoiser` on ``train`` and sample ``draws`` x ``n`` per step count."""
+    torch.manual_seed(seed)
+    schedule = NoiseSchedule.from_config("linear", 1000)
+    net = RadialDenoiser(schedule)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(seed)
+    x = train.float()
+    for _ in range(2000):
+        loss = schedule.loss(net, x[torch.randint(len(x), (256,), generator=g)], g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    box = (x.min(0).values, x.max(0).values)  # the task's clip for vector data
+    return {
+        f"radial denoiser, {steps} ancestral steps": lambda steps=steps: [
+            schedule.sample(net, n, (x.shape[1],), g, steps=steps, clip=box)[0].double()
+            for _ in range(draws)
+        ]
+        for steps in steps_list
+    }
 
 
 def surrogates(train: torch.Tensor, n: int, g: torch.Generator) -> dict:
@@ -90,11 +138,14 @@ def main(argv=None) -> str:
         train, ref = dm.train_x.double(), dm.reference_x.double()
         floors = floor_bands(ref, train, len(ref), seed=args.seed)
         g = torch.Generator().manual_seed(args.seed)
-        for name, draw in surrogates(train, len(ref), g).items():
+        rows = {
+            name: lambda draw=draw: [draw() for _ in range(args.draws)]
+            for name, draw in surrogates(train, len(ref), g).items()
+        }
+        rows |= radial_samples(train, len(ref), (200, 1000), args.draws, args.seed)
+        for name, draws in rows.items():
             start = time.perf_counter()
-            m = vector_sample_metrics(
-                [draw() for _ in range(args.draws)], ref, train, floors=floors, seed=args.seed
-            )
+            m = vector_sample_metrics(draws(), ref, train, floors=floors, seed=args.seed)
             cells = [
                 f"{m[k]:.4g} [{m[k + '_floor_lo']:.4g}, {m[k + '_floor_hi']:.4g}]"
                 for k in ("sw", "sinkhorn", "mmd")
