@@ -84,6 +84,23 @@ def _check_options(name: str, options: dict) -> None:
         raise UserError(f"the {name} block lacks {missing} (defaults: conf/task/ddpm.yaml)")
 
 
+# Riemannian GD with a skip starts from the TT times this: near the skip alone, not at the identity
+# init's constant output 1 (a normalised residual of 1 everywhere: loss 2 instead of 1)
+RIEMANNIAN_START_SCALE = 1e-3
+
+
+def start_at_the_skip(net: FunctionalTT, shrink: bool) -> None:
+    """Fix a fresh FTT's gain (0 at init) at 1, so the TT alone fits the skip's normalised residual
+    (:meth:`FunctionalTT.tt_target`); with ``shrink`` also scale its last core by
+    :data:`RIEMANNIAN_START_SCALE`. ALS and DMRG solve for each core and leave such a start in
+    their first sweep; Riemannian steps move gradually from it. A gain already set (a resumed or
+    rebuilt stepper) is left alone, so this runs once per model."""
+    with torch.no_grad():
+        net.out_gain.fill_(1.0)
+        if shrink:
+            net.cores[-1].mul_(RIEMANNIAN_START_SCALE)
+
+
 def make_tt_stepper(name: str, eps_net, **options) -> SweepStepper | RiemannianStepper:
     """The ALS, DMRG or Riemannian stepper for an FTT noise model with keyword ``options``.
 
@@ -98,9 +115,8 @@ def make_tt_stepper(name: str, eps_net, **options) -> SweepStepper | RiemannianS
             f"ddpm.optimizer={name} needs eps_net=ftt (the noise model here is "
             f"{type(eps_net).__name__}); use eps_net=ftt, or ddpm.optimizer=adam for this model"
         )
-    if eps_net.skip is not None:  # the TT fits the normalised residual with the gain fixed at 1
-        with torch.no_grad():
-            eps_net.out_gain.fill_(1.0)
+    if eps_net.skip is not None and float(eps_net.out_gain) == 0.0:
+        start_at_the_skip(eps_net, shrink=name == "riemannian")
     _check_options(name, options)
     if name == "riemannian":
         return RiemannianStepper(eps_net, **options)
