@@ -1,5 +1,6 @@
 """The second paper's experiment plan: FTT noise models trained by Adam, ALS and Riemannian GD
-against the ResNet-MLP trained by Adam, on the 2-D swiss roll (DDPM, linear β, T = 1000).
+against the ResNet-MLP trained by Adam, on the 2-D swiss roll or any density of the toy suite
+(``--dataset moons|circles|8gaussians|checkerboard|pinwheel|2spirals``; DDPM, linear β, T = 1000).
 
 Every command prints a Markdown table and writes ``table.md``, ``results.json`` and PNG plots to
 ``--out`` (default ``outputs/tt_study/<command>``); ``--wandb`` also logs them to W&B (offline
@@ -7,7 +8,8 @@ unless WANDB_MODE says otherwise). Training runs in-process on the plain-torch m
 Lightning), so time is the optimiser's own; quality is the sliced Wasserstein distance (SW) of
 ``--eval-samples`` samples from the full 1000-step ancestral sampler against the held-out
 reference, beside its floor (real vs real at the same size), plus MMD and the number of
-samples that ran away (``far``: ``max |x| > 4``; SW is dominated by such outliers).
+samples that ran away (``far``: ``max |x| > 4``; SW is dominated by such outliers) and, for the
+suite's densities, the structure metric (``mode_share``, beside the reference sample's own).
 
     python benchmarks/tt_study.py capacity        # rank x num_basis (x time): SW, params, time
     python benchmarks/tt_study.py optim           # ridge / samples (ALS), lr (Riemannian, Adam)
@@ -15,6 +17,7 @@ samples that ran away (``far``: ``max |x| > 4``; SW is dominated by such outlier
     python benchmarks/tt_study.py convergence     # loss and SW vs wall time and FLOPs
     python benchmarks/tt_study.py cost            # analytic FLOPs per step, s/step, peak memory
     python benchmarks/tt_study.py convergence --budget 120 --eval-samples 2000   # larger
+    python benchmarks/tt_study.py convergence --dataset checkerboard              # another density
 
 Each default run takes one to three minutes on a 2-core CPU.
 """
@@ -55,19 +58,26 @@ FAR = 4.0  # |x| beyond this in standardised units is a runaway sample (the data
 # ---------------------------------------------------------------------------------- the problem
 @dataclass
 class Problem:
-    """Standardised swiss roll, the forward process and the metrics."""
+    """A standardised density (``conf/dataset/<dataset>.yaml``), the forward process and the
+    metrics; ``dim`` is the swiss roll's (2 or 3)."""
 
     dim: int = 2
     seed: int = 0
     eval_samples: int = 1000
+    dataset: str = "swiss_roll"
     train: torch.Tensor = field(init=False)
     reference: torch.Tensor = field(init=False)
 
     def __post_init__(self):
-        from datamodules.vectors import SwissRollDataModule
+        from hydra.utils import instantiate
 
-        dm = SwissRollDataModule(dim=self.dim, seed=self.seed)
+        cfg = OmegaConf.load(ROOT / "conf" / "dataset" / f"{self.dataset}.yaml")
+        cfg.seed = self.seed
+        if self.dataset == "swiss_roll":
+            cfg.dim = self.dim
+        self.dm = dm = instantiate(cfg)
         dm.setup()
+        self.dim = dm.dim
         self.train, self.reference = dm.train_x, dm.reference_x
         self.schedule = NoiseSchedule.from_config("linear", 1000)
         self.bounds = (self.train.amin(0), self.train.amax(0))
@@ -93,6 +103,11 @@ class Problem:
         m = metrics.vector_sample_metrics(samples, self.reference, self.train, seed=seed)
         far = samples.abs().amax(1) > FAR
         m["far"] = int(far.sum())
+        structure = getattr(self.dm, "structure_metric", None)
+        own = structure(self.dm.to_data_space(self.reference)) if structure else None
+        if own is not None:
+            m["mode_share"] = structure(self.dm.to_data_space(samples))["mode_share"]
+            m["mode_share_data"] = own["mode_share"]
         m["sw_without_far"] = (
             metrics.vector_sample_metrics(samples[~far], self.reference, self.train, seed=seed)[
                 "sw"
@@ -140,7 +155,7 @@ class Method:
             self.step_flops = als_sweep_flops(net, self.als.samples)
         elif name == "riemannian":
             self.gd = RiemannianGD(
-                net, lr=float(opts.get("lr", 300.0)), armijo=bool(opts.get("armijo", True))
+                net, lr=float(opts.get("lr", 0.03)), armijo=bool(opts.get("armijo", True))
             )
         else:
             raise ValueError(name)
@@ -286,7 +301,7 @@ def samples_for(net: FunctionalTT, per_unknown: int, low: int = 8192, high: int 
 
 def cmd_capacity(args) -> str:
     """rank x num_basis (x time) for ALS-trained FTTs: quality, parameters, time."""
-    problem = Problem(eval_samples=args.eval_samples)
+    problem = Problem(eval_samples=args.eval_samples, dataset=args.dataset)
     rows = []
     for time_mode in args.times:
         for m in args.num_basis:
@@ -368,7 +383,7 @@ def cmd_capacity(args) -> str:
 
 def cmd_optim(args) -> str:
     """Optimiser parameters: ALS ridge and samples, Riemannian lr (Armijo on/off), Adam lr."""
-    problem = Problem(eval_samples=args.eval_samples)
+    problem = Problem(eval_samples=args.eval_samples, dataset=args.dataset)
     rows = []
     runs = [("als", dict(ridge=r, samples=args.als_samples), f"ridge={r:g}") for r in args.ridges]
     runs += [
@@ -469,7 +484,7 @@ def _filter_normalised(
 
 def cmd_landscape(args) -> str:
     """Loss along 1-D and 2-D random filter-normalised slices around trained nets."""
-    problem = Problem(eval_samples=args.eval_samples)
+    problem = Problem(eval_samples=args.eval_samples, dataset=args.dataset)
     ftt = build_ftt(problem, rank=args.rank, num_basis=args.num_basis)
     train(Method("als", ftt, problem, samples=args.als_samples), steps=args.sweeps)
     resnet = build_resnet(problem)
@@ -553,7 +568,7 @@ def cmd_landscape(args) -> str:
 
 def cmd_convergence(args) -> str:
     """Validation loss and SW against wall time and FLOPs for the four methods."""
-    problem = Problem(eval_samples=args.eval_samples)
+    problem = Problem(eval_samples=args.eval_samples, dataset=args.dataset)
     setups = {
         "FTT + Adam": lambda: (
             "adam",
@@ -591,6 +606,8 @@ def cmd_convergence(args) -> str:
                     "sw_without_far": q["sw_without_far"],
                     "far": q["far"],
                     "sw_floor": q["sw_floor"],
+                    "mode_share": q.get("mode_share"),
+                    "mode_share_data": q.get("mode_share_data"),
                 }
             )
             print(f"  {label}: {wall:.1f} s, step {step}, sw {q['sw']:.3f}", flush=True)
@@ -612,6 +629,7 @@ def cmd_convergence(args) -> str:
                 "sw_without_far": last["sw_without_far"],
                 "far": last["far"],
                 "best_sw": min(p["sw"] for p in points),
+                "mode_share": last["mode_share"],
             }
         )
     floor = traces[args.methods[0]]["points"][-1]["sw_floor"]
@@ -629,7 +647,7 @@ def cmd_convergence(args) -> str:
         axes[1, col].set(xscale="log", yscale="log", xlabel=xlabel, ylabel="sliced Wasserstein")
         axes[1, col].axhline(floor, color="k", ls="--", lw=0.8, label="SW floor")
         axes[1, col].legend(fontsize=7)
-    fig.suptitle("2-D swiss roll: convergence (evaluation time not charged)")
+    fig.suptitle(f"{problem.dataset}: convergence (evaluation time not charged)")
     pic = save_fig(fig, args.out / "convergence.png")
     cols = [
         "method",
@@ -642,14 +660,17 @@ def cmd_convergence(args) -> str:
         "sw_without_far",
         "far",
         "best_sw",
+        "mode_share",
     ]
     note = (
         f"Budget {args.budget:g} s of training per method; SW of {args.eval_samples} samples "
         f"(floor {floor:.3f}); FTT rank {args.rank}, m {args.num_basis}, time=core; ALS "
-        f"{args.als_samples} samples a sweep; Riemannian lr {args.riem_lr:g} with Armijo from "
-        "init=linear; Adam lr 1e-2 "
-        "(FTT) / 2e-3 (ResNet), batch 256."
+        f"{args.als_samples} samples a sweep; Riemannian relative step {args.riem_lr:g} with "
+        "Armijo from init=linear; Adam lr 1e-2 (FTT) / 2e-3 (ResNet), batch 256."
     )
+    own = traces[args.methods[0]]["points"][-1]["mode_share_data"]
+    if own is not None:
+        note += f" The reference sample's own mode share: {own:.3f}."
     return finish(
         args,
         "convergence",
@@ -665,7 +686,7 @@ def _memory_child(queue, label: str, args_dict: dict) -> None:
     """In a fresh process: build the method, then the peak RSS added by its steps."""
     torch.set_num_threads(1)
     args = argparse.Namespace(**args_dict)
-    problem = Problem()
+    problem = Problem(dataset=args.dataset)
     method = _cost_method(label, problem, args)
     problem.draw(args.batch)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -691,7 +712,7 @@ def _cost_method(label: str, problem: Problem, args) -> Method:
         return Method("adam", build_resnet(problem), problem, lr=2e-3, batch=args.batch)
     net = build_ftt(problem, rank=args.rank, num_basis=args.num_basis, init="linear")
     name = {"FTT + Adam": "adam", "FTT + ALS": "als", "FTT + Riemannian": "riemannian"}[label]
-    opts = dict(batch=args.batch, lr=1e-2 if name == "adam" else 300.0)
+    opts = dict(batch=args.batch, lr=1e-2 if name == "adam" else 0.03)
     if name == "als":
         opts.update(samples=args.als_samples, chunk=args.batch)
     return Method(name, net, problem, **opts)
@@ -699,7 +720,7 @@ def _cost_method(label: str, problem: Problem, args) -> Method:
 
 def cmd_cost(args) -> str:
     """Analytic FLOPs per step, measured seconds per step and peak memory per method."""
-    problem = Problem()
+    problem = Problem(dataset=args.dataset)
     rows = []
     ctx = mp.get_context("spawn")
     for label in ("FTT + Adam", "FTT + ALS", "FTT + Riemannian", "ResNet + Adam"):
@@ -775,6 +796,7 @@ def main(argv=None) -> str:
     )
     parser.add_argument("--wandb", action="store_true", help="also log the table and plots to W&B")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dataset", default="swiss_roll", help="a 2-D density of conf/dataset")
     parser.add_argument("--eval-samples", type=int, default=1000)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--num-basis", type=int, default=16)
@@ -791,7 +813,7 @@ def main(argv=None) -> str:
     # optim
     parser.add_argument("--ridges", type=float, nargs="+", default=[1e-8, 1e-6, 1e-3, 1e-1])
     parser.add_argument("--samples", type=int, nargs="+", default=[8192, 32768])
-    parser.add_argument("--riem-lrs", type=float, nargs="+", default=[30.0, 300.0, 3000.0])
+    parser.add_argument("--riem-lrs", type=float, nargs="+", default=[0.01, 0.03, 0.3])
     parser.add_argument("--riem-steps", type=int, default=300)
     parser.add_argument("--adam-lrs", type=float, nargs="+", default=[1e-3, 1e-2, 1e-1])
     parser.add_argument("--adam-steps", type=int, default=600)
@@ -803,7 +825,7 @@ def main(argv=None) -> str:
     parser.add_argument("--steps2d", type=int, default=17)
     # convergence
     parser.add_argument("--budget", type=float, default=20.0, help="training seconds per method")
-    parser.add_argument("--riem-lr", type=float, default=300.0)
+    parser.add_argument("--riem-lr", type=float, default=0.03)
     parser.add_argument(
         "--methods",
         nargs="+",
@@ -814,7 +836,7 @@ def main(argv=None) -> str:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    args.out = args.out or ROOT / "outputs" / "tt_study" / args.command
+    args.out = args.out or ROOT / "outputs" / "tt_study" / args.dataset / args.command
     args.out.mkdir(parents=True, exist_ok=True)
     if args.command == "capacity":
         args.num_basis = args.num_basis_list
