@@ -90,7 +90,7 @@ def row(dim: int, rank: int, args) -> dict:
     cores, target = [c.detach() for c in net.cores], net.from_data_layout(eps)
     left, right, deltas, _ = gd.riemannian_gradient(cores, x_t, t, target)
     out["line_search_s"] = _seconds(
-        lambda: gd.line_minimiser(cores, left, right, deltas, x_t, t, target, lambda v: v)
+        lambda: gd.line_minimiser(left, right, deltas, gd._grad_sq, x_t, t, target, lambda v: v)
     )
     out["riemannian_s"] = _seconds(lambda: gd.step(x_t, t, eps))
     if dim * rank <= args.before_budget:

@@ -154,7 +154,7 @@ def test_tt_optimisers_fit_the_skips_normalised_residual():
     torch.testing.assert_close(net(x_t, t).reshape(len(x), -1), skip + c_out * tt_out())
 
 
-def test_riemannian_with_a_skip_starts_at_the_skip_and_a_set_gain_is_kept():
+def test_riemannian_with_a_skip_starts_at_the_skip_and_a_set_gain_is_folded_into_the_tt():
     """The identity init outputs 1: as the skip's normalised residual that is a loss of 2 for
     Riemannian steps to walk back from. It starts near the skip alone instead, once per model."""
     x, schedule = _tiny_images(), NoiseSchedule.from_config("linear", 100)
@@ -171,14 +171,16 @@ def test_riemannian_with_a_skip_starts_at_the_skip_and_a_set_gain_is_kept():
     stats = stepper.step(lambda: (x_t, t, eps))
     assert stats["loss"] == pytest.approx(skip_alone, rel=1e-2)
     assert stats["loss_after"] < stats["loss"]
-    # a resumed or rebuilt stepper (gain already set) changes nothing, and keeps a learnt gain
-    kept = net.evaluate(x_t, t).detach()
+    # a resumed or rebuilt stepper changes nothing; a learnt gain is folded into the TT
+    kept = net(x_t, t).detach()
     make_tt_stepper("riemannian", net, **options)
-    torch.testing.assert_close(net.evaluate(x_t, t).detach(), kept)
+    torch.testing.assert_close(net(x_t, t).detach(), kept)
     with torch.no_grad():
-        net.out_gain.fill_(0.3)
+        net.out_gain.fill_(0.3)  # as Adam might leave it
+    learnt = net(x_t, t).detach()
     make_tt_stepper("als", net, ridge=1e-6, sweeps=1, samples=16, batch=16, fixed=True)
-    assert float(net.out_gain) == pytest.approx(0.3)
+    assert float(net.out_gain) == 1.0
+    torch.testing.assert_close(net(x_t, t).detach(), learnt)  # the same function
 
 
 def test_core_lr_scale_sets_the_cores_learning_rate():

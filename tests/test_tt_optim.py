@@ -257,7 +257,9 @@ def test_riemannian_with_backtracking_never_increases_the_loss_and_keeps_the_ran
 ):
     truth, model, draw = _problem(dim, time, output, n=256)
     x, t, eps = draw()
-    opt = RiemannianGD(model, lr=1e4, armijo=True, shrink=0.5, max_backtracks=40)  # lr far too big
+    opt = RiemannianGD(model, lr=1.0, armijo=True, shrink=0.5, max_backtracks=40)
+    exact = opt.line_minimiser
+    opt.line_minimiser = lambda *args: 1e4 * exact(*args)  # a first trial far too big
     losses, backtracks = [], 0
     for _ in range(25):
         stats = opt.step(x, t, eps)
@@ -287,7 +289,7 @@ def test_line_minimiser_is_the_vertex_of_the_loss_along_the_tangent_line(dim, ti
     opt, target = RiemannianGD(model), model.from_data_layout(eps)
     cores = [c.detach() for c in model.cores]
     left, right, deltas, _ = opt.riemannian_gradient(cores, x, t, target)
-    best = opt.line_minimiser(cores, left, right, deltas, x, t, target, lambda v: v)
+    best = opt.line_minimiser(left, right, deltas, opt._grad_sq, x, t, target, lambda v: v)
 
     def loss(alpha):
         return opt._loss(tangent_to_cores(left, right, deltas, -alpha), x, t, target, lambda v: v)
@@ -299,8 +301,28 @@ def test_line_minimiser_is_the_vertex_of_the_loss_along_the_tangent_line(dim, ti
 
 def test_riemannian_without_descent_is_a_user_error():
     _, model, draw = _problem(2, "core", "per_coordinate")
+    opt = RiemannianGD(model, lr=1.0, max_backtracks=0)
+    exact = opt.line_minimiser
+    opt.line_minimiser = lambda *args: 1e9 * exact(*args)
     with pytest.raises(UserError, match="no descent after 0 backtracks.*lower riemannian.lr"):
-        RiemannianGD(model, lr=1e9, max_backtracks=0).step(*draw())
+        opt.step(*draw())
+
+
+@pytest.mark.parametrize("lr", [0.0, 1.5])
+def test_riemannian_lr_outside_0_1_is_refused(lr):
+    _, model, _ = _problem(2, "core", "per_coordinate")
+    with pytest.raises(UserError, match=r"riemannian.lr=.*in \(0, 1\]"):
+        RiemannianGD(model, lr=lr)
+
+
+def test_a_tangent_without_output_is_no_step():
+    _, model, draw = _problem(2, "core", "per_coordinate")
+    opt = RiemannianGD(model)
+    opt.line_minimiser = lambda *args: 0.0
+    before = [c.detach().clone() for c in model.cores]
+    stats = opt.step(*draw())
+    assert stats["step_size"] == 0.0 and stats["loss_after"] == stats["loss"]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.cores))
 
 
 def test_rank_larger_than_the_core_dimensions_allow():

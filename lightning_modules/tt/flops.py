@@ -16,21 +16,22 @@ def basis_flops(degree: int) -> int:
     return 4 * s * s + 6
 
 
-def ftt_forward_flops(net) -> int:
-    """Forward FLOPs of one sample through :class:`~lightning_modules.tt.ftt.FunctionalTT`.
+def ftt_forward_flops(net, ranks: list[int] | None = None) -> int:
+    """Forward FLOPs of one sample through :class:`~lightning_modules.tt.ftt.FunctionalTT`
+    (at its own bond ranks, or at ``ranks``: e.g. the rank-``2r`` tangent of a Riemannian step).
 
     Per TT and spline site: ``2 s r r'`` to mix the ``s`` active slices into an ``r x r'`` matrix
     and ``2 r r'`` to apply it to the running interface vector; the output core costs
     ``J (2 r r' + 2 r')`` (one bilinear form per output).
     """
-    s = net.x_basis.active
+    s, ranks = net.x_basis.active, net.ranks if ranks is None else ranks
     flops = 0
     spline_inputs = net.dim + (1 if net.time_mode == "core" else 0)
     flops += spline_inputs * basis_flops(net.degree)
     if net.time_mode == "additive":
         flops += 4 * net.dim  # sin/cos and the addition
     for k, (kind, _) in enumerate(net.sites):
-        r0, r1 = net.ranks[k], net.ranks[k + 1]
+        r0, r1 = ranks[k], ranks[k + 1]
         if kind == "out":
             flops += net.num_tts * net.num_outputs * (2 * r0 * r1 + 2 * r1)
         else:
@@ -137,8 +138,9 @@ def riemannian_step_flops(net, batch: int, trials: int = 1) -> int:
 
     Two orthogonalisations with their cached environments, the forward pass, the gradient of
     every core from its two environments (``2 s r r'`` per sample, ``2 J r r'`` at the output
-    core), the tangent projection ``4 r n r'²`` per core, and per trial the rounding of the
-    rank-``2r`` TT (QR sweep plus truncated SVD sweep) and a forward pass.
+    core), the tangent projection ``4 r n r'²`` per core, the line search (one forward pass of the
+    rank-``2r`` tangent), and per trial the rounding of the rank-``2r`` TT (QR sweep plus truncated
+    SVD sweep) and a forward pass.
     """
     s, K, P, J = net.x_basis.active, net.num_cores, net.num_tts, net.num_outputs
     total = 2 * sum(_shift_flops(net, k) for k in range(K - 1))
@@ -151,6 +153,7 @@ def riemannian_step_flops(net, batch: int, trials: int = 1) -> int:
         total += P * batch * 2 * width * r0 * r1
         total += P * 4 * r0 * n * r1 * r1
     doubled = [1] + [2 * r for r in net.ranks[1:-1]] + [1]
+    total += batch * ftt_forward_flops(net, doubled)
     rounding = 0
     for k in range(K):
         r0, n, r1 = doubled[k], net.mode_sizes[k], doubled[k + 1]

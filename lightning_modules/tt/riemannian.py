@@ -151,8 +151,10 @@ class RiemannianGD:
         max_backtracks: int = 20,
         armijo_c: float = 1e-4,
     ):
-        if lr <= 0:
-            raise UserError(f"riemannian.lr={lr}: the relative step must be > 0")
+        if not 0 < lr <= 1:
+            raise UserError(
+                f"riemannian.lr={lr}: a fraction of the line minimiser, in (0, 1] (e.g. 0.03)"
+            )
         if not 0 < shrink < 1:
             raise UserError(f"riemannian.shrink={shrink}: use a factor in (0, 1), e.g. 0.5")
         if max_backtracks < 0:
@@ -215,16 +217,20 @@ class RiemannianGD:
         self._grad_sq = float(grad_sq)
         return left.cores, right.cores, deltas, loss
 
-    def line_minimiser(self, cores, left, right, deltas, x_t, t, target, reduce_sum) -> float:
+    def line_minimiser(self, left, right, deltas, grad_sq, x_t, t, target, reduce_sum) -> float:
         """``α* = <y - target, dy> / <dy, dy>``: the step that minimises the batch loss along
         ``X - α ξ`` before retraction (the loss is quadratic in ``α`` there), with ``dy`` the
-        output of the tangent vector ``ξ`` (a rank-``2r`` TT). It carries the scale of the
-        gradient, which shrinks like ``num_basis^(-K/2)`` with the number of cores ``K``."""
-        net = self.net
-        residual = net.evaluate(x_t, t, cores=cores) - target
-        dy = net.evaluate(x_t, t, cores=tangent_to_cores(left, right, deltas, 1.0, point=False))
-        along, curvature = reduce_sum((residual * dy).sum()), reduce_sum((dy * dy).sum())
-        return float(along / curvature) if curvature > 0 else 0.0
+        output of the tangent vector ``ξ`` (a rank-``2r`` TT). The numerator is
+        ``count · ||ξ||² / 2`` (``ξ`` is the projected gradient of ``Σ (y - target)² / count``),
+        so only ``dy`` is evaluated. ``α*`` carries the scale of the gradient, which shrinks like
+        ``num_basis^(-K/2)`` with the number of cores ``K``; 0 where ``dy`` vanishes."""
+        dy = self.net.evaluate(
+            x_t, t, cores=tangent_to_cores(left, right, deltas, 1.0, point=False)
+        )
+        count = reduce_sum(torch.tensor(float(target.numel()), dtype=dy.dtype, device=dy.device))
+        curvature = reduce_sum((dy * dy).sum())
+        best = float(count * grad_sq / (2 * curvature)) if curvature > 0 else 0.0
+        return best if math.isfinite(best) else 0.0
 
     def step(
         self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, reduce_sum=_identity
@@ -242,11 +248,13 @@ class RiemannianGD:
         left, right, deltas, loss = self.riemannian_gradient(cores, x_t, t, target, reduce_sum)
         grad_sq = self._grad_sq  # Σ_k ||δ_k||² in the orthonormal gauge
         stats = {"loss": loss, "grad_norm": grad_sq**0.5, "backtracks": 0.0, "step_size": 0.0}
-        if grad_sq == 0.0:
-            stats["loss_after"] = loss
-            return stats  # a stationary point: nothing to do
-        best = self.line_minimiser(cores, left, right, deltas, x_t, t, target, reduce_sum)
+        best = 0.0
+        if grad_sq > 0.0:
+            best = self.line_minimiser(left, right, deltas, grad_sq, x_t, t, target, reduce_sum)
         stats["line_minimiser"] = best
+        if best <= 0.0:  # a stationary point, or a tangent without output on this batch
+            stats["loss_after"] = loss
+            return stats
         alpha = self.lr * best
         for attempt in range(self.max_backtracks + 1):
             step = tangent_to_cores(left, right, deltas, -alpha)

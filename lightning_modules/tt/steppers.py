@@ -89,16 +89,21 @@ def _check_options(name: str, options: dict) -> None:
 RIEMANNIAN_START_SCALE = 1e-3
 
 
-def start_at_the_skip(net: FunctionalTT, shrink: bool) -> None:
-    """Fix a fresh FTT's gain (0 at init) at 1, so the TT alone fits the skip's normalised residual
-    (:meth:`FunctionalTT.tt_target`); with ``shrink`` also scale its last core by
-    :data:`RIEMANNIAN_START_SCALE`. ALS and DMRG solve for each core and leave such a start in
-    their first sweep; Riemannian steps move gradually from it. A gain already set (a resumed or
-    rebuilt stepper) is left alone, so this runs once per model."""
+def fix_the_gain(net: FunctionalTT, riemannian: bool) -> None:
+    """Set the gain of an FTT with a skip to 1: ALS, DMRG and Riemannian fit the TT alone to the
+    skip's normalised residual (:meth:`FunctionalTT.tt_target`).
+
+    A fresh model (gain 0 at init) starts from its TT as initialised; for Riemannian its last core
+    is also scaled by :data:`RIEMANNIAN_START_SCALE` (ALS and DMRG solve for each core and leave
+    any start in their first sweep; Riemannian steps move gradually from it). A set gain ``g``
+    (a resumed run, a rebuilt stepper, an Adam-trained model) is folded into the last core
+    (``TT ← g · TT``, gain ← 1): the function is unchanged and a second call does nothing.
+    """
     with torch.no_grad():
+        gain = float(net.out_gain)
+        scale = (RIEMANNIAN_START_SCALE if riemannian else 1.0) if gain == 0.0 else gain
+        net.cores[-1].mul_(scale)
         net.out_gain.fill_(1.0)
-        if shrink:
-            net.cores[-1].mul_(RIEMANNIAN_START_SCALE)
 
 
 def make_tt_stepper(name: str, eps_net, **options) -> SweepStepper | RiemannianStepper:
@@ -115,9 +120,11 @@ def make_tt_stepper(name: str, eps_net, **options) -> SweepStepper | RiemannianS
             f"ddpm.optimizer={name} needs eps_net=ftt (the noise model here is "
             f"{type(eps_net).__name__}); use eps_net=ftt, or ddpm.optimizer=adam for this model"
         )
-    if eps_net.skip is not None and float(eps_net.out_gain) == 0.0:
-        start_at_the_skip(eps_net, shrink=name == "riemannian")
     _check_options(name, options)
     if name == "riemannian":
-        return RiemannianStepper(eps_net, **options)
-    return SweepStepper(eps_net, SOLVERS[name](eps_net, **options))
+        stepper = RiemannianStepper(eps_net, **options)
+    else:
+        stepper = SweepStepper(eps_net, SOLVERS[name](eps_net, **options))
+    if eps_net.skip is not None:
+        fix_the_gain(eps_net, riemannian=name == "riemannian")
+    return stepper
