@@ -76,6 +76,7 @@ class Problem:
         if self.dataset == "swiss_roll":
             cfg.dim = self.dim
         self.dm = dm = instantiate(cfg)
+        self._floors: dict = {}
         dm.setup()
         self.dim = dm.dim
         self.train, self.reference = dm.train_x, dm.reference_x
@@ -86,6 +87,13 @@ class Problem:
         # a fixed held-out set of triples: the population loss every method is compared on
         idx = torch.randint(0, len(self.train), (8192,), generator=g)
         self.val = self.schedule.training_triple(self.train[idx], g)
+
+    def floors(self, n: int, seed: int) -> dict:
+        """The floor bands for ``n`` samples (``metrics.floor_bands``), computed once per size."""
+        n = min(n, len(self.reference), (len(self.train) + len(self.reference)) // 2)
+        if (n, seed) not in self._floors:
+            self._floors[n, seed] = metrics.floor_bands(self.reference, self.train, n, seed=seed)
+        return self._floors[n, seed]
 
     def draw(self, batch: int = 256):
         idx = torch.randint(0, len(self.train), (batch,), generator=self.data_gen)
@@ -100,7 +108,9 @@ class Problem:
     def quality(self, net, seed: int = 0) -> dict:
         g = torch.Generator().manual_seed(1000 + seed)
         samples, _ = self.schedule.sample(net, self.eval_samples, (self.dim,), g)
-        m = metrics.vector_sample_metrics(samples, self.reference, self.train, seed=seed)
+        m = metrics.vector_sample_metrics(
+            samples, self.reference, self.train, seed=seed, floors=self.floors(len(samples), seed)
+        )
         far = samples.abs().amax(1) > FAR
         m["far"] = int(far.sum())
         structure = getattr(self.dm, "structure_metric", None)
@@ -109,9 +119,13 @@ class Problem:
             m["mode_share"] = structure(self.dm.to_data_space(samples))["mode_share"]
             m["mode_share_data"] = own["mode_share"]
         m["sw_without_far"] = (
-            metrics.vector_sample_metrics(samples[~far], self.reference, self.train, seed=seed)[
-                "sw"
-            ]
+            metrics.vector_sample_metrics(
+                samples[~far],
+                self.reference,
+                self.train,
+                seed=seed,
+                floors=self.floors(int((~far).sum()), seed),
+            )["sw"]
             if (~far).sum() > 1
             else float("nan")
         )
