@@ -70,14 +70,6 @@ METHODS = {
         "ddpm.steps=6",
         "ddpm.ema=null",
     ],
-    "FTT r4 + DMRG": [
-        "eps_net=ftt",
-        "eps_net.rank=4",
-        "ddpm.optimizer=dmrg",
-        "dmrg.max_rank=4",
-        "ddpm.steps=6",
-        "ddpm.ema=null",
-    ],
     "FTT r4 + Riemannian": [
         "eps_net=ftt",
         "eps_net.rank=4",
