@@ -255,6 +255,12 @@ def test_bad_input_is_one_line(tmp_path, tiny_data):
         )
         _one_line_error(out, "als.samples")
         assert "GPU available" not in out.stdout + out.stderr
+        out = run_train(
+            *TINY_ROLL, "eps_net=ftt", "ddpm.optimizer=riemannian", "riemannian.lr=1.5",
+            "logger=wandb", runs, cwd=tmp_path,
+        )  # fmt: skip
+        _one_line_error(out, "riemannian.lr=1.5", "(0, 1]")
+        assert not list(tmp_path.glob("outputs/**/wandb"))  # no (offline) W&B run started either
 
     out = run_train(
         *TINY_ROLL,

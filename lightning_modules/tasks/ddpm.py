@@ -333,6 +333,8 @@ def build(cfg: DictConfig, out_dir: Path) -> Run:
         data.data_shape,
         len(data.train),
     )
+    options = stepper_options(cfg, d.optimizer)
+    make_stepper(d.optimizer, eps_net, **options)  # a bad option stops here: no logger, no Trainer
     logger = build_logger(cfg)
     log_config(logger, cfg)
     sampler = Sampler(cfg, data, out_dir, logger)
@@ -343,8 +345,6 @@ def build(cfg: DictConfig, out_dir: Path) -> Run:
             "ddpm.ema=%s ignored for ddpm.optimizer=%s (cores change gauge)", ema, d.optimizer
         )
         ema = None
-    options = stepper_options(cfg, d.optimizer)
-    make_stepper(d.optimizer, eps_net, **options)  # a bad option stops here, before the Trainer
     module = DDPMModule(
         eps_net,
         schedule,
