@@ -104,7 +104,7 @@ def tangent_to_cores(
     """
     K = len(deltas)
     if K == 1:
-        return [left_cores[0] * point + scale * deltas[0]]
+        return [scale * deltas[0] + (left_cores[0] if point else 0)]
     cores = []
     for k in range(K):
         u, d = left_cores[k], scale * deltas[k]
