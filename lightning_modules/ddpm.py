@@ -52,6 +52,11 @@ class DDPMModule(L.LightningModule):
         seed: seeds this module's generators (offset by the DDP rank for training noise).
         describe: a short "what was run" string for error messages (optimizer and lr).
         on_epoch_end: ``f(module, epoch)`` called on rank zero after every training epoch.
+        max_steps: stop after this many optimiser steps (None = the Trainer's ``max_epochs``).
+            The module stops the fit itself rather than through the Trainer's ``max_steps``:
+            Lightning resumes an iteration-based fit from an end-of-epoch checkpoint with one
+            extra batch of the finished epoch, and a killed run would not end where the
+            uninterrupted one does.
     """
 
     def __init__(
@@ -65,6 +70,7 @@ class DDPMModule(L.LightningModule):
         seed: int = 0,
         describe: str = "",
         on_epoch_end: Callable[[DDPMModule, int], None] | None = None,
+        max_steps: int | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -75,6 +81,7 @@ class DDPMModule(L.LightningModule):
         self.seed = seed
         self.describe = describe
         self.on_epoch_end = on_epoch_end
+        self.max_steps = max_steps
         self.ema: AveragedModel | None = None
         if ema_decay:
             if not 0 < ema_decay < 1:
@@ -117,6 +124,15 @@ class DDPMModule(L.LightningModule):
         idx = torch.randint(0, len(self.train_data), (n,), generator=self._data_generator)
         return self.train_data[idx].to(self.device)
 
+    def _budget_spent(self) -> bool:
+        return self.max_steps is not None and self.steps_done >= self.max_steps
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self._budget_spent():  # a resumed run whose budget was already spent: no more steps
+            self.trainer.should_stop = True
+            return -1  # Lightning: skip the rest of this epoch
+        return None
+
     def training_step(self, batch, batch_idx):
         x0 = batch[0] if isinstance(batch, (tuple, list)) else batch
         draws = 0
@@ -136,6 +152,8 @@ class DDPMModule(L.LightningModule):
             )
         self.steps_done += 1
         self._count_optimizer_step()
+        if self._budget_spent():
+            self.trainer.should_stop = True  # ends this epoch after the step (all ranks alike)
         if self.ema is not None:
             self.ema.update_parameters(self.eps_net)
         self.loss_history.append((self.steps_done, loss))

@@ -236,26 +236,35 @@ def only_run_killed(runs: Path, task: str) -> Path:
 
 
 @pytest.mark.slow
-def test_killed_ddpm_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, compose):
+@pytest.mark.parametrize(
+    "budget, steps, epochs",
+    # a step budget that ends inside an epoch: Lightning's own max_steps resumed an
+    # end-of-epoch checkpoint with one extra batch of the finished epoch (different weights)
+    [("ddpm.epochs=4", 300, 4), ("ddpm.steps=290", 290, 4)],
+    ids=["epochs", "steps"],
+)
+def test_killed_ddpm_resumes_from_its_checkpoint_to_the_same_weights(
+    tmp_path, compose, budget, steps, epochs
+):
     # 600 points in batches of 8: 75 steps per epoch, a checkpoint after each
-    args = [*DDPM, *EPS_NETS["resnet"], "ddpm.epochs=4", "ddpm.batch_size=8"]
+    args = [*DDPM, *EPS_NETS["resnet"], budget, "ddpm.batch_size=8"]
     proc = start_train(*args, cwd=tmp_path)
     kill_when(proc, lambda: bool(list(tmp_path.glob("outputs/ddpm/*/checkpoints/last.ckpt"))))
     run_dir = only_run_killed(tmp_path / "outputs", "ddpm")
     assert not (run_dir / "summary.json").exists(), "the run finished before it could be killed"
     step = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
-    assert 75 <= step < 300
+    assert 75 <= step < steps
 
     r = run_train(*args, "resume=true", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert only_run(tmp_path / "outputs", "ddpm") == run_dir
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 300 and summary["epochs"] == 4
+    assert summary["steps"] == steps and summary["epochs"] == epochs
 
     # the uninterrupted run ends at the same weights: the checkpoint held the noise and
     # data generators, the optimiser, the EMA and the loader's shuffle state
     reference, ref_dir = in_process(compose, tmp_path, "ddpm", *args)
-    assert reference["steps"] == 300
+    assert reference["steps"] == steps
     resumed = torch.load(run_dir / "eps_net.pt", weights_only=False)["state_dict"]
     expected = torch.load(ref_dir / "eps_net.pt", weights_only=False)["state_dict"]
     for key, value in expected.items():

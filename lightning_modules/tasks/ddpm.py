@@ -345,19 +345,6 @@ def build(cfg: DictConfig, out_dir: Path) -> Run:
             "ddpm.ema=%s ignored for ddpm.optimizer=%s (cores change gauge)", ema, d.optimizer
         )
         ema = None
-    module = DDPMModule(
-        eps_net,
-        schedule,
-        lambda net: make_stepper(d.optimizer, net, **options),
-        train_data=data.train,
-        ema_decay=ema,
-        seed=int(cfg.seed),
-        describe=f"ddpm.optimizer={d.optimizer}, ddpm.lr={d.lr}",
-        on_epoch_end=sampler.on_epoch_end,
-    )
-    loader = batch_loader(
-        data.train, batch_size=int(d.batch_size), shuffle=True, seed=int(cfg.seed), drop_last=True
-    )
     steps = d.get("steps")
     if steps is None and d.optimizer in ("als", "dmrg"):
         steps = int(cfg[d.optimizer].steps)
@@ -367,6 +354,20 @@ def build(cfg: DictConfig, out_dir: Path) -> Run:
             steps,
             d.optimizer,
         )
+    module = DDPMModule(
+        eps_net,
+        schedule,
+        lambda net: make_stepper(d.optimizer, net, **options),
+        train_data=data.train,
+        ema_decay=ema,
+        seed=int(cfg.seed),
+        describe=f"ddpm.optimizer={d.optimizer}, ddpm.lr={d.lr}",
+        on_epoch_end=sampler.on_epoch_end,
+        max_steps=int(steps) if steps else None,
+    )
+    loader = batch_loader(
+        data.train, batch_size=int(d.batch_size), shuffle=True, seed=int(cfg.seed), drop_last=True
+    )
     ckpt_dir = out_dir / "checkpoints"
     # the stepper owns the optimiser (ALS, DMRG, Riemannian have none Lightning could step)
     warnings.filterwarnings("ignore", message=".*configure_optimizers.*returned `None`.*")
@@ -374,8 +375,7 @@ def build(cfg: DictConfig, out_dir: Path) -> Run:
         cfg,
         logger=logger,
         callbacks=[epoch_checkpoints(ckpt_dir), ShuffleState(loader.generator)],
-        max_epochs=-1 if steps else int(d.epochs),
-        max_steps=int(steps) if steps else -1,
+        max_epochs=-1 if steps else int(d.epochs),  # a step budget: the module stops the fit
     )
     return Run(
         cfg, out_dir, data, schedule, module, sampler, logger, trainer, loader, params, flops
