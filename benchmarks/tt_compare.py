@@ -12,7 +12,9 @@ band (5-95 % over real-vs-real pairs), and the structure metric beside the data'
     python benchmarks/tt_compare.py --datasets "tabular dataset.name=wine" \
         "cifar10_pca dataset.dim=32 dataset.data_dir=$PWD/../shared/data dataset.download=false"
 
-A dataset spec is the ``dataset=`` value followed by that dataset's own overrides.
+A dataset spec is the ``dataset=`` value followed by that dataset's own overrides. A run
+folder under ``--out`` that holds a finished run of the same overrides is read, not rerun: a
+killed study restarted with the same command loses only the run it was in.
 """
 
 from __future__ import annotations
@@ -104,6 +106,20 @@ def short_name(spec: str) -> str:
     return " ".join([name, *(o for o in keep if not o.startswith("download"))])
 
 
+def finished_with(run_dir: Path, overrides: list[str]) -> subprocess.CompletedProcess | None:
+    """A stand-in for the process when ``run_dir`` holds a finished run of exactly these
+    overrides (Hydra's ``.hydra/overrides.yaml``), so a killed study restarted with the same
+    command reruns only what it had not finished; None otherwise."""
+    import yaml
+
+    recorded = run_dir / ".hydra" / "overrides.yaml"
+    if not ((run_dir / "summary.json").exists() and recorded.exists()):
+        return None
+    if yaml.safe_load(recorded.read_text()) != overrides:
+        return None
+    return subprocess.CompletedProcess([], 0, "", "")
+
+
 def run_one(label: str, dataset: str, basis: str, seed: int, out: Path, extra: list[str]) -> dict:
     run_dir = out / f"{_slug(short_name(dataset))}_{_slug(label)}_{basis}_seed{seed}"
     basis_arg = [f"eps_net.basis={basis}"] if "FTT" in label else []
@@ -112,7 +128,8 @@ def run_one(label: str, dataset: str, basis: str, seed: int, out: Path, extra: l
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     env.setdefault("OMP_NUM_THREADS", "1")
     start = time.perf_counter()
-    r = subprocess.run(argv, cwd=out, env=env, capture_output=True, text=True)
+    reused = finished_with(run_dir, argv[2:])
+    r = reused or subprocess.run(argv, cwd=out, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         print(r.stderr[-2000:], file=sys.stderr)
         error = (r.stderr.strip().splitlines() or ["?"])[-1][:160]
@@ -131,7 +148,7 @@ def run_one(label: str, dataset: str, basis: str, seed: int, out: Path, extra: l
         "basis": basis,
         "seed": seed,
         "command": command,
-        "wall_s": time.perf_counter() - start,
+        "wall_s": summary.get("wall_s") if reused else time.perf_counter() - start,
         **{k: summary.get(k) for k in KEYS},
     }
 
