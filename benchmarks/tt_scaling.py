@@ -81,12 +81,12 @@ def row(dim: int, rank: int, args) -> dict:
     with torch.no_grad():
         out["forward_s"] = _seconds(lambda: net(x_t, t))
     state = [c.detach().clone() for c in net.cores]
-    als = ALS(net, ridge=1e-6, samples=args.samples, batch=args.batch)
+    als = ALS(net, ridge=1e-6, sweeps=1, samples=args.samples, batch=args.batch, fixed=True)
     unknowns = rank * args.num_basis * rank
     run_als = 2 * net.num_cores * unknowns**3 / 3 <= args.als_budget
     if run_als:
         out["als_s"] = _seconds(lambda: als.sweep(chunks))
-    gd = RiemannianGD(net, lr=1.0, armijo=False)
+    gd = RiemannianGD(net, lr=1.0, armijo=False, shrink=0.5, max_backtracks=0)
     cores, target = [c.detach() for c in net.cores], net.from_data_layout(eps)
     left, right, deltas, _ = gd.riemannian_gradient(cores, x_t, t, target)
     out["line_search_s"] = _seconds(

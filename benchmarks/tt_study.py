@@ -169,7 +169,11 @@ class Method:
             self.step_flops = als_sweep_flops(net, self.als.samples)
         elif name == "riemannian":
             self.gd = RiemannianGD(
-                net, lr=float(opts.get("lr", 0.03)), armijo=bool(opts.get("armijo", True))
+                net,
+                lr=float(opts.get("lr", 0.03)),
+                armijo=bool(opts.get("armijo", True)),
+                shrink=0.5,
+                max_backtracks=20,
             )
         else:
             raise ValueError(name)

@@ -75,3 +75,13 @@ def sweep_agent_commands(sweep_file: Path, python: str) -> list[list[str]]:
             argv += macros.get(chunk[2:-1], []) if is_macro else [chunk]
         commands.append(argv)
     return commands
+
+
+def solver_options(name: str, **overrides) -> dict:
+    """The ``conf/`` defaults of the TT solver block ``name`` (``als``, ``dmrg``, ``riemannian``)
+    with ``overrides``: the solvers take no defaults of their own, as in a run."""
+    ddpm = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf/task/ddpm.yaml").read_text())
+    block = {k: v for k, v in ddpm[name].items() if k != "steps"}
+    unknown = set(overrides) - set(block) - {"armijo_c"}
+    assert not unknown, f"{name} has no keys {unknown}"
+    return {**block, **overrides}

@@ -8,6 +8,7 @@ import torch
 
 from lightning_modules.tt.bases import FourierBasis, LegendreBasis, make_basis
 from lightning_modules.tt.ftt import FunctionalTT
+from tests.helpers import solver_options
 
 LO, HI = torch.tensor([-1.5, 0.0]), torch.tensor([2.5, 3.0])
 
@@ -78,7 +79,7 @@ def test_every_optimiser_lowers_the_loss_with_each_basis(name, optimizer):
     options = {
         "als": sweep,
         "dmrg": {**sweep, "max_rank": 2, "tol": 1e-6, "max_unknowns": 4096},
-        "riemannian": {"lr": 0.5},
+        "riemannian": solver_options("riemannian", lr=0.5),
         "adam": {"lr": 5e-2, "grad_clip": None, "weight_decay": 0.0},
     }[optimizer]
     stepper = make_stepper(optimizer, net, **options)

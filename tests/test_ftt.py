@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from lightning_modules.errors import UserError
 from lightning_modules.tt.ftt import FunctionalTT
 from lightning_modules.tt.interfaces import contract_core
+from tests.helpers import solver_options
 
 
 def _batch(shape, n=7, T=100, seed=0, scale=1.0):
@@ -193,10 +194,11 @@ def test_als_auto_samples_gives_64_equations_per_unknown():
     from lightning_modules.tt.als import ALS
 
     per_coordinate = FunctionalTT(data_shape=(2,), output="per_coordinate", num_basis=16, rank=8)
-    assert ALS(per_coordinate, samples="auto").samples == 65536  # the 2-D default it replaces
+    auto = solver_options("als", samples="auto")
+    assert ALS(per_coordinate, **auto).samples == 65536  # the 2-D default it replaces
     core = FunctionalTT(data_shape=(32,), output="core", num_basis=16, rank=8)
-    assert ALS(core, samples="auto").samples == 2048  # 32 equations per triple
+    assert ALS(core, **auto).samples == 2048  # 32 equations per triple
     small = FunctionalTT(data_shape=(32,), output="core", num_basis=4, rank=2)
-    assert ALS(small, samples="auto").samples == 1024  # the floor that covers the time steps
+    assert ALS(small, **auto).samples == 1024  # the floor that covers the time steps
     with pytest.raises(UserError, match="als.samples"):
-        ALS(core, samples="many")
+        ALS(core, **solver_options("als", samples="many"))

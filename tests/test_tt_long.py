@@ -15,6 +15,7 @@ from lightning_modules.tt.dmrg import DMRG
 from lightning_modules.tt.ftt import FunctionalTT
 from lightning_modules.tt.interfaces import contract_core
 from lightning_modules.tt.riemannian import RiemannianGD
+from tests.helpers import solver_options
 
 T = 50
 
@@ -119,7 +120,7 @@ def test_one_als_sweep_on_a_256_core_train_lowers_the_loss():
     eps = _targets(x)
     with torch.no_grad():
         before = float(((net(x, t) - eps) ** 2).mean())
-    loss = ALS(net, ridge=1e-6, samples=256, batch=128).sweep(
+    loss = ALS(net, **solver_options("als", ridge=1e-6, samples=256, batch=128)).sweep(
         [(x[:128], t[:128], eps[:128]), (x[128:], t[128:], eps[128:])]
     )
     with torch.no_grad():
@@ -146,7 +147,9 @@ def test_dmrg_sweep_on_a_long_train_stays_finite_and_descends():
 def test_riemannian_step_on_a_768_core_train_stays_finite():
     net = _long(766)
     x, t = _batch(766, 32)
-    stats = RiemannianGD(net, lr=1.0, armijo=False).step(x, t, _targets(x))
+    stats = RiemannianGD(net, **solver_options("riemannian", lr=1.0, armijo=False)).step(
+        x, t, _targets(x)
+    )
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
     assert all(torch.isfinite(c).all() for c in net.cores)
     with torch.no_grad():
@@ -159,7 +162,7 @@ def test_riemannian_steps_with_the_default_lr_descend_on_a_64_core_train():
     net = _long(62)
     x, t = _batch(62, 256)
     eps = _targets(x)
-    opt = RiemannianGD(net)  # the default relative step, Armijo on
+    opt = RiemannianGD(net, **solver_options("riemannian"))  # the default relative step, Armijo on
     losses = [opt.step(x, t, eps) for _ in range(5)]
     assert losses[0]["grad_norm"] < 1e-6  # the scale an absolute step would have to beat
     assert all(s["loss_after"] < s["loss"] for s in losses)
@@ -180,8 +183,8 @@ def test_cached_als_sweep_matches_the_uncached_formula(dim, time, output):
     eps = _targets(x)
     chunks = [(x[i : i + 128], t[i : i + 128], eps[i : i + 128]) for i in range(0, 300, 128)]
     cached, plain = copy.deepcopy(net), copy.deepcopy(net)
-    loss_cached = ALS(cached, ridge=1e-6).sweep(chunks)
-    loss_plain = ALS(plain, ridge=1e-6).reference_sweep(chunks)
+    loss_cached = ALS(cached, **solver_options("als", ridge=1e-6)).sweep(chunks)
+    loss_plain = ALS(plain, **solver_options("als", ridge=1e-6)).reference_sweep(chunks)
     assert loss_cached == pytest.approx(loss_plain, rel=1e-9)
     with torch.no_grad():
         torch.testing.assert_close(cached(x, t), plain(x, t), rtol=1e-9, atol=1e-10)
@@ -197,8 +200,10 @@ def test_the_scaled_gauge_changes_no_result(monkeypatch):
         monkeypatch.setattr(sweep, "SCALE_DRIFT", drift)
         monkeypatch.setattr(algebra, "CARRY_DRIFT", drift)
         a, r = copy.deepcopy(net), copy.deepcopy(net)
-        ALS(a, ridge=1e-6).sweep([(x, t, eps)])
-        stats = RiemannianGD(r, lr=0.5, armijo=False).step(x, t, eps)
+        ALS(a, **solver_options("als", ridge=1e-6)).sweep([(x, t, eps)])
+        stats = RiemannianGD(r, **solver_options("riemannian", lr=0.5, armijo=False)).step(
+            x, t, eps
+        )
         with torch.no_grad():
             results.append((a(x, t), r(x, t), stats["grad_norm"]))
     (a0, r0, g0), (a1, r1, g1) = results
@@ -214,7 +219,7 @@ def test_als_names_interfaces_that_underflow():
     net = _long(766)
     x, t = _batch(766, 16)
     with pytest.raises(UserError, match="zero for every sample.*not a sample-count problem"):
-        ALS(net).reference_sweep([(x, t, _targets(x))])
+        ALS(net, **solver_options("als")).reference_sweep([(x, t, _targets(x))])
 
 
 def test_als_names_non_finite_data():
@@ -223,7 +228,7 @@ def test_als_names_non_finite_data():
     eps = _targets(x)
     eps[3, 1] = float("nan")
     with pytest.raises(UserError, match="not finite"):
-        ALS(net).sweep([(x, t, eps)])
+        ALS(net, **solver_options("als")).sweep([(x, t, eps)])
 
 
 # ----------------------------------------------------------------------------------------- DDP
@@ -239,7 +244,7 @@ def _ddp_long_worker(rank, world, init_file, result_file):
         dist.all_reduce(z)
         return z
 
-    ALS(net, ridge=1e-4).sweep([(x, t, _targets(x))], reduce_sum)
+    ALS(net, **solver_options("als", ridge=1e-4)).sweep([(x, t, _targets(x))], reduce_sum)
     if rank == 0:
         torch.save([c.detach() for c in net.cores], result_file)
     dist.destroy_process_group()
@@ -256,7 +261,7 @@ def test_long_als_under_ddp_equals_one_process_on_all_samples(tmp_path):
     for rank in range(2):
         x, t = _batch(38, 96, seed=rank + 10)
         chunks.append((x, t, _targets(x)))
-    ALS(net, ridge=1e-4).sweep(chunks)
+    ALS(net, **solver_options("als", ridge=1e-4)).sweep(chunks)
     assert max(float(c.abs().max()) for c in distributed) > 50  # the gauge did rescale
     for a, b in zip(net.cores, distributed):
         torch.testing.assert_close(a.detach(), b, rtol=1e-7, atol=1e-9)

@@ -30,6 +30,7 @@ from lightning_modules.tt.riemannian import (
     tangent_to_cores,
 )
 from lightning_modules.tt.steppers import make_tt_stepper
+from tests.helpers import solver_options
 
 LAYOUTS = [(2, "additive", "per_coordinate"), (2, "core", "per_coordinate"), (3, "core", "core")]
 
@@ -65,7 +66,9 @@ def _relative_error(model, truth, seed=123):
 @pytest.mark.parametrize("dim,time,output", LAYOUTS)
 def test_als_recovers_an_ftt_of_the_same_rank(dim, time, output):
     truth, model, draw = _problem(dim, time, output)
-    als = ALS(model, ridge=0.0, sweeps=8, samples=2048, batch=512, fixed=True)
+    als = ALS(
+        model, **solver_options("als", ridge=0.0, sweeps=8, samples=2048, batch=512, fixed=True)
+    )
     assert _relative_error(model, truth) > 0.1
     stats = als.step(draw)
     assert _relative_error(model, truth) < 1e-6
@@ -74,15 +77,17 @@ def test_als_recovers_an_ftt_of_the_same_rank(dim, time, output):
 
 def test_als_in_float32_reaches_float32_accuracy():
     truth, model, draw = _problem(2, "core", "per_coordinate", dtype=torch.float32)
-    ALS(model, ridge=1e-12, sweeps=6, samples=2048, batch=512, fixed=True).step(draw)
+    ALS(
+        model, **solver_options("als", ridge=1e-12, sweeps=6, samples=2048, batch=512, fixed=True)
+    ).step(draw)
     assert model.cores[0].dtype == torch.float32
     assert _relative_error(model, truth) < 1e-5
 
 
 def test_als_chunks_only_bound_memory():
     _, model, draw = _problem(2, "core", "per_coordinate")
-    chunks = ALS(model, samples=600, batch=600).collect(draw)
-    small = ALS(model, samples=600, batch=128)
+    chunks = ALS(model, **solver_options("als", samples=600, batch=600)).collect(draw)
+    small = ALS(model, **solver_options("als", samples=600, batch=128))
     pieces = [
         (x[i : i + 128], t[i : i + 128], e[i : i + 128])
         for x, t, e in chunks
@@ -90,7 +95,7 @@ def test_als_chunks_only_bound_memory():
     ]
     cores = [c.detach() for c in model.cores]
     for k in range(model.num_cores):
-        whole = ALS(model).normal_equations(cores, k, chunks)
+        whole = ALS(model, **solver_options("als")).normal_equations(cores, k, chunks)
         split = small.normal_equations(cores, k, pieces)
         for a, b in zip(whole[:3], split[:3]):
             torch.testing.assert_close(a, b)
@@ -99,7 +104,7 @@ def test_als_chunks_only_bound_memory():
 
 def test_als_collects_the_requested_samples_in_chunks():
     _, model, draw = _problem(2, "core", "per_coordinate", n=300)
-    chunks = ALS(model, samples=1000, batch=256).collect(draw)
+    chunks = ALS(model, **solver_options("als", samples=1000, batch=256)).collect(draw)
     assert sum(c[0].shape[0] for c in chunks) == 1000
     assert max(c[0].shape[0] for c in chunks) <= 256
 
@@ -123,13 +128,13 @@ def test_grouped_gram_equals_dense_features():
 
 def test_als_ridge_shrinks_the_solution():
     _, model, draw = _problem(2, "additive", "per_coordinate")
-    chunks = ALS(model, samples=1024).collect(draw)
+    chunks = ALS(model, **solver_options("als", samples=1024)).collect(draw)
     norms = []
     for ridge in (1e-8, 10.0):
         m = FunctionalTT(
             data_shape=(2,), timesteps=50, time="additive", num_basis=6, rank=3
         ).double()
-        ALS(m, ridge=ridge).sweep(chunks)
+        ALS(m, **solver_options("als", ridge=ridge)).sweep(chunks)
         norms.append(m(chunks[0][0], chunks[0][1]).norm().item())
     assert norms[1] < 0.5 * norms[0]
 
@@ -138,8 +143,9 @@ def test_als_singular_system_suggests_a_ridge():
     # 20 samples for a 2 x 6 x 2-dimensional core: the normal equations cannot have full rank
     _, model, draw = _problem(2, "core", "per_coordinate", n=20)
     with pytest.raises(UserError, match=r"(singular|ill-conditioned).*als.ridge"):
-        ALS(model, ridge=0.0, samples=20, sweeps=1).step(draw)
-    ALS(model, ridge=1e-6, samples=20, sweeps=1).step(draw)  # a ridge makes it solvable
+        ALS(model, **solver_options("als", ridge=0.0, samples=20, sweeps=1)).step(draw)
+    # a ridge makes it solvable
+    ALS(model, **solver_options("als", ridge=1e-6, samples=20, sweeps=1)).step(draw)
 
 
 def test_als_sums_the_normal_equations_over_ranks():
@@ -147,9 +153,9 @@ def test_als_sums_the_normal_equations_over_ranks():
     # only if the row count is reduced with the equations (the ridge does not scale with them)
     _, model_a, draw = _problem(2, "core", "per_coordinate")
     _, model_b, _ = _problem(2, "core", "per_coordinate")
-    chunks = ALS(model_a, samples=512).collect(draw)
+    chunks = ALS(model_a, **solver_options("als", samples=512)).collect(draw)
     for model, reduce in ((model_a, lambda x: x), (model_b, lambda x: 2 * x)):
-        ALS(model, ridge=1e-2).sweep(chunks, reduce)
+        ALS(model, **solver_options("als", ridge=1e-2)).sweep(chunks, reduce)
     for a, b in zip(model_a.cores, model_b.cores):
         torch.testing.assert_close(a, b)
 
@@ -166,7 +172,9 @@ def _ddp_worker(rank, world, init_file, result_file):
         dist.all_reduce(x)
         return x
 
-    ALS(model, ridge=1e-3, sweeps=1, samples=256, batch=256).step(draw, reduce_sum)
+    ALS(model, **solver_options("als", ridge=1e-3, sweeps=1, samples=256, batch=256)).step(
+        draw, reduce_sum
+    )
     if rank == 0:
         torch.save([c.detach() for c in model.cores], result_file)
     dist.destroy_process_group()
@@ -183,8 +191,8 @@ def test_als_under_ddp_equals_one_process_on_all_samples(tmp_path):
     chunks = []
     for rank in range(2):
         _, _, draw = _problem(2, "core", "per_coordinate", seed=rank + 10)
-        chunks += ALS(model, samples=256, batch=256).collect(draw)
-    ALS(model, ridge=1e-3).sweep(chunks)
+        chunks += ALS(model, **solver_options("als", samples=256, batch=256)).collect(draw)
+    ALS(model, **solver_options("als", ridge=1e-3)).sweep(chunks)
     for a, b in zip(model.cores, distributed):
         torch.testing.assert_close(a.detach(), b)
 
@@ -213,7 +221,7 @@ def test_sample_gradient_is_the_projected_euclidean_gradient():
     net = FunctionalTT(data_shape=(2,), time="core", num_basis=5, rank=3, init="random").double()
     x, t = torch.randn(60, 2, dtype=torch.float64), torch.randint(0, 1000, (60,))
     eps = torch.randn(60, 2, dtype=torch.float64)
-    opt = RiemannianGD(net)
+    opt = RiemannianGD(net, **solver_options("riemannian"))
     cores = [c.detach() for c in net.cores]
     left, right, deltas, loss = opt.riemannian_gradient(cores, x, t, net.from_data_layout(eps))
     # the Euclidean gradient as a dense tensor: Σ_n dLoss/dy_n ⊗_k φ_k(u_n)
@@ -257,7 +265,7 @@ def test_riemannian_with_backtracking_never_increases_the_loss_and_keeps_the_ran
 ):
     truth, model, draw = _problem(dim, time, output, n=256)
     x, t, eps = draw()
-    opt = RiemannianGD(model, lr=1.0, armijo=True, shrink=0.5, max_backtracks=40)
+    opt = RiemannianGD(model, **solver_options("riemannian", lr=1.0, max_backtracks=40))
     exact = opt.line_minimiser
     opt.line_minimiser = lambda *args: 1e4 * exact(*args)  # a first trial far too big
     losses, backtracks = [], 0
@@ -275,7 +283,7 @@ def test_riemannian_with_backtracking_never_increases_the_loss_and_keeps_the_ran
 
 def test_riemannian_fixed_step_takes_lr_times_the_line_minimiser():
     _, model, draw = _problem(2, "core", "per_coordinate")
-    stats = RiemannianGD(model, lr=0.25, armijo=False).step(*draw())
+    stats = RiemannianGD(model, **solver_options("riemannian", lr=0.25, armijo=False)).step(*draw())
     assert stats["line_minimiser"] > 0 and stats["backtracks"] == 0
     assert stats["step_size"] == pytest.approx(0.25 * stats["line_minimiser"], rel=1e-12)
 
@@ -286,7 +294,7 @@ def test_line_minimiser_is_the_vertex_of_the_loss_along_the_tangent_line(dim, ti
     0 and 2α* are equal and the one at α* is below both (a wrong α* breaks the symmetry)."""
     _, model, draw = _problem(dim, time, output)
     x, t, eps = draw()
-    opt, target = RiemannianGD(model), model.from_data_layout(eps)
+    opt, target = RiemannianGD(model, **solver_options("riemannian")), model.from_data_layout(eps)
     cores = [c.detach() for c in model.cores]
     left, right, deltas, _ = opt.riemannian_gradient(cores, x, t, target)
     best = opt.line_minimiser(left, right, deltas, opt._grad_sq, x, t, target, lambda v: v)
@@ -301,7 +309,7 @@ def test_line_minimiser_is_the_vertex_of_the_loss_along_the_tangent_line(dim, ti
 
 def test_riemannian_without_descent_is_a_user_error():
     _, model, draw = _problem(2, "core", "per_coordinate")
-    opt = RiemannianGD(model, lr=1.0, max_backtracks=0)
+    opt = RiemannianGD(model, **solver_options("riemannian", lr=1.0, max_backtracks=0))
     exact = opt.line_minimiser
     opt.line_minimiser = lambda *args: 1e9 * exact(*args)
     with pytest.raises(UserError, match="no descent after 0 backtracks.*lower riemannian.lr"):
@@ -312,12 +320,12 @@ def test_riemannian_without_descent_is_a_user_error():
 def test_riemannian_lr_outside_0_1_is_refused(lr):
     _, model, _ = _problem(2, "core", "per_coordinate")
     with pytest.raises(UserError, match=r"riemannian.lr=.*in \(0, 1\]"):
-        RiemannianGD(model, lr=lr)
+        RiemannianGD(model, **solver_options("riemannian", lr=lr))
 
 
 def test_a_tangent_without_output_is_no_step():
     _, model, draw = _problem(2, "core", "per_coordinate")
-    opt = RiemannianGD(model)
+    opt = RiemannianGD(model, **solver_options("riemannian"))
     opt.line_minimiser = lambda *args: 0.0
     before = [c.detach().clone() for c in model.cores]
     stats = opt.step(*draw())
@@ -376,7 +384,9 @@ def test_make_tt_stepper_errors():
     with pytest.raises(UserError, match=r"lacks \['max_rank'"):
         make_tt_stepper("dmrg", model, **SWEEP)
     with pytest.raises(UserError, match="riemannian.shrink"):
-        make_tt_stepper("riemannian", model, shrink=1.5)
+        make_tt_stepper("riemannian", model, **solver_options("riemannian", shrink=1.5))
+    with pytest.raises(UserError, match=r"riemannian block lacks \['armijo', 'lr'"):
+        make_tt_stepper("riemannian", model, shrink=0.5)
 
 
 # --------------------------------------------------------------------------------------- flops

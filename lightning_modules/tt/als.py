@@ -83,11 +83,11 @@ class ALS:
         self,
         net: FunctionalTT,
         *,
-        ridge: float = 1e-6,
-        sweeps: int = 2,
-        samples: int | str = 8192,
-        batch: int = 2048,
-        fixed: bool = False,
+        ridge: float,
+        sweeps: int,
+        samples: int | str,
+        batch: int,
+        fixed: bool,
     ):
         if ridge < 0:
             raise UserError(f"als.ridge={ridge}: the ridge must be >= 0")

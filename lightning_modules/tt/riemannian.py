@@ -145,10 +145,10 @@ class RiemannianGD:
         self,
         net: FunctionalTT,
         *,
-        lr: float = 0.03,
-        armijo: bool = True,
-        shrink: float = 0.5,
-        max_backtracks: int = 20,
+        lr: float,
+        armijo: bool,
+        shrink: float,
+        max_backtracks: int,
         armijo_c: float = 1e-4,
     ):
         if not 0 < lr <= 1:
