@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "resnet": ["eps_net=resnet"],
     "resnet (eq. 6 literal)": ["eps_net=resnet", "eps_net.time_in_blocks=false"],
-    "ftt": ["eps_net=ftt"],
+    "ftt": ["eps_net=ftt", "eps_net.init=identity"],  # as measured (before init=auto)
     "unet": None,  # images only
 }
 

@@ -35,8 +35,10 @@ METHODS = {
     "ResNet + Adam": ["eps_net=resnet"],
     "FTT + Adam": ["eps_net=ftt", "eps_net.init=linear", "ddpm.lr=0.01", "ddpm.epochs=30"],
     # ALS: 2 steps of 2 sweeps on 65536 fresh triples each; EMA off (ALS re-gauges the cores)
+    # ALS and DMRG ran from the identity init (the default before eps_net.init=auto)
     "FTT + ALS": [
         "eps_net=ftt",
+        "eps_net.init=identity",
         "ddpm.optimizer=als",
         "ddpm.steps=2",
         "als.samples=65536",
@@ -44,6 +46,7 @@ METHODS = {
     ],
     "FTT + ALS (rank 4)": [
         "eps_net=ftt",
+        "eps_net.init=identity",
         "eps_net.rank=4",
         "ddpm.optimizer=als",
         "ddpm.steps=2",
@@ -51,7 +54,7 @@ METHODS = {
         "ddpm.ema=null",
     ],
     # DMRG: the task's dmrg block (2 steps of 2 sweeps on 32768 triples, ridge 1e-4, max rank 8)
-    "FTT + DMRG": ["eps_net=ftt", "ddpm.optimizer=dmrg", "ddpm.ema=null"],
+    "FTT + DMRG": ["eps_net=ftt", "eps_net.init=identity", "ddpm.optimizer=dmrg", "ddpm.ema=null"],
     "FTT + Riemannian": [
         "eps_net=ftt",
         "eps_net.init=linear",
@@ -79,6 +82,12 @@ METHODS = {
         "ddpm.steps=300",
         "ddpm.ema=null",
     ],
+    # what a user gets without options (issue 14, item 6): `python train.py task=ddpm
+    # dataset=<density> eps_net=ftt [ddpm.optimizer=...]`
+    "FTT + Adam, defaults": ["eps_net=ftt"],
+    "FTT + ALS, defaults": ["eps_net=ftt", "ddpm.optimizer=als"],
+    "FTT + DMRG, defaults": ["eps_net=ftt", "ddpm.optimizer=dmrg"],
+    "FTT + Riemannian, defaults": ["eps_net=ftt", "ddpm.optimizer=riemannian"],
 }
 TOY_METHODS = list(METHODS)[:6]  # the default: the arms of the 2-D suite
 BANDED = ["sw", "sinkhorn", "mmd"]

@@ -186,6 +186,8 @@ def test_a_few_adam_steps_lower_the_loss(name):
 
     before = fixed_loss()
     g = torch.Generator().manual_seed(0)
-    for _ in range(40):
+    # the FTT starts from eps_hat = x_t (init=auto: linear), already near the trivial loss 1,
+    # where the identity init started at ~2: it gets more steps to gain the same 10 %
+    for _ in range(80 if name == "ftt" else 40):
         stepper.step(lambda: s.training_triple(x0, g), lambda x: x)
     assert fixed_loss() < 0.9 * before

@@ -94,7 +94,7 @@ class FunctionalTT(nn.Module):
             ``"linear"`` (per_coordinate only): the same, with each TT's own coordinate core
             weighted by the splines' Greville abscissae, so that ``ε_θ(x_t, t)_p = u_p`` (the
             clamped input), the optimal noise prediction at high noise for standardised data;
-            or ``"random"``.
+            ``"random"``; or ``"auto"``: linear with an output per coordinate, else identity.
         init_noise: standard deviation of Gaussian noise added to the identity slices. Pure
             identity slices make all rank components equal and gradient descent keeps them equal
             (the TT stays rank 1 in effect); a little noise breaks that symmetry.
@@ -148,8 +148,10 @@ class FunctionalTT(nn.Module):
             dim = math.prod(int(s) for s in data_shape)
             vector = len(tuple(data_shape)) == 1
             output = "per_coordinate" if vector and dim <= AUTO_PER_COORDINATE_MAX_DIM else "core"
-        if init not in ("identity", "linear", "random"):
-            raise UserError(f"eps_net.init={init!r}: use identity, linear or random")
+        if init not in ("auto", "identity", "linear", "random"):
+            raise UserError(f"eps_net.init={init!r}: use auto, identity, linear or random")
+        if init == "auto":  # the toy suite: Adam and Riemannian need linear, ALS is neutral
+            init = "linear" if output == "per_coordinate" else "identity"
         if init == "linear" and output != "per_coordinate":
             raise UserError(
                 "eps_net.init=linear needs eps_net.output=per_coordinate (an output core of "
