@@ -115,18 +115,15 @@ def short_name(spec: str) -> str:
     return " ".join([name, *(o for o in keep if not o.startswith("download"))])
 
 
-def finished_with(run_dir: Path, overrides: list[str]) -> subprocess.CompletedProcess | None:
-    """A stand-in for the process when ``run_dir`` holds a finished run of exactly these
-    overrides (Hydra's ``.hydra/overrides.yaml``), so a killed study restarted with the same
-    command reruns only what it had not finished; None otherwise."""
+def finished_with(run_dir: Path, overrides: list[str]) -> bool:
+    """Whether ``run_dir`` holds a finished run of exactly these overrides (Hydra's
+    ``.hydra/overrides.yaml``): a killed study restarted with the same command reruns only what
+    it had not finished."""
     import yaml
 
     recorded = run_dir / ".hydra" / "overrides.yaml"
-    if not ((run_dir / "summary.json").exists() and recorded.exists()):
-        return None
-    if yaml.safe_load(recorded.read_text()) != overrides:
-        return None
-    return subprocess.CompletedProcess([], 0, "", "")
+    finished = (run_dir / "summary.json").exists() and recorded.exists()
+    return finished and yaml.safe_load(recorded.read_text()) == overrides
 
 
 def run_one(label: str, dataset: str, basis: str, seed: int, out: Path, extra: list[str]) -> dict:
@@ -138,8 +135,8 @@ def run_one(label: str, dataset: str, basis: str, seed: int, out: Path, extra: l
     env.setdefault("OMP_NUM_THREADS", "1")
     start = time.perf_counter()
     reused = finished_with(run_dir, argv[2:])
-    r = reused or subprocess.run(argv, cwd=out, env=env, capture_output=True, text=True)
-    if r.returncode != 0:
+    r = None if reused else subprocess.run(argv, cwd=out, env=env, capture_output=True, text=True)
+    if r is not None and r.returncode != 0:
         print(r.stderr[-2000:], file=sys.stderr)
         error = (r.stderr.strip().splitlines() or ["?"])[-1][:160]
         return {

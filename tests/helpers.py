@@ -79,9 +79,14 @@ def sweep_agent_commands(sweep_file: Path, python: str) -> list[list[str]]:
 
 def solver_options(name: str, **overrides) -> dict:
     """The ``conf/`` defaults of the TT solver block ``name`` (``als``, ``dmrg``, ``riemannian``)
-    with ``overrides``: the solvers take no defaults of their own, as in a run."""
-    ddpm = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf/task/ddpm.yaml").read_text())
-    block = {k: v for k, v in ddpm[name].items() if k != "steps"}
+    with ``overrides``, read by the task's own ``stepper_options``: the solvers take no defaults
+    of their own, as in a run."""
+    from omegaconf import OmegaConf
+
+    from lightning_modules.tasks.ddpm import stepper_options
+
+    conf = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/task/ddpm.yaml")
+    block = stepper_options(conf, name)
     unknown = set(overrides) - set(block) - {"armijo_c"}
     assert not unknown, f"{name} has no keys {unknown}"
     return {**block, **overrides}
