@@ -28,6 +28,7 @@ from benchmarks.toy_oracles import (  # noqa: E402
     DENSITIES,
     density_data,
     exact_sample,
+    metric_options,
     write_results,
 )
 from lightning_modules.diffusion import metrics  # noqa: E402
@@ -49,11 +50,7 @@ def conditioned_tops(reference, real, n: int, *, floor_pairs: int, seed: int, **
 
 
 def calibrate(densities, seeds, draws: int, task) -> tuple[list[str], list[dict]]:
-    options = {
-        "num_projections": int(task.sw_projections),
-        "sinkhorn_reg": float(task.sinkhorn_reg),
-        "sinkhorn_samples": int(task.sinkhorn_samples),
-    }
+    options = metric_options(task)
     pairs = int(task.floor_pairs)
     lines = [
         f"## floor_calibration ({draws} exact draws per reference, {pairs} pairs per band; "

@@ -52,6 +52,7 @@ from datamodules import toy_densities as toy  # noqa: E402
 from datamodules.vectors import swiss_roll_curve  # noqa: E402
 from lightning_modules.diffusion.metrics import floor_bands, vector_sample_metrics  # noqa: E402
 from lightning_modules.diffusion.schedules import NoiseSchedule  # noqa: E402
+from lightning_modules.tasks.ddpm import vector_clip_box  # noqa: E402
 from lightning_modules.utils.seeds import derive_seed  # noqa: E402
 
 DENSITIES = (*toy.DENSITIES, "swiss_roll")
@@ -147,8 +148,8 @@ def exact_eps(name: str, dm, alpha_bar: Tensor, per_curve: int = 600):
         return (torch.as_tensor(points, dtype=torch.float64) - shift) / scale
 
     if name == "checkerboard":
-        cells = [(i, j) for i in range(-2, 2) for j in range(-2, 2) if (i + j) % 2 == 0]
-        bounds = torch.tensor([[[i, i + 1], [j, j + 1]] for i, j in cells], dtype=torch.float64)
+        corners = torch.as_tensor(toy.checkerboard_cells(), dtype=torch.float64)
+        bounds = torch.stack([corners, corners + 1], dim=2)  # [8, coordinate, lo/hi]
         return CheckerboardEps((bounds - shift[None, :, None]) / scale, alpha_bar)
     if name == "8gaussians":
         return MixtureEps(std(toy.gaussian_centres()), dm.noise / scale, alpha_bar)
@@ -179,15 +180,23 @@ def exact_sample(name: str, dm, n: int, seed: int) -> Tensor:
     return (other.to_data_space(other.train_x[:n]).double() - dm.shift) / dm.scale
 
 
+def metric_options(task) -> dict:
+    """The task's settings of the vector metrics (``conf/task/ddpm.yaml``'s ``ddpm`` block)."""
+    return {
+        "num_projections": int(task.sw_projections),
+        "sinkhorn_reg": float(task.sinkhorn_reg),
+        "sinkhorn_samples": int(task.sinkhorn_samples),
+    }
+
+
 def structure(dm, x: Tensor) -> float:
     return float(dm.structure_metric(dm.to_data_space(x.float()))["mode_share"])
 
 
 def sample_makers(name: str, dm, schedule: NoiseSchedule, task, steps_list, seed: int) -> dict:
     """Row label → ``make(draw) -> [n, 2]`` samples in ``dm``'s coordinates (module docstring)."""
-    train, n = dm.train_x.double(), len(dm.reference_x)
-    lo, hi = train.amin(0), train.amax(0)
-    pad = float(task.clip_margin) * (hi - lo)  # the task's clip box for vectors
+    n = len(dm.reference_x)
+    clip = vector_clip_box(dm.train_x.double(), float(task.clip_margin))
     eps = exact_eps(name, dm, schedule.alpha_bar)
 
     def fresh(draw: int) -> Tensor:
@@ -195,7 +204,6 @@ def sample_makers(name: str, dm, schedule: NoiseSchedule, task, steps_list, seed
 
     def chain(sampler: str, steps: int, draw: int) -> Tensor:
         g = torch.Generator().manual_seed(derive_seed(seed, "ddpm_sample", draw))
-        clip = (lo - pad, hi + pad)
         x, _ = schedule.sample(
             eps, n, (2,), g, steps=steps, clip=clip, sampler=sampler, dtype=torch.float64
         )
@@ -244,12 +252,7 @@ def main(argv=None) -> list[dict]:
     schedule = NoiseSchedule.from_config(
         task.schedule, task.timesteps, task.beta_start, task.beta_end
     )
-    options = {
-        "num_projections": int(task.sw_projections),
-        "sinkhorn_reg": float(task.sinkhorn_reg),
-        "sinkhorn_samples": int(task.sinkhorn_samples),
-        "seed": args.seed,
-    }
+    options = {**metric_options(task), "seed": args.seed}
     lines = [
         f"## toy_oracles (exact noise predictor; median of {args.draws} draws of the reference "
         f"sample's size [floor band 5-95 % over {task.floor_pairs} real pairs]; "

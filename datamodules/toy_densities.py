@@ -62,9 +62,14 @@ def eight_gaussians(n: int, rng: np.random.Generator, noise: float) -> np.ndarra
     return gaussian_centres()[rng.integers(0, 8, n)] + noise * rng.standard_normal((n, 2))
 
 
+def checkerboard_cells() -> np.ndarray:
+    """Lower-left corners [8, 2] of the filled unit squares of the 4 x 4 board on [-2, 2]²."""
+    return np.array([(i, j) for i in range(-2, 2) for j in range(-2, 2) if (i + j) % 2 == 0])
+
+
 def checkerboard(n: int, rng: np.random.Generator, noise: float = 0.0) -> np.ndarray:
     """Uniform on the filled squares of a 4 x 4 board on [-2, 2]² (``floor x + floor y`` even)."""
-    cells = np.array([(i, j) for i in range(-2, 2) for j in range(-2, 2) if (i + j) % 2 == 0])
+    cells = checkerboard_cells()
     pick = cells[rng.integers(0, len(cells), n)]
     return pick + rng.random((n, 2))
 

@@ -142,6 +142,14 @@ def _save_atomic(path: Path, save) -> None:
     tmp.replace(path)
 
 
+def vector_clip_box(train: Tensor, margin: float) -> tuple[Tensor, Tensor]:
+    """The per-coordinate clip box of x̂_0 for vectors: the training data's box widened by
+    ``margin`` x its width on each side."""
+    lo, hi = train.amin(dim=0), train.amax(dim=0)
+    pad = margin * (hi - lo)
+    return lo - pad, hi + pad
+
+
 class Sampler:
     """Draws, scores and pictures samples of a ``DDPMModule`` with the run's settings."""
 
@@ -157,9 +165,7 @@ class Sampler:
             if data.images:
                 self.clip = 1.0
             else:
-                lo, hi = data.train.amin(dim=0), data.train.amax(dim=0)
-                pad = float(self.d.get("clip_margin", 0.1)) * (hi - lo)
-                self.clip = (lo - pad, hi + pad)
+                self.clip = vector_clip_box(data.train, float(self.d.get("clip_margin", 0.1)))
         default_n = 64 if data.images else len(data.reference)
         self.num_samples = int(self.d.num_samples or default_n)
 
