@@ -51,8 +51,7 @@ sys.path.insert(0, str(ROOT))
 from datamodules import toy_densities as toy  # noqa: E402
 from datamodules.vectors import swiss_roll_curve  # noqa: E402
 from lightning_modules.diffusion.metrics import floor_bands, vector_sample_metrics  # noqa: E402
-from lightning_modules.diffusion.schedules import NoiseSchedule  # noqa: E402
-from lightning_modules.tasks.ddpm import vector_clip_box  # noqa: E402
+from lightning_modules.diffusion.schedules import NoiseSchedule, vector_clip_box  # noqa: E402
 from lightning_modules.utils.seeds import derive_seed  # noqa: E402
 
 DENSITIES = (*toy.DENSITIES, "swiss_roll")

@@ -61,6 +61,14 @@ def respaced_indices(timesteps: int, steps: int | None) -> list[int]:
     return sorted(set(grid.tolist()))
 
 
+def vector_clip_box(train: Tensor, margin: float) -> tuple[Tensor, Tensor]:
+    """Per-coordinate bounds for ``NoiseSchedule.sample``'s ``clip`` on vectors: the training
+    data's box widened by ``margin`` x its width on each side."""
+    lo, hi = train.amin(dim=0), train.amax(dim=0)
+    pad = margin * (hi - lo)
+    return lo - pad, hi + pad
+
+
 @dataclass
 class Snapshot:
     """The reverse process at one point: ``step`` is the 1-based paper time (0 = the output)."""

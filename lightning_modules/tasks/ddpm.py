@@ -32,7 +32,7 @@ from torch import Tensor
 from datamodules.tensor_data import batch_loader
 from lightning_modules.ddpm import DDPMModule
 from lightning_modules.diffusion import image_metrics, metrics, plots
-from lightning_modules.diffusion.schedules import NoiseSchedule, Snapshot
+from lightning_modules.diffusion.schedules import NoiseSchedule, Snapshot, vector_clip_box
 from lightning_modules.diffusion.steppers import make_stepper
 from lightning_modules.errors import UserError
 from lightning_modules.tasks.common import (
@@ -140,14 +140,6 @@ def _save_atomic(path: Path, save) -> None:
     with open(tmp, "wb") as f:
         save(f)
     tmp.replace(path)
-
-
-def vector_clip_box(train: Tensor, margin: float) -> tuple[Tensor, Tensor]:
-    """The per-coordinate clip box of x̂_0 for vectors: the training data's box widened by
-    ``margin`` x its width on each side."""
-    lo, hi = train.amin(dim=0), train.amax(dim=0)
-    pad = margin * (hi - lo)
-    return lo - pad, hi + pad
 
 
 class Sampler:
