@@ -5,7 +5,9 @@ A set file is ``torch.save`` of a plain dict (loadable with ``weights_only=True`
     format     "ttdistill.synthetic_set"
     version    1
     images     float32 [N, C, H, W], model input space (mean/std-normalised or ZCA-whitened)
-    labels     int64 [N]
+    labels     int64 [N]         hard class indices (always present)
+    soft_labels float32 [N, classes] | None   learned label logits (DATM/PAD); None for hard-only
+                                 sets. Version 1 files have no entry and read as None.
     lr         float | None      learned learning rate (distillation), None for coresets
     transform  dict              PixelTransform.state_dict(): kind "meanstd" (mean, std) or
                                  "zca" (mean, matrix, inverse, eps); undoes the images for viewing
@@ -32,8 +34,9 @@ from datamodules.transforms import PixelTransform
 from lightning_modules.errors import UserError
 
 FORMAT = "ttdistill.synthetic_set"
-VERSION = 1
+VERSION = 2
 _KEYS = ("images", "labels", "lr", "transform", "dataset", "ipc", "method", "config")
+_OPTIONAL = ("soft_labels",)  # added in version 2; absent from version 1 files
 
 
 @dataclass
@@ -49,6 +52,7 @@ class SyntheticSet:
         ipc: images per class.
         method: what made the set (``mtt``, ``random``, ``herding``, ...).
         config: provenance, the resolved config of the producing run (plain dict).
+        soft_labels: ``[N, classes]`` float32 learned label logits, or ``None`` (hard labels only).
     """
 
     images: torch.Tensor
@@ -59,6 +63,7 @@ class SyntheticSet:
     ipc: int
     method: str
     config: dict = field(default_factory=dict)
+    soft_labels: torch.Tensor | None = None
     source: str | None = field(default=None, repr=False, compare=False)  # file it came from
 
     def __post_init__(self):
@@ -69,6 +74,13 @@ class SyntheticSet:
                 f"a set needs images [N, C, H, W] and labels [N]; got {tuple(self.images.shape)} "
                 f"and {tuple(self.labels.shape)}"
             )
+        if self.soft_labels is not None:
+            self.soft_labels = self.soft_labels.detach().to("cpu", torch.float32).contiguous()
+            if self.soft_labels.dim() != 2 or len(self.soft_labels) != len(self.labels):
+                raise ValueError(
+                    f"soft labels must be [N, classes] with N = {len(self.labels)}; "
+                    f"got {tuple(self.soft_labels.shape)}"
+                )
         self.lr = None if self.lr is None else float(self.lr)
         self.ipc = int(self.ipc)
         if not isinstance(self.config, dict):
@@ -105,6 +117,7 @@ class SyntheticSet:
             "ipc": self.ipc,
             "method": self.method,
             "config": self.config,
+            "soft_labels": self.soft_labels,
         }
 
     def save(self, path: str | Path) -> None:
@@ -146,7 +159,8 @@ class SyntheticSet:
         if missing:
             raise UserError(f"set file {path} lacks {missing}; it is incomplete, re-create it")
         try:
-            return cls(**{k: state[k] for k in _KEYS}, source=str(path))
+            optional = {k: state.get(k) for k in _OPTIONAL}
+            return cls(**{k: state[k] for k in _KEYS}, **optional, source=str(path))
         except (ValueError, TypeError, AttributeError) as e:
             raise UserError(f"set file {path} holds malformed entries ({e})") from None
 

@@ -170,3 +170,20 @@ def test_grid_has_a_row_per_class_and_undoes_the_transform(data_root, tmp_path, 
         path = syn.save_grid(tmp_path / f"grid{zca}.png")
         png = mpimg.imread(path)
         assert png.shape[:2] == (342, 104)
+
+
+def test_soft_labels_round_trip_and_version_1_files_read_without_them(tmp_path):
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 0, 1, 1])
+    transform = {"kind": "meanstd", "mean": [0.0] * 3, "std": [1.0] * 3}
+    soft = torch.randn(4, 10, dtype=torch.float64)
+    syn = SyntheticSet(images, labels, 0.01, transform, "cifar10", 2, "datm", {}, soft_labels=soft)
+    syn.save(tmp_path / "v2.pt")
+    back = SyntheticSet.load(tmp_path / "v2.pt")
+    assert back.soft_labels.dtype == torch.float32 and torch.equal(back.soft_labels, soft.float())
+    old = syn.state_dict()
+    old["version"] = 1
+    del old["soft_labels"]
+    torch.save(old, tmp_path / "v1.pt")
+    assert SyntheticSet.load(tmp_path / "v1.pt").soft_labels is None
+    with pytest.raises(ValueError, match="soft labels"):
+        SyntheticSet(images, labels, 0.01, transform, "cifar10", 2, "datm", {}, torch.randn(3, 10))
