@@ -64,11 +64,11 @@ def render_header(lines: list[str]) -> str:
         out.append("```")
     text = "\n".join(out).strip()
     # join the prose lines of each paragraph into one line
-    parts = re.split(r"(```bash\n.*?\n```)", text, flags=re.S)
-    return "\n".join(
+    parts = [p.strip() for p in re.split(r"(```bash\n.*?\n```)", text, flags=re.S) if p.strip()]
+    return "\n\n".join(
         p if p.startswith("```") else "\n\n".join(" ".join(q.split()) for q in p.split("\n\n"))
         for p in parts
-    ).strip()
+    )
 
 
 def scan(path: Path) -> tuple[str, bool, dict[str, str]]:
