@@ -142,9 +142,47 @@ def cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def known_meanings() -> dict[str, str]:
+    """Full key -> the first comment any file of conf/ gives it (option files in name order):
+    a key an option leaves uncommented (cifar100's `zca`, an experiment's `reproduce.experts`)
+    means what it means where it is commented."""
+    paths = [CONF / "config.yaml", *sorted(CONF.glob("*/*.yaml")), *sorted(CONF.glob("*/*/*.yaml"))]
+    out: dict[str, str] = {}
+    for path in paths:
+        group = path.parent.relative_to(CONF).as_posix()
+        if path.parent == CONF or group.startswith(("preset", "sweep")):
+            prefix = ""
+        else:
+            prefix = group.replace("/", ".")
+        _, is_global, comments = scan(path)
+        for key, text in comments.items():
+            full = key if is_global or not prefix else f"{prefix}.{key}"
+            if text and full not in out:
+                out[full] = text
+    return out
+
+
+def fallback_meaning(full: str, key: str, value, meanings: dict[str, str]) -> str:
+    """A meaning for a key its own file leaves uncommented."""
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf == "_target_":
+        return "the class Hydra instantiates"
+    if leaf == "name" and not isinstance(value, dict):
+        return "the option's name as the code sees it"
+    if full in meanings:
+        return meanings[full]
+    m = re.fullmatch(r"reproduce\.method_keys\.(\w+)\.(\w+)", full)
+    if m and (CONF / "method" / f"{m[1]}.yaml").exists():  # a method.* key of that method
+        return scan(CONF / "method" / f"{m[1]}.yaml")[2].get(m[2], "")
+    if isinstance(value, str) and re.fullmatch(r"\$\{[\w.]+\}", value):
+        return f"follows `{value[2:-1]}`"
+    return ""
+
+
 def option_table(path: Path, package: str) -> list[str]:
     """The description and key table of one option file, keys prefixed with `package`."""
     header, is_global, comments = scan(path)
+    meanings = known_meanings()
     data = yaml.safe_load(path.read_text()) or {}
     prefix = "" if is_global else package
     lines: list[str] = []
@@ -169,7 +207,7 @@ def option_table(path: Path, package: str) -> list[str]:
                     shown_blocks.add(block)
                     name = f"{prefix}.{block}" if prefix else block
                     lines.append(f"| `{name}` | (block) | {cell(comments[block])} |")
-            meaning = comments.get(key, "")
+            meaning = comments.get(key, "") or fallback_meaning(full, key, value, meanings)
             lines.append(f"| `{full}` | {cell(show(value))} | {cell(meaning)} |")
         lines.append("")
     return lines
