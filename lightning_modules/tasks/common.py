@@ -180,7 +180,7 @@ def check_multi_node(cfg: DictConfig) -> None:
         raise UserError(
             f"trainer.num_nodes={num_nodes(cfg)} but no multi-node environment: submit with "
             "hydra/launcher=slurm (or srun), or start one process per node with NODE_RANK, "
-            "MASTER_ADDR and MASTER_PORT set (README: Clusters)"
+            "MASTER_ADDR and MASTER_PORT set (docs/guides/clusters.md)"
         )
 
 

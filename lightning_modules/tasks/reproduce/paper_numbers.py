@@ -4,7 +4,7 @@ Source: G. Li, R. Togo, T. Ogawa, M. Haseyama, "Dataset Distillation Using Param
 IEICE Trans. Fundamentals E107-A(6), 2024 (Table I: ConvNet-3; Table III: cross-architecture,
 CIFAR-10 IPC 10). The baselines in Table I are the numbers the paper quotes from their own papers.
 The MTT family reports the best evaluation over checkpoints chosen on the test set; the numbers
-measured here are final-checkpoint numbers (see README).
+measured here are final-checkpoint numbers (see docs/results/index.md).
 
 Method keys: ``random``, ``forgetting``, ``herding`` (coresets), ``dsa``, ``dm``, ``cafe``
 (CAFE+DSA), ``kip`` (Table II: KIP sets evaluated on a ConvNet of width 128, the width of the

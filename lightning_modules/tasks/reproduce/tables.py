@@ -179,7 +179,7 @@ def kip_table(cfg, methods, nets, results, info, images) -> tuple[str, dict]:
         f"Scale: {info['long']}.",
         "",
         "KIP here is trained with the kernel named above, not the paper's infinite-width ConvNet "
-        "NTK (README: method=kip); its set is evaluated with hard labels.",
+        "NTK (docs/methods/cafe_kip.md); its set is evaluated with hard labels.",
     ]
     lines += images_line(images)
     record = {
