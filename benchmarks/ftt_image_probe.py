@@ -6,7 +6,8 @@
         '{"tag": "no skip", "skip": "none", "steps": 60}' \
         '{"tag": "diag skip, scale 0.02", "skip": "gaussian", "steps": 80, "core_lr_scale": 0.02}'
 
-Used for the "FTT on images" diagnosis (docs/studies/ftt_images.md) (why training collapsed, which lr scale).
+Used for the "FTT on images" diagnosis (docs/studies/ftt_images.md): why training collapsed,
+which lr scale.
 """
 
 from __future__ import annotations
