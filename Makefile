@@ -40,12 +40,14 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 # the documentation site: the docs extra on top of setup, then a strict build (a broken link, a
-# nav line naming a missing page or a docstring warning fails) into site/
+# nav line naming a missing page or a docstring warning fails) into site/; a configuration
+# reference older than conf/ fails first (make docs-config regenerates it)
 $(BIN)/.docs-installed: $(BIN)/.installed pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev,slurm,docs]"
 	touch $@
 
 docs: $(BIN)/.docs-installed
+	$(BIN)/python tools/gen_config_reference.py --check
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 docs-serve: $(BIN)/.docs-installed
