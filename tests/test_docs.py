@@ -98,3 +98,11 @@ def test_no_tracker_numbers_in_user_facing_text():
         if pattern.search(line)
     ]
     assert not hits, "\n".join(hits)
+
+
+def test_every_key_has_a_meaning():
+    """Every key in the reference has a meaning: a YAML comment in its file, or in another file
+    that defines the same key. A new key needs a comment beside it in conf/."""
+    text = load_generator().generate()
+    blank = [line.split("|")[1].strip() for line in text.splitlines() if line.endswith("|  |")]
+    assert not blank, f"keys without a comment in conf/: {blank}"
