@@ -131,6 +131,7 @@ def write_subset(
         _dump(out / ("test_batch" if name == "cifar10" else "test"), {"data": tx, key: ty})
         (out / meta).write_bytes((src / meta).read_bytes())
         sizes[name] = {"train": len(y), "test": len(ty)}
+    (Path(dest) / "subset.json").write_text(json.dumps(sizes))
     return sizes
 
 
@@ -187,14 +188,16 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def start(cmd: list[str], log: Path, cwd: Path = ROOT) -> subprocess.Popen:
+def start(cmd: list[str], log: Path, cwd: Path = ROOT, capture=False) -> subprocess.Popen:
+    """Start ``cmd`` in a new session (its own process group), stderr to ``log``; stdout too,
+    unless ``capture`` (then the caller must read it: ``finish``)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as err:
         return subprocess.Popen(
             cmd,
             cwd=cwd,
-            stdout=subprocess.PIPE,
+            stdout=subprocess.PIPE if capture else err,
             stderr=err,
             text=True,
             start_new_session=True,
@@ -206,7 +209,7 @@ def finish(proc: subprocess.Popen, seconds: float) -> tuple[str, bool]:
     """(stdout, timed_out): wait at most ``seconds``, then stop the child's process group."""
     try:
         out, _ = proc.communicate(timeout=max(seconds, 0.1))
-        return out, False
+        return out or "", False
     except subprocess.TimeoutExpired:
         _stop(proc)
         out, _ = proc.communicate()
@@ -214,8 +217,10 @@ def finish(proc: subprocess.Popen, seconds: float) -> tuple[str, bool]:
 
 
 def run(cmd: list[str], seconds: float, log: Path, cwd: Path = ROOT) -> tuple[str, bool, int]:
-    proc = start(cmd, log, cwd)
+    proc = start(cmd, log, cwd, capture=True)
     out, timed_out = finish(proc, seconds)
+    with open(log, "a") as f:
+        f.write("\n--- stdout ---\n" + out)
     return out, timed_out, proc.returncode
 
 
@@ -539,7 +544,7 @@ def part_ipc1(ctx) -> dict:
         f"paths.data_dir={ctx.data}",
         "dataset.download=false",
         "dataset=cifar10",
-        "dataset.zca=true",
+        f"dataset.zca={str(p['zca']).lower()}",
         f"paths.cache_dir={work / 'cache'}",
         "logger=none",
         f"net.width={p['width']}",
@@ -548,7 +553,7 @@ def part_ipc1(ctx) -> dict:
     if ctx.threads:
         common.append(f"threads={ctx.threads}")
     budget = ctx.left()
-    t_experts = p["expert_share"] * budget
+    t_experts = p["experts_s"] or 0.35 * budget
     t0 = time.monotonic()
     # experts: several processes fill one store (each claims indices with a lock) until the
     # experts' share of the budget ends; the experts finished by then are the store
@@ -573,7 +578,9 @@ def part_ipc1(ctx) -> dict:
     for proc in procs:
         _, timed_out = finish(proc, until - time.monotonic())
         teacher_timeout |= timed_out
-    experts = sorted(store.glob("expert_*.pt")) if store.exists() else []
+    from datamodules.trajectories import ExpertStore
+
+    experts = ExpertStore(store).indices() if store.exists() else []  # finished ones only
     row_base = {
         "experts": len(experts),
         "expert_epochs": p["expert_epochs"],
@@ -587,9 +594,8 @@ def part_ipc1(ctx) -> dict:
         }
     left = ctx.left()
     extra = list(p["distill_keys"])
-    if p["max_time"]:
-        run_s = max(int(left - p["overhead_s"]), 10)
-        extra.append(f"+trainer.max_time=00:00:{run_s // 60:02d}:{run_s % 60:02d}")
+    run_s = p["max_time_s"] or max(int(left - 50), 10)
+    extra.append(f"+trainer.max_time=00:00:{run_s // 60:02d}:{run_s % 60:02d}")
     runs = {}
     for label, eps in (("MTT", 0.0), ("pruning (eps 0.1)", 0.1)):
         folder = work / f"distill_eps{eps}"
@@ -631,7 +637,7 @@ def part_ipc1(ctx) -> dict:
         f"CIFAR-10 subset ({ctx.subset_note}); {len(experts)} experts x {p['expert_epochs']} "
         f"epochs in {row_base['experts_s']:.0f} s ({p['teacher_procs']} processes at once); MTT "
         "and pruning at once, the published row (5,000 iterations) cut by trainer.max_time "
-        f"({extra[-1].split('=')[-1] if p['max_time'] else 'not set'}), so 'iterations' says "
+        f"({run_s} s), so 'iterations' says "
         "how many fitted; test accuracy of the final set (not the best checkpoint), % on the "
         "subset's test split"
     )
@@ -714,11 +720,7 @@ def markdown(results: dict) -> str:
             ]
             for r in part["rows"]:
                 acc = r.get("final_acc")
-                acc_text = (
-                    "-"
-                    if acc is None
-                    else f"{100 * acc:.1f} ± {100 * (r.get('final_std') or 0):.1f}"
-                )
+                acc_text = "-" if acc is None else f"{acc:.1f} ± {r.get('final_std') or 0:.1f}"
                 lines.append(
                     f"| {r['method']} | {acc_text} | {r['paper']} | "
                     f"{_fmt(r.get('iterations'))} of 5000 | {r['experts']} x "
@@ -863,19 +865,18 @@ def main(argv=None) -> int:
     if a.dry_run:
         ctx.data = ctx.work / "tiny_cifar"
         write_tiny(ctx.data)
-        ctx.subset_note = "tiny random images, 12 train per class"
+        ctx.subset_note = "tiny random images, 12 train and 3 test per class"
         ctx.ab = dict(ipc=1, syn_steps=2, iterations=2, rounds=1, batch_syn=10)
         ctx.matching = dict(width=8, ipc=1, batch_real=4, batch_test=2, steps=1)
         ctx.ipc1 = dict(
             width=8,
             expert_epochs=3,
-            max_experts=1,
-            teacher_procs=1,
-            expert_share=1.0,
-            max_time=False,
-            overhead_s=0,
+            max_experts=1000,  # more than fit: the teachers are stopped, as on the GPU
+            teacher_procs=2,
+            experts_s=60,  # the same kill-at-the-end path as on the GPU: many tiny experts fit
+            max_time_s=5,  # the 5,000 published iterations, cut by trainer.max_time as there
+            zca=False,  # its 3072 x 3072 fit is the same at any data size: slow on this CPU
             distill_keys=[
-                "distill.iterations=2",
                 "distill.syn_steps=2",
                 "distill.eval_num=1",
                 "distill.eval_epochs=2",
@@ -888,10 +889,9 @@ def main(argv=None) -> int:
         if not a.data:
             p.error("--data is required (the folder --write-subset wrote)")
         ctx.data = Path(a.data).resolve()
-        ctx.subset_note = (
-            f"{sum(1 for _ in ctx.data.glob('cifar-10-batches-py/data_batch_*'))} "
-            "train batch files, the subset --write-subset wrote"
-        )
+        sizes = ctx.data / "subset.json"
+        sizes = json.loads(sizes.read_text())["cifar10"] if sizes.exists() else {}
+        ctx.subset_note = f"{sizes.get('train', '?')} train, {sizes.get('test', '?')} test images"
         ctx.ab = dict(ipc=10, syn_steps=30, iterations=5, rounds=2, batch_syn=None)
         ctx.matching = dict(width=128, ipc=10, batch_real=256, batch_test=128, steps=2)
         ctx.ipc1 = dict(
@@ -899,9 +899,9 @@ def main(argv=None) -> int:
             expert_epochs=50,
             max_experts=200,
             teacher_procs=4,
-            expert_share=0.35,
-            max_time=True,
-            overhead_s=50,
+            experts_s=None,  # 35 % of the part's budget
+            max_time_s=None,  # what is left, less 50 s for start-up and the evaluation
+            zca=True,  # the published row's
             distill_keys=[],
         )
     where = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
