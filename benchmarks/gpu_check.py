@@ -188,6 +188,19 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
+def _own_group_dies_with_parent() -> None:
+    """In the child: its own process group (so a budget's end stops all of it), and SIGKILL when
+    gpu_check itself dies (a lent machine's time limit kills gpu_check, which cannot then stop
+    its children: they must not run on while the machine is held)."""
+    os.setsid()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: the budgets still stop every child
+        pass
+
+
 def start(cmd: list[str], log: Path, cwd: Path = ROOT, capture=False) -> subprocess.Popen:
     """Start ``cmd`` in a new session (its own process group), stderr to ``log``; stdout too,
     unless ``capture`` (then the caller must read it: ``finish``)."""
@@ -200,7 +213,7 @@ def start(cmd: list[str], log: Path, cwd: Path = ROOT, capture=False) -> subproc
             stdout=subprocess.PIPE if capture else err,
             stderr=err,
             text=True,
-            start_new_session=True,
+            preexec_fn=_own_group_dies_with_parent,
             env=env,
         )
 
