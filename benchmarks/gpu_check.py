@@ -480,6 +480,11 @@ def part_ab(ctx) -> dict:
                     "status": "ok" if ok else (other[0] if other else "not run"),
                 }
             )
+    for r in summary:  # ours against the official code on the same dataset
+        ref = next(o for o in summary if (o["dataset"], o["system"]) == (r["dataset"], "official"))
+        for key in ("time_s", "peak_mb"):
+            both = r[key] is not None and ref[key]  # the CPU dry run has no official peak
+            r[f"{key}_vs_official"] = r[key] / ref[key] if both else None
     return {"status": status, "rows": rows, "summary": summary}
 
 
@@ -695,12 +700,14 @@ def markdown(results: dict) -> str:
             ]
         elif name == "ab":
             lines += [
-                "| dataset | system | s / iteration (median of runs) | peak MB | runs | status |",
-                "|---|---|---|---|---|---|",
+                "| dataset | system | s / iteration (median of runs) | peak MB | time / official "
+                "| peak / official | runs | status |",
+                "|---|---|---|---|---|---|---|---|",
             ]
             lines += [
                 f"| {r['dataset']} | {r['system']} | {_fmt(r['time_s'])} | "
-                f"{_fmt(r['peak_mb'], 0)} | {r['runs']} | {r['status']} |"
+                f"{_fmt(r['peak_mb'], 0)} | {_fmt(r.get('time_s_vs_official'), 2)} | "
+                f"{_fmt(r.get('peak_mb_vs_official'), 2)} | {r['runs']} | {r['status']} |"
                 for r in part.get("summary", [])
             ]
             lines += [

@@ -103,3 +103,13 @@ def test_markdown_gives_the_ipc1_row_in_percent_beside_the_paper():
                final_acc=41.25, final_std=0.5, iterations=150)  # fmt: skip
     text = gpu_check.markdown(_results({"ipc1": {"status": "ok", "rows": [row]}}))
     assert "| MTT | 41.2 ± 0.5 | 46.3 | 150 of 5000 | 8 x 50 epochs | ok |" in text
+
+
+def test_ab_table_puts_ours_beside_the_official_code():
+    summary = [
+        dict(dataset="cifar10", system="official", time_s=0.4, peak_mb=1000.0, runs=2, status="ok"),
+        dict(dataset="cifar10", system="ours_full", time_s=0.2, peak_mb=500.0, runs=2, status="ok",
+             time_s_vs_official=0.5, peak_mb_vs_official=0.5),
+    ]  # fmt: skip
+    text = gpu_check.markdown(_results({"ab": {"status": "ok", "rows": [], "summary": summary}}))
+    assert "| cifar10 | ours_full | 0.200 | 500 | 0.50 | 0.50 | 2 | ok |" in text
