@@ -13,6 +13,11 @@ Timed on random CIFAR-shaped data through :class:`lightning_modules.set_matching
   ``chunk`` bounds the images per forward pass.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_cafe_kip.py --out benchmarks/results/cafe_kip_cpu.md
+    python benchmarks/bench_cafe_kip.py --device cuda --variants cafe --json c.json  # GPU
+
+``--width``/``--ipc``/``--batch-real``/``--batch-test`` replace the settings of every variant (the
+dry run of ``gpu_check.py`` uses toy sizes). On CUDA times are device-synchronised and the peak is
+``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -37,30 +42,40 @@ from lightning_modules.set_matching import MatchingModule  # noqa: E402
 K = 10
 
 
-def make(method, width, ipc, batch_real, **opts) -> MatchingModule:
+def make(method, width, ipc, batch_real, device="cpu", **opts) -> MatchingModule:
     g = torch.Generator().manual_seed(0)
     real_x = torch.randn(K * batch_real, 3, 32, 32, generator=g)
     real_y = torch.arange(K).repeat_interleave(batch_real)
     images = torch.randn(K * ipc, 3, 32, 32, generator=g)
     labels = torch.arange(K).repeat_interleave(ipc)
     net = build_classifier("convnet", 3, K, 32, width=width)
-    return MatchingModule(
+    module = MatchingModule(
         net, images, labels, real_x, real_y, method=method, lr_img=0.1, batch_real=batch_real,
         dsa=DSA(), **opts,
     )  # fmt: skip
+    module = module.to(device)
+    module.on_fit_start()  # the real data to the module's device, as Trainer.fit does
+    return module
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def timed(fn, repeat=1):
     fn()  # warm-up
+    _sync()
     tic = time.perf_counter()
     for _ in range(repeat):
         fn()
+    _sync()
     return (time.perf_counter() - tic) / repeat
 
 
 def one(spec: dict) -> dict:
     if spec["method"] == "cafe":
-        m = make("cafe", spec["width"], spec["ipc"], spec["batch_real"],
+        m = make("cafe", spec["width"], spec["ipc"], spec["batch_real"], spec.get("device", "cpu"),
                  cafe={"batch_test": spec["batch_test"]})  # fmt: skip
         g = m.iteration_generator(0, 0)
         net = m.fresh_net(g)
@@ -73,10 +88,13 @@ def one(spec: dict) -> dict:
         out = dict(image_step=step, epoch=epoch, accuracy=acc, shortest=shortest, longest=longest)
     else:
         kip = {k: spec[k] for k in ("kernel", "rf_models", "chunk")}
-        m = make("kip", spec["width"], spec["ipc"], spec["batch_real"], kip=kip)
+        m = make("kip", spec["width"], spec["ipc"], spec["batch_real"], spec.get("device", "cpu"),
+                 kip=kip)  # fmt: skip
         g = m.iteration_generator(0, 0)
         out = dict(iteration=timed(lambda: torch.autograd.grad(m.kip_objective(g), m.images)))
     out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if spec.get("device", "cpu").startswith("cuda"):
+        out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
 
 
@@ -95,24 +113,54 @@ def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None)
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--variants", default="cafe,kip", help="which methods' variants to run")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    for key in ("width", "ipc", "batch-real", "batch-test"):
+        p.add_argument(f"--{key}", type=int, default=None, help="override every variant's")
     a = p.parse_args(argv)
     if a.one:
         print(json.dumps(one(json.loads(a.one))))
         return ""
+    cuda = a.device.startswith("cuda")
+    where = (
+        torch.cuda.get_device_name()
+        if cuda
+        else f"CPU ({platform.processor() or platform.machine()}), "
+        f"{torch.get_num_threads()} thread(s)"
+    )
+    peak = "torch.cuda.max_memory_allocated" if cuda else "the process's max resident set"
     lines = [
-        f"CIFAR-10 shapes, IPC 10, ConvNet-3 (instance norm); CPU "
-        f"({platform.processor() or platform.machine()}), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s); peak = the process's max resident set.",
+        f"CIFAR-10 shapes, IPC {a.ipc or 10}, ConvNet-3 (instance norm); {where}, torch "
+        f"{torch.__version__}; peak = {peak}.",
         "",
         "| method | setting | image step (s) | network epoch (s) | accuracy check (s) | "
         "s / iteration | peak memory (GiB) |",
         "|---|---|---|---|---|---|---|",
     ]
+    wanted = set(a.variants.split(","))
+    rows = []
     for spec in VARIANTS:
+        if spec["method"] not in wanted:
+            continue
+        spec = {**spec, "device": a.device}
+        for key in ("width", "ipc", "batch_real", "batch_test"):
+            if getattr(a, key) is not None and key in spec:
+                spec[key] = getattr(a, key)
         run = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)],
                              capture_output=True, text=True, check=True)  # fmt: skip
         r = json.loads(run.stdout.strip().splitlines()[-1])
         print(spec, r, flush=True)
+        mem = r.get("peak_mb", r["peak_rss_gib"] * 1024)
+        if spec["method"] == "cafe":
+            rows += [
+                {"method": "cafe", "variant": f"{bound} iteration", "image_step_s": r["image_step"],
+                 "inner_s": r["epoch"], "s_per_iter": r[bound], "peak_mb": mem}
+                for bound in ("shortest", "longest")
+            ]  # fmt: skip
+        else:
+            rows.append({"method": "kip", "variant": spec["kernel"], "s_per_iter": r["iteration"],
+                         "peak_mb": mem})  # fmt: skip
         if spec["method"] == "cafe":
             lines.append(
                 f"| CAFE | real batch {spec['batch_real']}/class, accuracy on "
@@ -133,6 +181,8 @@ def main(argv=None) -> str:
     print(text)
     if a.out:
         Path(a.out).write_text(text)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"device": where, "rows": rows}, indent=2))
     return text
 
 

@@ -77,15 +77,29 @@ class _Memory:
 
 
 def _problem(args, device):
+    """Net, layout, start/target vectors, images and labels of one measurement.
+
+    ``args.inputs`` (optional, a ``torch.save`` file of ``snapshots`` [3, P] (start, middle,
+    target), ``images`` and ``labels``) gives fixed inputs, e.g. the ones an A/B run hands the
+    official code too; else random expert vectors and N(0, 1) images, ``ipc`` per class.
+    """
     from lightning_modules.nets import FlatParams, build_classifier
 
+    k = int(getattr(args, "num_classes", 10))
     g = torch.Generator().manual_seed(0)
-    net = build_classifier("convnet", num_classes=10, depth=args.depth, width=args.width).to(device)
+    net = build_classifier("convnet", num_classes=k, depth=args.depth, width=args.width).to(device)
     layout = FlatParams(net)
-    start = 0.05 * torch.randn(layout.numel, generator=g)
-    target = start + 0.01 * torch.randn(layout.numel, generator=g)
-    images = torch.randn(10 * args.ipc, 3, 32, 32, generator=g)
-    labels = torch.arange(10).repeat_interleave(args.ipc)
+    if getattr(args, "inputs", None):
+        given = torch.load(args.inputs, map_location="cpu")
+        start, target = given["snapshots"][0], given["snapshots"][-1]
+        images, labels = given["images"].float(), given["labels"].long()
+        if start.numel() != layout.numel:
+            raise ValueError(f"inputs hold {start.numel()} parameters, the net {layout.numel}")
+    else:
+        start = 0.05 * torch.randn(layout.numel, generator=g)
+        target = start + 0.01 * torch.randn(layout.numel, generator=g)
+        images = torch.randn(k * args.ipc, 3, 32, 32, generator=g)
+        labels = torch.arange(k).repeat_interleave(args.ipc)
     return net, layout, start.to(device), target.to(device), images.to(device), labels.to(device)
 
 
@@ -121,6 +135,7 @@ def child_unroll(args, mode: str) -> dict:
         gen = torch.Generator().manual_seed(next(counter))
         end = student_unroll(
             loss_fn, start, images, labels, lr, steps=args.syn_steps,
+            batch_syn=getattr(args, "batch_syn", None),
             augment=lambda x, g: dsa(x, g), generator=gen, mode=mode,
             keep_on="cpu" if args.offload else None,
         )  # fmt: skip
@@ -191,7 +206,7 @@ def child_lightning(args) -> dict:
     device = args.device
     net, layout, start, target, images0, labels = _problem(args, "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        snaps = torch.stack([start, (start + target) / 2, target])
+        snaps = torch.stack([start, (start + target) / 2, target]).cpu()
         meta = {
             k: None
             for k in (
@@ -207,14 +222,16 @@ def child_lightning(args) -> dict:
         }
         meta.update(
             param_names=layout.names, param_shapes=[list(s) for s in layout.shapes], epochs=2,
-            num_classes=10, channels=3, im_size=32,
+            num_classes=int(getattr(args, "num_classes", 10)), channels=3, im_size=32,
         )  # fmt: skip
         ExpertStore(tmp).write(0, snaps, meta)
         n = args.repeats + 1
         pairs = ExpertPairsDataModule(tmp, expert_epochs=2, max_start_epoch=1, iterations=n)
         module = DistillationModule(
             net, images0, labels, lr_teacher=0.01, lr_img=100, lr_lr=1e-5, eps=0.1,
-            syn_steps=args.syn_steps, unroll="full", dsa=DSA(),
+            syn_steps=args.syn_steps, batch_syn=getattr(args, "batch_syn", None),
+            unroll=getattr(args, "unroll", "full"), offload=getattr(args, "offload", "auto"),
+            dsa=DSA(),
         )  # fmt: skip
         starts: list[float] = []
 

@@ -10,11 +10,16 @@ per-class gradient); "loop": one pass per class.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_matching.py              # CPU, ConvNet width 128
     python benchmarks/bench_matching.py --width 32 --out benchmarks/results/matching_cpu.md
+    python benchmarks/bench_matching.py --device cuda --json m.json  # GPU (what gpu_check.py runs)
+
+On CUDA the times are device-synchronised and ``peak_mb`` is ``torch.cuda.max_memory_allocated``
+during the variant.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
@@ -33,7 +38,14 @@ from lightning_modules.nets import build_classifier  # noqa: E402
 from lightning_modules.set_matching import MatchingModule  # noqa: E402
 
 
-def make(method: str, width: int, ipc: int, batch_real: int, batched: bool) -> MatchingModule:
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make(
+    method: str, width: int, ipc: int, batch_real: int, batched: bool, device="cpu"
+) -> MatchingModule:
     g = torch.Generator().manual_seed(0)
     k = 10
     real_x = torch.randn(k * batch_real, 3, 32, 32, generator=g)
@@ -43,10 +55,13 @@ def make(method: str, width: int, ipc: int, batch_real: int, batched: bool) -> M
     net = build_classifier("convnet", 3, k, 32, width=width)
     outer, inner = PUBLISHED_LOOPS[ipc]
     loops = dict(outer_loop=outer, inner_loop=inner) if method != "dm" else {}
-    return MatchingModule(
+    module = MatchingModule(
         net, images, labels, real_x, real_y, method=method, lr_img=0.1, batch_real=batch_real,
         dsa=DSA(), batched=batched, class_chunk=None if batched else None, **loops,
     )  # fmt: skip
+    module = module.to(device)
+    module.on_fit_start()  # the real data to the module's device, as Trainer.fit does
+    return module
 
 
 def image_step_s(module: MatchingModule, steps: int, batched: bool) -> float:
@@ -55,6 +70,7 @@ def image_step_s(module: MatchingModule, steps: int, batched: bool) -> float:
         module.class_chunk = 1  # one forward per class
     times = []
     for t in range(steps + 1):  # the first call warms up
+        _sync(module.device)
         tic = time.perf_counter()
         g = module.iteration_generator(t, 0)
         net = module.fresh_net(g)
@@ -62,6 +78,7 @@ def image_step_s(module: MatchingModule, steps: int, batched: bool) -> float:
             net.requires_grad_(False)
         loss = module.matching_loss(net, g)
         torch.autograd.grad(loss, module.images)
+        _sync(module.device)
         times.append(time.perf_counter() - tic)
     return sum(times[1:]) / steps
 
@@ -71,11 +88,13 @@ def inner_loop_s(module: MatchingModule) -> float:
     net = module.fresh_net(g)
     opt = torch.optim.SGD(net.parameters(), lr=module.lr_net)
     augment = module._augment_per_sample if module.dsa is not None else None
+    _sync(module.device)
     tic = time.perf_counter()
     train_network_on_set(
         net, opt, module.images, module.labels, epochs=module.inner_loop,
         batch_size=module.batch_train, augment=augment, generator=g,
     )  # fmt: skip
+    _sync(module.device)
     return time.perf_counter() - tic
 
 
@@ -86,14 +105,19 @@ def main(argv=None) -> str:
     p.add_argument("--batch-real", type=int, default=256)
     p.add_argument("--steps", type=int, default=1, help="timed image steps per variant")
     p.add_argument("--methods", default="dm,dsa,dc")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--out", default=None)
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     a = p.parse_args(argv)
     threads = torch.get_num_threads()
-    rows = []
+    cuda = torch.device(a.device).type == "cuda"
+    rows, peaks = [], []
     for method in a.methods.split(","):
         inner = None
         for batched in (True, False):
-            module = make(method, a.width, a.ipc, a.batch_real, batched)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            module = make(method, a.width, a.ipc, a.batch_real, batched, a.device)
             step = image_step_s(module, a.steps, batched)
             if method == "dm":
                 per_it = step
@@ -102,11 +126,16 @@ def main(argv=None) -> str:
                     inner = inner_loop_s(module)
                 per_it = module.outer_loop * step + (module.outer_loop - 1) * inner
             rows.append((method, "batched" if batched else "loop", step, inner, per_it))
+            peaks.append(torch.cuda.max_memory_allocated() / 2**20 if cuda else None)
             print(rows[-1], flush=True)
+    where = (
+        torch.cuda.get_device_name()
+        if cuda
+        else f"CPU ({platform.processor() or platform.machine()}), {threads} thread(s)"
+    )
     lines = [
         f"CIFAR-10 shapes, IPC {a.ipc}, ConvNet-3 width {a.width}, real batch {a.batch_real} per "
-        f"class; CPU ({platform.processor() or platform.machine()}), torch "
-        f"{torch.__version__}, {threads} thread(s); {a.steps} timed image step(s) per variant.",
+        f"class; {where}, torch {torch.__version__}; {a.steps} timed image step(s) per variant.",
         "",
         "| method | per-class passes | image step (s) | inner loop (s) | s / iteration |",
         "|---|---|---|---|---|",
@@ -119,6 +148,10 @@ def main(argv=None) -> str:
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(text)
+    if a.json:
+        keys = ("method", "variant", "image_step_s", "inner_s", "s_per_iter")
+        out = [{**dict(zip(keys, r)), "peak_mb": pk} for r, pk in zip(rows, peaks)]
+        Path(a.json).write_text(json.dumps({"device": where, "rows": out}, indent=2))
     return text
 
 
