@@ -27,7 +27,13 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_modules.errors import UserError
-from lightning_modules.tasks.reproduce.config import _stage, derive, kip_widths, with_width
+from lightning_modules.tasks.reproduce.config import (
+    NEEDS_EXPERTS,
+    _stage,
+    derive,
+    kip_widths,
+    with_width,
+)
 from lightning_modules.tasks.reproduce.stages import (
     cached_evaluation,
     cap_start_epoch,
@@ -130,7 +136,7 @@ def run_phases(cfg: DictConfig, launcher: dict, table: str, methods, nets, workd
     executor = make_executor(launcher, Path(out_dir) / "jobs")
     ran: dict = {}
     experts = None
-    if any(m in ("mtt", "pruning", "herding") for m in methods):
+    if any(m in NEEDS_EXPERTS for m in methods):
         ran["experts"] = run_phase(executor, _expert_jobs(cfg, workdir), "experts")
         experts = ensure_experts(cfg, workdir)
         if any(m in ("mtt", "pruning") for m in methods):
