@@ -251,6 +251,7 @@ def _check_config(e: DictConfig) -> list[str]:
         isinstance(e.lr, bool) or not isinstance(e.lr, (int, float)) or not e.lr > 0
     ):
         raise UserError(f"evaluate.lr must be a positive number or null, got {e.lr!r}")
+    variants_.check_keys(e)  # evaluate.labels, soft_temperature, ddranking.*
     if str(e.protocol) not in PROTOCOLS:
         raise UserError(
             f"evaluate.protocol must be one of {', '.join(PROTOCOLS)}, got {e.protocol!r}"
@@ -402,7 +403,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     dm = _load_data(cfg, fabric)
     images, labels, lr, description, syn = load_training_set(e, dm)
     options, sources = resolve_net_options(nets, syn, e.get("net_options"))
-    variants, context = variants_.plan_variants(cfg, dm, syn, lr, nets)  # checked before training
+    # checked before anything trains
+    variants, context = variants_.plan_variants(cfg, dm, syn, lr, nets, options)
     plan = {
         "nets": nets,
         "images": images,

@@ -104,9 +104,12 @@ def _digest(payload) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def plan_variants(cfg: DictConfig, dm, syn, lr: float, nets: list[str]) -> tuple[list, dict]:
+def plan_variants(
+    cfg: DictConfig, dm, syn, lr: float, nets: list[str], options: dict
+) -> tuple[list, dict]:
     """The variants to train and the context the scores need (``full`` accuracies already known,
-    where they come from). Everything is checked before anything trains."""
+    where they come from). ``options``: each net's constructor options (the full-data accuracy
+    is that of the same network). Everything is checked before anything trains."""
     e = cfg.evaluate
     check_keys(e)
     kind = own_kind(e, syn)
@@ -121,6 +124,7 @@ def plan_variants(cfg: DictConfig, dm, syn, lr: float, nets: list[str]) -> tuple
     if kind == "soft" and str(e.get("labels", "both")) == "both":
         variants.append(Variant("set_hard", "hard", syn.images, syn.labels, **base))
     context = {"own": kind, "ddranking": ddranking_on(e, syn), "full": {}, "full_source": {}}
+    context["options"] = options
     if not context["ddranking"]:
         return variants, context
     d = e.ddranking
@@ -133,7 +137,7 @@ def plan_variants(cfg: DictConfig, dm, syn, lr: float, nets: list[str]) -> tuple
         variants.append(Variant("random_noaug", kind, r_images, r_labels, **noaug, extra=r_info))
     full_runs = []
     for net in nets:
-        acc, source = known_full_acc(cfg, dm, net)
+        acc, source = known_full_acc(cfg, dm, net, options.get(net) or {})
         if acc is not None:
             context["full"][net], context["full_source"][net] = acc, source
         else:
@@ -232,15 +236,12 @@ def teacher_logits(cfg: DictConfig, dm, syn, images: torch.Tensor) -> tuple[torc
 
 
 # -- the full-data reference ---------------------------------------------------------------------
-def full_key(cfg: DictConfig, dm, net: str) -> dict:
+def full_key(cfg: DictConfig, dm, net: str, options: dict) -> dict:
     """What a full-data accuracy depends on (the cache key)."""
     e, d = cfg.evaluate, cfg.evaluate.ddranking
     data = OmegaConf.to_container(cfg.dataset, resolve=True)
     for key in _OPERATIONAL:
         data.pop(key, None)
-    given = e.get("net_options")
-    given = OmegaConf.to_container(given, resolve=True) if OmegaConf.is_config(given) else given
-    options = (given or {}).get(net) or {}
     return {
         "dataset": data,
         "train_images": len(dm.train_x),
@@ -258,13 +259,13 @@ def full_key(cfg: DictConfig, dm, net: str) -> dict:
     }
 
 
-def full_cache_path(cfg: DictConfig, dm, net: str) -> Path:
+def full_cache_path(cfg: DictConfig, dm, net: str, options: dict) -> Path:
     zca = "-zca" if getattr(dm, "zca", False) else ""
     root = Path(cfg.evaluate.ddranking.full_cache)
-    return root / f"{dm.name}{zca}" / f"{net}-{_digest(full_key(cfg, dm, net))}.json"
+    return root / f"{dm.name}{zca}" / f"{net}-{_digest(full_key(cfg, dm, net, options))}.json"
 
 
-def known_full_acc(cfg: DictConfig, dm, net: str) -> tuple[float | None, str | None]:
+def known_full_acc(cfg: DictConfig, dm, net: str, options: dict) -> tuple[float | None, str | None]:
     """The full-data accuracy of ``net`` when given or cached: ``(acc %, source)``."""
     given = cfg.evaluate.ddranking.get("full_acc")
     if given is not None:
@@ -275,12 +276,12 @@ def known_full_acc(cfg: DictConfig, dm, net: str) -> tuple[float | None, str | N
                 raise UserError(f"evaluate.ddranking.full_acc has no accuracy for {net}")
             return float(given[net]), f"evaluate.ddranking.full_acc.{net}"
         return _acc_from_results(Path(str(given)), net), str(given)
-    path = full_cache_path(cfg, dm, net)
+    path = full_cache_path(cfg, dm, net, options)
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         return None, None
-    if saved.get("key") != json.loads(json.dumps(full_key(cfg, dm, net), default=str)):
+    if saved.get("key") != json.loads(json.dumps(full_key(cfg, dm, net, options), default=str)):
         return None, None
     return float(saved["mean"]), str(path)
 
@@ -300,8 +301,9 @@ def _acc_from_results(path: Path, net: str) -> float:
 def store_full(cfg: DictConfig, dm, results: dict, context: dict) -> None:
     """Cache the full-data accuracies this run trained (rank zero) and put them in ``context``."""
     for net, r in results.items():
-        path = full_cache_path(cfg, dm, net)
-        key = full_key(cfg, dm, net)
+        options = context["options"].get(net) or {}
+        path = full_cache_path(cfg, dm, net, options)
+        key = full_key(cfg, dm, net, options)
         files.write_json(path, {"key": key, "mean": r["mean"], "std": r["std"], "accs": r["accs"]})
         context["full"][net], context["full_source"][net] = r["mean"], f"trained here ({path})"
 

@@ -186,12 +186,26 @@ def _evaluation_jobs(cfg, table: str, entries: dict, nets, workdir: Path) -> dic
     plan += [(cfg, c, p, net, net) for c, p in entries.items() for net in nets]
     jobs = {}
     for sub, column, set_path, net, label in plan:
-        if cached_evaluation(*evaluation_cache(sub, column, set_path, net, workdir)) is None:
+        kinds = _label_kinds(set_path)
+        if any(
+            cached_evaluation(*evaluation_cache(sub, column, set_path, net, workdir, labels=k))
+            is None
+            for k in kinds
+        ):
             path = None if set_path is None else str(set_path)
             jobs[f"{column} on {label}"] = StageJob(
                 "evaluate", sub, workdir, column=column, set_path=path, net=net
             )
     return jobs
+
+
+def _label_kinds(set_path) -> list:
+    """The evaluations a set gets: soft and hard for a set with soft labels, else one."""
+    from datamodules.syn_set import SyntheticSet
+
+    if set_path is None or not Path(set_path).exists():
+        return [None]
+    return ["soft", "hard"] if SyntheticSet.load(set_path).soft_labels is not None else [None]
 
 
 def run_phase(executor, jobs: dict, phase: str) -> dict:
