@@ -321,3 +321,32 @@ def test_bad_label_settings_are_user_errors(compose, tiny_data, tmp_path):
     for (path, *more), message in cases.items():
         with pytest.raises(UserError, match=message):
             train.run(compose(*_overrides(tiny_data, path, *more)))
+
+
+def test_full_accuracy_given_as_number_mapping_or_results_file(compose, tiny_data, tmp_path):
+    from lightning_modules.tasks.evaluate_variants import full_cache_path, known_full_acc
+
+    dm = CIFARDataModule(
+        "cifar10", data_dir=str(tiny_data), download=False, cache_dir=str(tmp_path / "cache")
+    )
+    dm.setup()
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"results": {"convnet": {"mean": 61.5}}}))
+
+    def known(value, net="convnet"):
+        cfg = compose("task=evaluate", f"evaluate.ddranking.full_acc={value}")
+        return known_full_acc(cfg, dm, net, {})
+
+    assert known(55) == (55.0, "evaluate.ddranking.full_acc")
+    assert known("{convnet: 57.5}")[0] == 57.5
+    assert known(results) == (61.5, str(results))
+    with pytest.raises(UserError, match="no accuracy for alexnet"):
+        known("{convnet: 57.5}", net="alexnet")
+    with pytest.raises(UserError, match="that evaluated alexnet"):
+        known(results, net="alexnet")
+    # nothing given and nothing cached: trained in the run; the cache is per network options
+    cfg = compose("task=evaluate")
+    assert known_full_acc(cfg, dm, "convnet", {}) == (None, None)
+    assert full_cache_path(cfg, dm, "convnet", {"width": 32}) != full_cache_path(
+        cfg, dm, "convnet", {}
+    )
