@@ -507,6 +507,7 @@ def test_teacher_then_distill_then_evaluate(tiny_data, tmp_path):
     assert syn.method == "distill" and syn.ipc == 1 and len(syn.images) == 10 and syn.lr > 0
     # task=evaluate accepts the set
     evaluate = ["task=evaluate", f"evaluate.set={run_dir / 'set.pt'}", "evaluate.nets=[convnet]"]
+    evaluate.append("evaluate.ddranking.enabled=false")  # DD-Ranking: tests/test_soft_labels.py
     r = run_train(*evaluate, *common, "evaluate.epochs=2", "evaluate.num_eval=1", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     (summary_file,) = (tmp_path / "outputs" / "evaluate").glob("*/summary.json")

@@ -231,6 +231,7 @@ def test_task_as_library_call(compose, tiny_data, tmp_path):
     cfg = compose(
         "task=evaluate",
         f"evaluate.set={set_file}",
+        "evaluate.ddranking.enabled=false",
         "evaluate.nets=[convnet,alexnet]",
         "evaluate.num_eval=2",
         "evaluate.epochs=2",
@@ -275,6 +276,7 @@ def test_task_evaluates_on_the_sets_own_network(compose, tiny_data, tmp_path, ca
     common = [
         "task=evaluate",
         f"evaluate.set={set_file}",
+        "evaluate.ddranking.enabled=false",
         "evaluate.num_eval=1",
         "evaluate.epochs=1",
         f"dataset.data_dir={tiny_data}",
@@ -359,6 +361,7 @@ def test_train_py_prints_the_table_and_writes_summary(tiny_data, tmp_path):
     done = run_train(
         "task=evaluate",
         f"evaluate.set={set_file}",
+        "evaluate.ddranking.enabled=false",
         "evaluate.nets=[convnet,alexnet]",
         "evaluate.num_eval=2",
         "evaluate.epochs=2",

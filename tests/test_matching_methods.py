@@ -138,6 +138,7 @@ def test_distill_writes_a_set_that_evaluate_accepts(tiny_data, compose, method):
     ev = compose(
         "task=evaluate",
         f"evaluate.set={run_dir / 'set.pt'}",
+        "evaluate.ddranking.enabled=false",
         f"dataset.data_dir={tiny_data}",
         "dataset.download=false",
         "evaluate.nets=[convnet]",

@@ -285,6 +285,7 @@ def test_evaluate_parts_of_a_rewritten_set_are_not_reused(tiny_data, tmp_path, c
     args = [
         "task=evaluate",
         f"evaluate.set={set_file}",
+        "evaluate.ddranking.enabled=false",
         *data_args(tiny_data),
         "evaluate.nets=[convnet]",
         "evaluate.num_eval=2",

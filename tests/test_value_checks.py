@@ -48,6 +48,14 @@ CASES = {
         ["task=evaluate", "evaluate.set=full", "evaluate.protocol=cosine"],
         "evaluate.protocol must be one of mtt, half, got 'cosine'",
     ),
+    "evaluate-labels": (
+        ["task=evaluate", "evaluate.set=full", "evaluate.labels=mixed"],
+        "evaluate.labels must be one of both, soft, hard, got 'mixed'",
+    ),
+    "evaluate-ddranking-full-epochs": (
+        ["task=evaluate", "evaluate.set=full", "evaluate.ddranking.full_epochs=0"],
+        "evaluate.ddranking.full_epochs must be an integer >= 1, got 0",
+    ),
 }
 
 

@@ -26,11 +26,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
 from lightning_modules.condense.dsa import DEFAULT_STRATEGY, DSA, to_device
+from lightning_modules.condense.soft_labels import label_loss
 from lightning_modules.errors import UserError
 from lightning_modules.nets import CLASSIFIERS, build_classifier
 from lightning_modules.utils.devices import resolve_device
@@ -121,6 +121,7 @@ class _Protocol:
         dsa_strategy,
         eval_batch_size,
         protocol: str = DEFAULT_PROTOCOL,
+        soft_temperature: float = 1.0,
     ):
         if protocol not in PROTOCOLS:
             raise UserError(
@@ -134,6 +135,7 @@ class _Protocol:
         self.weight_decay = float(weight_decay)
         self.dsa = DSA(dsa_strategy)
         self.eval_batch_size = int(eval_batch_size)
+        self.soft_temperature = float(soft_temperature)
         if protocol == "mtt":
             self.train_epochs = self.epochs + 1
             self.decay_epoch = self.epochs // 2 + 2  # the first epoch at lr / 10
@@ -169,6 +171,11 @@ class _Protocol:
 
     def augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return self.dsa(x, generator)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy on hard labels ``[B]``, DATM's soft cross-entropy on label logits
+        ``[B, C]`` (:func:`~lightning_modules.condense.soft_labels.soft_cross_entropy`)."""
+        return label_loss(logits, labels, self.soft_temperature)
 
 
 def _test_accuracy(net: nn.Module, proto: _Protocol, test_x, test_y) -> float:
@@ -210,7 +217,7 @@ def _train_one_by_one(nets, gens, proto: _Protocol, images, labels, test_x, test
             for idx in proto.batches(len(images), g):
                 idx = to_device(idx, images.device)
                 x = proto.augment(images[idx], g)
-                loss = F.cross_entropy(net(x), labels[idx])
+                loss = proto.loss(net(x), labels[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -230,7 +237,7 @@ def _train_together(nets, gens, proto: _Protocol, images, labels, test_x, test_y
     m = len(nets)
 
     def loss_fn(p, b, x, y):
-        return F.cross_entropy(functional_call(base, (p, b), (x,)), y)
+        return proto.loss(functional_call(base, (p, b), (x,)), y)
 
     step = vmap(grad_and_value(loss_fn))
     leaves = list(params.values())
@@ -355,11 +362,14 @@ def evaluate_set(
     net_options: dict[str, dict] | None = None,
     indices: Sequence[int] | None = None,
     protocol: str = DEFAULT_PROTOCOL,
+    soft_temperature: float = 1.0,
 ) -> dict:
     """Train ``num_eval`` fresh networks per architecture on (images, labels); test on real data.
 
     Args:
-        images, labels: the training set, ``[N, C, H, W]`` in model input space and ``[N]``.
+        images, labels: the training set, ``[N, C, H, W]`` in model input space and ``[N]``
+            class indices, or ``[N, classes]`` float label logits (soft labels: trained with
+            DATM's soft cross-entropy at ``soft_temperature``, see ``condense.soft_labels``).
         test_x, test_y: the real test split in the same input space.
         nets: architecture names (``convnet``, ``alexnet``, ``vgg11``, ``resnet18``,
             ``resnet18_ap``).
@@ -385,7 +395,9 @@ def evaluate_set(
     """
     names = check_net_names(nets)
     ks, together, device = _check_arguments(images, lr, num_eval, epochs, indices, together, device)
-    images, labels = images.detach().to(device, torch.float32), labels.to(device, torch.long)
+    images = images.detach().to(device, torch.float32)
+    soft = labels.dim() == 2  # learned label logits [N, classes]
+    labels = labels.detach().to(device, torch.float32 if soft else torch.long)
     test_x, test_y = test_x.to(device, torch.float32), test_y.to(device, torch.long)
     data = (images, labels, test_x, test_y)
     proto = _Protocol(
@@ -397,6 +409,7 @@ def evaluate_set(
         dsa_strategy=dsa_strategy,
         eval_batch_size=eval_batch_size,
         protocol=protocol,
+        soft_temperature=soft_temperature,
     )
     results: dict = {}
     trained: dict = {}

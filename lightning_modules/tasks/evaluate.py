@@ -26,6 +26,7 @@ from lightning_modules.condense.evaluation import (
     results_markdown,
 )
 from lightning_modules.errors import UserError
+from lightning_modules.tasks import evaluate_variants as variants_
 from lightning_modules.tasks.common import (
     build_datamodule,
     build_logger,
@@ -113,13 +114,13 @@ def log_results(logger, results: dict, metrics: dict, grid: Path | None) -> None
 PARTS_DIR = "evaluate_parts"  # one JSON per finished (net, index) network: what a resume skips
 
 
-def _part_path(out_dir: Path, name: str, index: int) -> Path:
-    return out_dir / PARTS_DIR / f"{name}_{index}.json"
+def _part_path(out_dir: Path, name: str, index: int, parts: str = PARTS_DIR) -> Path:
+    return out_dir / parts / f"{name}_{index}.json"
 
 
-def _write_part(out_dir: Path, part: dict) -> None:
+def _write_part(out_dir: Path, part: dict, parts: str = PARTS_DIR) -> None:
     """Atomically, by the rank that trained it (``write_json`` writes on rank zero only)."""
-    files.write_json(_part_path(out_dir, part["net"], part["index"]), part)
+    files.write_json(_part_path(out_dir, part["net"], part["index"], parts), part)
 
 
 def set_digest(images, labels, lr: float, extra=None) -> str:
@@ -173,12 +174,14 @@ def resolve_net_options(nets: list[str], syn, explicit) -> tuple[dict, dict]:
     return options, source
 
 
-def _finished_parts(out_dir: Path, jobs: list[tuple[str, int]], digests: dict) -> dict:
+def _finished_parts(
+    out_dir: Path, jobs: list[tuple[str, int]], digests: dict, parts_dir: str = PARTS_DIR
+) -> dict:
     """``{(net, index): part}`` of the networks an earlier (killed) attempt of this run finished
     on the same set and network (a set file rewritten since is evaluated afresh)."""
     parts = {}
     for name, k in jobs:
-        path = _part_path(out_dir, name, k)
+        path = _part_path(out_dir, name, k, parts_dir)
         if path.exists():
             part = json.loads(path.read_text())
             if part.get("set_digest") == digests[name]:
@@ -189,7 +192,7 @@ def _finished_parts(out_dir: Path, jobs: list[tuple[str, int]], digests: dict) -
 
 
 def _train_jobs(
-    jobs: list[tuple[str, int]], out_dir: Path, *, digests: dict, together, **kwargs
+    jobs: list[tuple[str, int]], out_dir: Path, *, digests: dict, together, parts_dir, **kwargs
 ) -> dict:
     """Train the networks ``jobs`` (net, index), writing each part as it finishes.
 
@@ -215,7 +218,7 @@ def _train_jobs(
                     "device": str(device),
                     "set_digest": digests[name],
                 }
-                _write_part(out_dir, part)
+                _write_part(out_dir, part, parts_dir)
                 parts[(name, k)] = part
     return parts
 
@@ -248,6 +251,7 @@ def _check_config(e: DictConfig) -> list[str]:
         isinstance(e.lr, bool) or not isinstance(e.lr, (int, float)) or not e.lr > 0
     ):
         raise UserError(f"evaluate.lr must be a positive number or null, got {e.lr!r}")
+    variants_.check_keys(e)  # evaluate.labels, soft_temperature, ddranking.*
     if str(e.protocol) not in PROTOCOLS:
         raise UserError(
             f"evaluate.protocol must be one of {', '.join(PROTOCOLS)}, got {e.protocol!r}"
@@ -272,18 +276,20 @@ def _train_my_share(cfg, fabric, out_dir: Path, plan: dict, dm) -> tuple[dict, i
     """
     e = cfg.evaluate
     rank, world = (fabric.global_rank, fabric.world_size) if fabric else (0, 1)
-    num_eval = int(e.num_eval)
+    num_eval = int(plan["num_eval"])
     jobs = [(name, k) for name in plan["nets"] for k in range(num_eval)]
-    finished = _finished_parts(out_dir, jobs, plan["digests"])  # resume=true: the same dir
+    # resume=true: the same dir
+    finished = _finished_parts(out_dir, jobs, plan["digests"], plan["parts"])
     # rank zero's listing decides the split, so every network is trained exactly once
     pending = [job for job in jobs if job not in finished]
     if fabric is not None:
         pending = [tuple(j) for j in fabric.broadcast(pending, src=0)]
     mine = pending[rank::world]
     log.info(
-        "evaluating %s on %s (protocol %s): nets %s x%d, %d epochs, lr %g; %d networks done "
-        "earlier%s", plan["description"], plan["device"], e.protocol, plan["sources"], num_eval,
-        e.epochs, plan["lr"], len(jobs) - len(pending),
+        "evaluating %s [%s] on %s (protocol %s): nets %s x%d, %d epochs, lr %g, DSA %s; %d "
+        "networks done earlier%s", plan["description"], plan["variant"], plan["device"],
+        e.protocol, plan["nets"], num_eval, plan["epochs"], plan["lr"], plan["dsa_strategy"],
+        len(jobs) - len(pending),
         f"; rank {rank} of {world} trains {len(mine)}" if world > 1 else "",
     )  # fmt: skip
     trained = {}
@@ -293,6 +299,7 @@ def _train_my_share(cfg, fabric, out_dir: Path, plan: dict, dm) -> tuple[dict, i
             mine,
             out_dir,
             digests=plan["digests"],
+            parts_dir=plan["parts"],
             together=together if isinstance(together, bool) else str(together),
             images=plan["images"],
             labels=plan["labels"],
@@ -301,31 +308,35 @@ def _train_my_share(cfg, fabric, out_dir: Path, plan: dict, dm) -> tuple[dict, i
             num_classes=dm.num_classes,
             lr=plan["lr"],
             num_eval=num_eval,
-            epochs=int(e.epochs),
+            epochs=int(plan["epochs"]),
             batch_size=int(e.batch_size),
             momentum=float(e.momentum),
             weight_decay=float(e.weight_decay),
-            dsa_strategy=e.dsa_strategy,
+            dsa_strategy=plan["dsa_strategy"],
             seed=int(cfg.seed),
             device=plan["device"],
             progress=bool(cfg.trainer.get("enable_progress_bar", True)) and rank == 0,
             eval_batch_size=int(e.get("eval_batch_size", 1000)),
             net_options=plan["options"],
             protocol=str(e.protocol),
+            soft_temperature=float(e.get("soft_temperature", 1.0)),
         )
     for parts in gather_objects(fabric, list(trained.values())):
         finished.update({(p["net"], p["index"]): p for p in parts})
     return finished, len(pending)
 
 
-def _save(out_dir: Path, cfg, plan: dict, dm, results: dict, world: int) -> tuple[str, dict]:
+def _save(out_dir: Path, cfg, plan: dict, dm, everything: dict, world: int, scores: dict):
     """``results.md`` and ``results.json``; returns the table and the record."""
-    e, syn = cfg.evaluate, plan["syn"]
+    e, syn, results = cfg.evaluate, plan["syn"], everything["set"]
     title = (
-        f"{plan['description']}; protocol {e.protocol}, {e.epochs} epochs, lr {plan['lr']:g}, "
-        f"DSA {e.dsa_strategy or 'none'}, test on {len(dm.test_x)} real images"
+        f"{plan['description']}; {scores['label_protocol']} labels, protocol {e.protocol}, "
+        f"{e.epochs} epochs, lr {plan['lr']:g}, DSA {e.dsa_strategy or 'none'}, test on "
+        f"{len(dm.test_x)} real images"
     )
     table = results_markdown(results, title)
+    if len(everything) > 1 or scores["label_protocol"] == "soft":
+        table += variants_.scores_markdown(scores)
     files.write_text(out_dir / "results.md", table)
     record = {
         "set": str(e.set),
@@ -352,10 +363,35 @@ def _save(out_dir: Path, cfg, plan: dict, dm, results: dict, world: int) -> tupl
             for n in plan["nets"]
         },  # fmt: skip
         "results": {n: r for n, r in results.items() if not n.startswith("_")},
+        "variants": {v: r for v, r in everything.items() if v != "set"},
+        "scores": scores,
         "config": OmegaConf.to_container(e, resolve=True),
     }
     write_json(out_dir / "results.json", record)
     return table, record
+
+
+def _variant_plan(v, e: DictConfig, options: dict) -> dict:
+    """The training settings of one variant and the digests that key its parts."""
+    extra = {"protocol": str(e.protocol)}
+    if v.name != "set":  # what the set's own parts have always been keyed by, and more
+        extra.update(dsa=v.dsa_strategy, epochs=v.epochs, num_eval=v.num_eval, **v.extra)
+    if v.kind == "soft":
+        extra["soft_temperature"] = float(e.get("soft_temperature", 1.0))
+    digests = {
+        n: set_digest(v.images, v.labels, v.lr, {**extra, "options": options[n]}) for n in options
+    }
+    return {
+        "variant": v.name,
+        "images": v.images,
+        "labels": v.labels,
+        "lr": v.lr,
+        "dsa_strategy": v.dsa_strategy,
+        "num_eval": v.num_eval,
+        "epochs": v.epochs,
+        "parts": v.parts_dir,
+        "digests": digests,
+    }
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
@@ -367,7 +403,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     dm = _load_data(cfg, fabric)
     images, labels, lr, description, syn = load_training_set(e, dm)
     options, sources = resolve_net_options(nets, syn, e.get("net_options"))
-    extra = {n: {"options": options[n], "protocol": str(e.protocol)} for n in nets}
+    # checked before anything trains
+    variants, context = variants_.plan_variants(cfg, dm, syn, lr, nets, options)
     plan = {
         "nets": nets,
         "images": images,
@@ -378,20 +415,28 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "options": options,
         "sources": sources,
         "device": fabric.device if fabric else resolve_device(e.device),
-        "digests": {n: set_digest(images, labels, lr, extra[n]) for n in nets},
     }
     grid = None
     if syn is not None and e.get("grid", True) and rank == 0:
         grid = syn.save_grid(out_dir / "set.png", num_classes=dm.num_classes)
     logger = build_logger(cfg)
     log_config(logger, cfg)
-    finished, trained = _train_my_share(cfg, fabric, out_dir, plan, dm)
+    everything, trained, total = {}, 0, 0
+    for v in variants:
+        v_nets = v.extra.get("nets", nets) if v.name == "full" else nets
+        v_plan = {**plan, **_variant_plan(v, e, options), "nets": v_nets}
+        finished, done_here = _train_my_share(cfg, fabric, out_dir, v_plan, dm)
+        trained, total = trained + done_here, total + len(v_nets) * v.num_eval
+        everything[v.name] = _assemble(v_nets, v.num_eval, finished) if rank == 0 else None
     if rank != 0:
         return {"rank": rank}
-    results = _assemble(nets, int(e.num_eval), finished)
-    table, _ = _save(out_dir, cfg, plan, dm, results, world)
+    if "full" in everything:
+        variants_.store_full(cfg, dm, everything["full"], context)
+    results = everything["set"]
+    extra_keys, scores = variants_.summarise(everything, context, nets, e)
+    table, _ = _save(out_dir, cfg, plan, dm, everything, world, scores)
     print("\n" + table, flush=True)
-    metrics = summary_metrics(results)
+    metrics = {**summary_metrics(results), **extra_keys}
     log_results(logger, results, metrics, grid)
     return {
         **metrics,
@@ -400,6 +445,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "train_images": len(images),
         "test_images": len(dm.test_x),
         "networks_trained": trained,
-        "networks_reused": len(nets) * int(e.num_eval) - trained,
+        "networks_reused": total - trained,
         "table": table,
     }

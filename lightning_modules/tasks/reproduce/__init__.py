@@ -40,6 +40,8 @@ from lightning_modules.tasks.reproduce import fanout
 from lightning_modules.tasks.reproduce.config import (
     CORESETS,
     MATCHING,
+    NEEDS_EXPERTS,
+    SOFT_LABEL_METHODS,
     _stage,
     check_one_device,
     chosen_methods,
@@ -61,6 +63,7 @@ from lightning_modules.tasks.reproduce.stages import (
 from lightning_modules.tasks.reproduce.tables import (
     _cell,
     column_label,
+    column_result,
     comparison_png,
     cross_arch_table,
     kip_table,
@@ -148,7 +151,7 @@ def prepare(cfg: DictConfig) -> tuple[DictConfig, Path]:
 
 def make_sets(cfg: DictConfig, methods: list[str], workdir: Path):
     """Stages 1-3: experts when a method needs them, the distilled sets, the coresets."""
-    needs_experts = any(m in ("mtt", "pruning", "herding") for m in methods)
+    needs_experts = any(m in NEEDS_EXPERTS for m in methods)
     experts = ensure_experts(cfg, workdir) if needs_experts else None
     if experts is None:
         log.info("%s experts: not needed for %s", _stage(1), methods)
@@ -158,7 +161,8 @@ def make_sets(cfg: DictConfig, methods: list[str], workdir: Path):
         log.info("%s distillation: none in %s", _stage(2), methods)
     stages: dict[str, Stage] = {}
     reused: dict[str, bool] = {}
-    for method in ("pruning", "mtt", *MATCHING, *CORESETS):  # the order they always ran in
+    # the order they always ran in, then DATM / PAD
+    for method in ("pruning", "mtt", *MATCHING, *CORESETS, *SOFT_LABEL_METHODS):
         if method in methods:
             stages[method], reused[method] = make_set(cfg, method, workdir, experts)
     if not any(m in CORESETS for m in methods):
@@ -178,7 +182,10 @@ def set_images(cfg, methods, nets, stages, results, out_dir: Path) -> dict[str, 
             images[method] = str(dest.relative_to(out_dir))
     eps = float(cfg.reproduce.eps)
     titles = {
-        m: column_label(m, eps) + "\n" + _cell(results[m].get(nets[0])).replace(" ± ", "±") + " %"
+        m: column_label(m, eps)
+        + "\n"
+        + _cell(column_result(results, m, nets[0])).replace(" ± ", "±")
+        + " %"
         for m in methods
     }
     compare = comparison_png(

@@ -16,7 +16,19 @@ from lightning_modules.errors import UserError
 from lightning_modules.tasks import settings
 from lightning_modules.tasks.reproduce import paper_numbers
 
-METHODS = ("random", "forgetting", "herding", "dc", "dsa", "dm", "cafe", "kip", "mtt", "pruning")
+METHODS = (
+    "random", "forgetting", "herding", "dc", "dsa", "dm", "cafe", "kip", "mtt", "pruning", "datm",
+    "pad",
+)  # fmt: skip
+
+
+#: trajectory matching with learned soft labels (task=distill method=<name>): their sets are
+#: evaluated on their soft labels (acc_soft, the published protocol) and on hard labels (acc_hard)
+SOFT_LABEL_METHODS = ("datm", "pad")
+
+
+#: the columns that need expert trajectories
+NEEDS_EXPERTS = ("mtt", "pruning", "herding", *SOFT_LABEL_METHODS)
 
 
 #: distillations by gradient or distribution matching (task=distill method=<name>)
@@ -147,8 +159,10 @@ def table_kind(cfg: DictConfig) -> str:
 
 
 def chosen_methods(cfg: DictConfig, table: str) -> list[str]:
-    if table == "cross_arch":
-        return ["mtt", "pruning"]
+    if table == "cross_arch":  # DATM / PAD sets join when reproduce.methods names them
+        asked = cfg.reproduce.methods
+        asked = [asked] if isinstance(asked, str) else list(asked)
+        return ["mtt", "pruning"] + [m for m in SOFT_LABEL_METHODS if m in asked]
     if table == "kip":
         return ["kip", "pruning"]
     methods = cfg.reproduce.methods
@@ -157,8 +171,8 @@ def chosen_methods(cfg: DictConfig, table: str) -> list[str]:
     if unknown or not methods:
         raise UserError(
             f"reproduce.methods={methods}: choose from {', '.join(METHODS)} "
-            "(pruning = distillation with reproduce.eps, mtt = ε 0; dc, dsa, dm, cafe, kip = "
-            "task=distill method=<name>)"
+            "(pruning = distillation with reproduce.eps, mtt = ε 0; dc, dsa, dm, cafe, kip, "
+            "datm, pad = task=distill method=<name>)"
         )
     return [m for m in METHODS if m in methods]  # table order
 

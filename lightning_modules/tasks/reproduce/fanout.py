@@ -27,7 +27,13 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_modules.errors import UserError
-from lightning_modules.tasks.reproduce.config import _stage, derive, kip_widths, with_width
+from lightning_modules.tasks.reproduce.config import (
+    NEEDS_EXPERTS,
+    _stage,
+    derive,
+    kip_widths,
+    with_width,
+)
 from lightning_modules.tasks.reproduce.stages import (
     cached_evaluation,
     cap_start_epoch,
@@ -130,7 +136,7 @@ def run_phases(cfg: DictConfig, launcher: dict, table: str, methods, nets, workd
     executor = make_executor(launcher, Path(out_dir) / "jobs")
     ran: dict = {}
     experts = None
-    if any(m in ("mtt", "pruning", "herding") for m in methods):
+    if any(m in NEEDS_EXPERTS for m in methods):
         ran["experts"] = run_phase(executor, _expert_jobs(cfg, workdir), "experts")
         experts = ensure_experts(cfg, workdir)
         if any(m in ("mtt", "pruning") for m in methods):
@@ -180,12 +186,26 @@ def _evaluation_jobs(cfg, table: str, entries: dict, nets, workdir: Path) -> dic
     plan += [(cfg, c, p, net, net) for c, p in entries.items() for net in nets]
     jobs = {}
     for sub, column, set_path, net, label in plan:
-        if cached_evaluation(*evaluation_cache(sub, column, set_path, net, workdir)) is None:
+        kinds = _label_kinds(set_path)
+        if any(
+            cached_evaluation(*evaluation_cache(sub, column, set_path, net, workdir, labels=k))
+            is None
+            for k in kinds
+        ):
             path = None if set_path is None else str(set_path)
             jobs[f"{column} on {label}"] = StageJob(
                 "evaluate", sub, workdir, column=column, set_path=path, net=net
             )
     return jobs
+
+
+def _label_kinds(set_path) -> list:
+    """The evaluations a set gets: soft and hard for a set with soft labels, else one."""
+    from datamodules.syn_set import SyntheticSet
+
+    if set_path is None or not Path(set_path).exists():
+        return [None]
+    return ["soft", "hard"] if SyntheticSet.load(set_path).soft_labels is not None else [None]
 
 
 def run_phase(executor, jobs: dict, phase: str) -> dict:

@@ -49,6 +49,32 @@ CROSS_ARCH: dict[str, dict[str, float]] = {
 CROSS_ARCH_NETS: tuple[str, ...] = ("convnet", "alexnet", "vgg11", "resnet18")
 
 
+#: DATM and PAD, ConvNet-3, as their own papers report them (learned soft labels in evaluation):
+#: the ``acc_soft`` columns of a row (REFERENCE.md section C)
+SOFT_LABEL_SOURCES: dict[str, str] = {
+    "datm": "Guo et al., Towards Lossless Dataset Distillation via Difficulty-Aligned Trajectory "
+    "Matching, ICLR 2024",
+    "pad": "Li et al., Prioritize Alignment in Dataset Distillation, 2024",
+}
+SOFT_LABEL_ROWS: dict[tuple[str, int], dict[str, float]] = {
+    ("cifar10", 1): dict(datm=46.9, pad=47.2),
+    ("cifar10", 10): dict(datm=66.8, pad=67.4),
+    ("cifar10", 50): dict(datm=76.1, pad=77.0),
+    ("cifar100", 1): dict(datm=27.9, pad=28.4),
+    ("cifar100", 10): dict(datm=47.2, pad=47.8),
+    ("cifar100", 50): dict(datm=55.0, pad=55.9),
+}
+
+
+def published_row(dataset: str, ipc: int, methods=None) -> dict[str, float]:
+    """:func:`table1` plus the DATM and PAD numbers of their own papers (soft labels), those of
+    ``methods`` only when given."""
+    row = table1(dataset, ipc)
+    soft = SOFT_LABEL_ROWS.get((str(dataset), int(ipc)), {})
+    row.update({m: v for m, v in soft.items() if methods is None or m in methods})
+    return row
+
+
 def table1(dataset: str, ipc: int) -> dict[str, float]:
     """Published Table I numbers for ``dataset`` at ``ipc``, ``full`` and KIP (Table II, width
     128) included; {} when none."""

@@ -24,6 +24,8 @@ from lightning_modules.tasks.common import (
 from lightning_modules.tasks.reproduce.config import (
     CORESET_KEYS,
     MATCHING,
+    SCALE_KNOBS,
+    SOFT_LABEL_METHODS,
     _block,
     _canonical,
     _digest,
@@ -260,6 +262,68 @@ def matched_set(cfg: DictConfig, method: str, workdir: Path) -> tuple[Stage, boo
     return stage, False
 
 
+def soft_label_stage_config(cfg: DictConfig, method: str) -> DictConfig:
+    """``cfg`` made into the config of a ``task=distill method=datm|pad`` stage: the method's keys
+    from ``conf/method/<method>.yaml``, the MTT row settled into ``distill.*`` cleared so that the
+    method's own published row fills them (``distill.preset=auto``), the scale knobs applied again
+    on top, ``reproduce.method_keys.<method>`` over the method's keys, and ε = 0."""
+    import copy
+
+    from lightning_modules.tasks import settings
+    from lightning_modules.tasks.matching_settings import CONF_DIR
+
+    path = CONF_DIR / "method" / f"{method}.yaml"
+    if not path.exists():
+        raise UserError(
+            f"reproduce column {method} distils with task=distill method={method}, which this "
+            f"checkout lacks ({path} is missing)"
+        )
+    sub = copy.deepcopy(cfg)
+    with open_dict(sub):
+        sub.method = OmegaConf.load(path)
+        for key, value in ((cfg.reproduce.get("method_keys") or {}).get(method) or {}).items():
+            sub.method[key] = value
+        for key in settings.PRESET_KEYS:
+            sub.distill[key] = None
+        for knob, target in SCALE_KNOBS.items():
+            if target.startswith("distill.") and cfg.reproduce.get(knob) is not None:
+                OmegaConf.update(sub, target, cfg.reproduce[knob], force_add=True)
+        sub.distill.preset = "auto"
+        sub.distill.eps = 0.0
+    return sub
+
+
+def soft_label_stage(
+    cfg: DictConfig, method: str, workdir: Path, experts: dict
+) -> tuple[Stage, DictConfig]:
+    """The cached stage of a DATM / PAD distillation and its sub-task config."""
+    sub = soft_label_stage_config(cfg, method)
+    key = {
+        **_common_key(cfg),
+        "distill": _block(sub, "distill"),
+        "method": OmegaConf.to_container(sub.method, resolve=True),
+        "experts": experts["identity"] if experts else None,
+    }
+    return Stage(workdir, method, key), sub
+
+
+def soft_label_set(cfg: DictConfig, method: str, workdir: Path, experts: dict):
+    """Stage 2: a DATM / PAD distillation (``task=distill method=<method>``) with its published
+    row, from the row's experts. Returns ``(stage, reused)``."""
+    stage, sub_cfg = soft_label_stage(cfg, method, workdir, experts)
+    if stage.done():
+        log.info("%s distill method=%s: reused %s", _stage(2), method, stage.set_path)
+        return stage, True
+    resuming = stage.start() and (stage.dir / "checkpoints" / "last.ckpt").exists()
+    log.info(
+        "%s distill method=%s: %s%d experts -> %s", _stage(2), method,
+        "resuming, " if resuming else "", experts["num_experts"], stage.dir,
+    )  # fmt: skip
+    sub = derive(sub_cfg, "distill", stage.dir, method, resume=resuming)
+    stage.finish(run_stage(sub, stage.dir))
+    return stage, False
+
+
 def coreset_stage(cfg: DictConfig, method: str, workdir: Path, experts: dict | None) -> Stage:
     """The cached stage of one coreset."""
     block = _block(cfg, "coreset")
@@ -291,6 +355,8 @@ def set_stage(cfg: DictConfig, method: str, workdir: Path, experts: dict | None)
         return distill_stage(cfg, method, workdir, experts)
     if method in MATCHING:
         return matching_stage(cfg, method, workdir)[0]
+    if method in SOFT_LABEL_METHODS:
+        return soft_label_stage(cfg, method, workdir, experts)[0]
     return coreset_stage(cfg, method, workdir, experts)
 
 
@@ -300,14 +366,17 @@ def make_set(cfg: DictConfig, method: str, workdir: Path, experts: dict | None):
         return distilled_set(cfg, method, workdir, experts)
     if method in MATCHING:
         return matched_set(cfg, method, workdir)
+    if method in SOFT_LABEL_METHODS:
+        return soft_label_set(cfg, method, workdir, experts)
     return coreset(cfg, method, workdir, experts)
 
 
 def evaluation_cache(
-    cfg: DictConfig, column: str, set_path: Path | None, net: str, workdir: Path
+    cfg: DictConfig, column: str, set_path: Path | None, net: str, workdir: Path, labels=None
 ) -> tuple[Path, dict]:
     """Where the evaluation of one set (``None``: the train split) on ``net`` is cached, and the
-    protocol that keys it: the set file's digest, the net and its options, the training recipe."""
+    protocol that keys it: the set file's digest, the net and its options, the training recipe,
+    and for a soft-label set which labels (``soft``/``hard``) it trained on."""
     e, r = cfg.evaluate, cfg.reproduce
     options = {cfg.net.name: net_options(cfg.net)}  # the experts' net, as configured
     epochs = int(e.epochs if column != "full" or r.full_epochs is None else r.full_epochs)
@@ -326,6 +395,9 @@ def evaluation_cache(
         "seed": int(cfg.seed),
         "data": _block(cfg, "dataset"),
     }
+    if labels is not None:
+        protocol["labels"] = labels
+        protocol["soft_temperature"] = float(e.get("soft_temperature", 1.0))
     folder = (workdir / "full") if set_path is None else Path(set_path).parent
     return folder / "eval" / f"{net}-{_digest(protocol)}.json", protocol
 
@@ -343,79 +415,92 @@ def evaluate_all(cfg: DictConfig, entries: dict, nets: list[str], workdir: Path)
     """Stage 4: every set (and ``full``) on every net with one protocol, cached per file and net.
 
     ``entries`` maps a column (method or ``full``) to its set file or None for the train split.
+    A set with learned soft labels (DATM, PAD) is evaluated twice, on its soft labels and on its
+    hard labels, under the columns ``<column>_soft`` and ``<column>_hard`` (never mixed).
     Returns ``{column: {net: {"accs", "mean", "std", "lr", "epochs", "cached"}}}``.
     """
     from datamodules.syn_set import SyntheticSet
+
+    results: dict = {}
+    state: dict = {"dm": None}
+    for column, set_path in entries.items():
+        syn = SyntheticSet.load(set_path) if set_path is not None else None
+        kinds = ["soft", "hard"] if syn is not None and syn.soft_labels is not None else [None]
+        for kind in kinds:
+            name = column if kind is None else f"{column}_{kind}"
+            results[name] = {
+                net: _evaluate_one(cfg, column, set_path, syn, net, workdir, kind, state)
+                for net in nets
+            }
+    return results
+
+
+def _evaluate_one(cfg, column, set_path, syn, net, workdir, kind, state) -> dict:
+    """One set (or the train split) on one net, from the cache or trained now."""
     from lightning_modules.condense.evaluation import DEFAULT_LR, evaluate_set
     from lightning_modules.tasks.common import build_datamodule, require_images
 
     e = cfg.evaluate
-    dm = None
-    options = {cfg.net.name: net_options(cfg.net)}  # the experts' net, as configured
-    results: dict = {}
-    for column, set_path in entries.items():
-        results[column] = {}
-        for net in nets:
-            cache, protocol = evaluation_cache(cfg, column, set_path, net, workdir)
-            saved = cached_evaluation(cache, protocol)
-            if saved is not None:
-                results[column][net] = {**saved, "cached": True}
-                log.info(
-                    "%s evaluate %s on %s: reused %.2f ± %.2f (%s)",
-                    _stage(4), column, net, saved["mean"], saved["std"], cache,
-                )  # fmt: skip
-                continue
-            epochs = int(protocol["epochs"])
-            if dm is None:
-                dm = build_datamodule(cfg)
-                require_images(dm, "reproduce")
-                dm.prepare_data()
-                dm.setup()
-            if set_path is None:
-                images, labels, set_lr = dm.train_x, dm.train_y, None
-            else:
-                syn = SyntheticSet.load(set_path)
-                syn.check_against(dm)
-                images, labels, set_lr = syn.images, syn.labels, syn.lr
-            lr = float(e.lr) if e.lr is not None else (set_lr if set_lr is not None else DEFAULT_LR)
-            log.info(
-                "%s evaluate %s on %s: %d networks x %d epochs, lr %.4g, %d train / %d test images",
-                _stage(4), column, net, int(e.num_eval), epochs, lr, len(images), len(dm.test_x),
-            )  # fmt: skip
-            together = e.get("together", "auto")
-            out = evaluate_set(
-                images,
-                labels,
-                dm.test_x,
-                dm.test_y,
-                nets=[net],
-                num_classes=dm.num_classes,
-                lr=lr,
-                num_eval=int(e.num_eval),
-                epochs=epochs,
-                batch_size=int(e.batch_size),
-                momentum=float(e.momentum),
-                weight_decay=float(e.weight_decay),
-                dsa_strategy=str(e.dsa_strategy),
-                seed=int(cfg.seed),
-                device=e.get("device", "auto"),
-                progress=bool(cfg.trainer.get("enable_progress_bar", True)),
-                together=together if isinstance(together, bool) else str(together),
-                eval_batch_size=int(e.get("eval_batch_size", 1000)),
-                net_options=options,
-                protocol=str(e.protocol),
-            )[net]
-            result = {
-                "accs": [float(a) for a in out["accs"]],
-                "mean": float(out["mean"]),
-                "std": float(out["std"]),
-                "lr": lr,
-                "epochs": epochs,
-                "seconds": float(out.get("seconds", 0.0)),
-            }
-            write_json(cache, {"key": _canonical(protocol), "result": result})
-            results[column][net] = {**result, "cached": False}
-            log.info(
-                "%s   %s on %s: %.2f ± %.2f", _stage(4), column, net, result["mean"], result["std"]
-            )
-    return results
+    name = column if kind is None else f"{column} ({kind} labels)"
+    cache, protocol = evaluation_cache(cfg, column, set_path, net, workdir, labels=kind)
+    saved = cached_evaluation(cache, protocol)
+    if saved is not None:
+        log.info(
+            "%s evaluate %s on %s: reused %.2f ± %.2f (%s)",
+            _stage(4), name, net, saved["mean"], saved["std"], cache,
+        )  # fmt: skip
+        return {**saved, "cached": True}
+    epochs = int(protocol["epochs"])
+    if state["dm"] is None:
+        dm = build_datamodule(cfg)
+        require_images(dm, "reproduce")
+        dm.prepare_data()
+        dm.setup()
+        state["dm"] = dm
+    dm = state["dm"]
+    if syn is None:
+        images, labels, set_lr = dm.train_x, dm.train_y, None
+    else:
+        syn.check_against(dm)
+        labels = syn.soft_labels if kind == "soft" else syn.labels
+        images, set_lr = syn.images, syn.lr
+    lr = float(e.lr) if e.lr is not None else (set_lr if set_lr is not None else DEFAULT_LR)
+    log.info(
+        "%s evaluate %s on %s: %d networks x %d epochs, lr %.4g, %d train / %d test images",
+        _stage(4), name, net, int(e.num_eval), epochs, lr, len(images), len(dm.test_x),
+    )  # fmt: skip
+    together = e.get("together", "auto")
+    out = evaluate_set(
+        images,
+        labels,
+        dm.test_x,
+        dm.test_y,
+        nets=[net],
+        num_classes=dm.num_classes,
+        lr=lr,
+        num_eval=int(e.num_eval),
+        epochs=epochs,
+        batch_size=int(e.batch_size),
+        momentum=float(e.momentum),
+        weight_decay=float(e.weight_decay),
+        dsa_strategy=str(e.dsa_strategy),
+        seed=int(cfg.seed),
+        device=e.get("device", "auto"),
+        progress=bool(cfg.trainer.get("enable_progress_bar", True)),
+        together=together if isinstance(together, bool) else str(together),
+        eval_batch_size=int(e.get("eval_batch_size", 1000)),
+        net_options={cfg.net.name: net_options(cfg.net)},  # the experts' net, as configured
+        protocol=str(e.protocol),
+        soft_temperature=float(e.get("soft_temperature", 1.0)),
+    )[net]
+    result = {
+        "accs": [float(a) for a in out["accs"]],
+        "mean": float(out["mean"]),
+        "std": float(out["std"]),
+        "lr": lr,
+        "epochs": epochs,
+        "seconds": float(out.get("seconds", 0.0)),
+    }
+    write_json(cache, {"key": _canonical(protocol), "result": result})
+    log.info("%s   %s on %s: %.2f ± %.2f", _stage(4), name, net, result["mean"], result["std"])
+    return {**result, "cached": False}

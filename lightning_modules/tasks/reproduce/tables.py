@@ -13,8 +13,14 @@ from lightning_modules.tasks.reproduce import paper_numbers
 from lightning_modules.tasks.reproduce.config import NET_LABELS
 from lightning_modules.utils.files import atomic_path
 
+#: the two evaluations of a soft-label set (DATM, PAD): column suffix -> its label
+LABEL_KINDS = {"_soft": "acc_soft", "_hard": "acc_hard"}
+
 
 def column_label(method: str, eps: float) -> str:
+    for suffix, name in LABEL_KINDS.items():
+        if method.endswith(suffix):
+            return f"{column_label(method.removesuffix(suffix), eps)}, {name}"
     return {
         "random": "Random",
         "forgetting": "Forgetting",
@@ -26,8 +32,33 @@ def column_label(method: str, eps: float) -> str:
         "kip": "KIP (width 128)",
         "mtt": "MTT (ε=0)",
         "pruning": f"pruning (ε={eps:g})",
+        "datm": "DATM",
+        "pad": "PAD",
         "full": "full dataset",
     }[method]
+
+
+def result_columns(methods: list[str], results: dict) -> list[str]:
+    """The table's columns: a method, or its ``_soft`` and ``_hard`` evaluations (soft labels)."""
+    out = []
+    for m in methods:
+        split = [m + s for s in LABEL_KINDS if m + s in results]
+        out += split if split and m not in results else [m]
+    return out
+
+
+def column_result(results: dict, method: str, net: str) -> dict | None:
+    """A method's headline result on ``net``: its only one, or its soft-label one."""
+    by_net = results.get(method) or results.get(method + "_soft") or {}
+    return by_net.get(net)
+
+
+def paper_value(paper: dict, column: str):
+    """The published number of a column: none for a soft-label set's hard-label evaluation
+    (DATM and PAD publish soft-label accuracies)."""
+    if column.endswith("_hard"):
+        return None
+    return paper.get(column.removesuffix("_soft"))
 
 
 def _net_text(cfg: DictConfig) -> str:
@@ -101,8 +132,8 @@ def row_table(cfg, methods, nets, results, info, images) -> tuple[str, dict]:
     """Table I: methods as columns, the paper's line then one measured line per net."""
     eps = float(cfg.reproduce.eps)
     ds, ipc = str(cfg.dataset.name), int(cfg.ipc)
-    paper = paper_numbers.table1(ds, ipc)
-    columns = list(methods) + ["full"]
+    paper = paper_numbers.published_row(ds, ipc, methods)
+    columns = result_columns(list(methods), results) + ["full"]
     head = f"Table I row: {ds} IPC {ipc}, test accuracy (%)"
     lines = [
         f"**{head}**",
@@ -110,10 +141,12 @@ def row_table(cfg, methods, nets, results, info, images) -> tuple[str, dict]:
         "| | " + " | ".join(column_label(c, eps) for c in columns) + " |",
         "|---" * (len(columns) + 1) + "|",
     ]
+    soft = [m for m in paper_numbers.SOFT_LABEL_SOURCES if m in methods]
     if paper:
+        source = "; ".join([" Li et al. 2024 Table I"] + [f"{m.upper()}: its paper" for m in soft])
         lines.append(
-            "| paper (ConvNet-3, Li et al. 2024 Table I) | "
-            + " | ".join(_paper_cell(paper.get(c)) for c in columns)
+            f"| paper (ConvNet-3,{source}) | "
+            + " | ".join(_paper_cell(paper_value(paper, c)) for c in columns)
             + " |"
         )
     for net in nets:
@@ -121,6 +154,8 @@ def row_table(cfg, methods, nets, results, info, images) -> tuple[str, dict]:
         label = f"measured here, {NET_LABELS.get(net, net)} (scale: {info['short']})"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", f"Scale: {info['long']}.", "", NOTE]
+    if soft:
+        lines.append(SOFT_NOTE)
     if not paper:
         lines.append(f"The paper has no Table I numbers for {ds} IPC {ipc}.")
     lines += images_line(images)
@@ -131,11 +166,27 @@ def row_table(cfg, methods, nets, results, info, images) -> tuple[str, dict]:
         "eps": eps,
         "columns": columns,
         "labels": {c: column_label(c, eps) for c in columns},
-        "paper": {"source": paper_numbers.SOURCE, "net": "convnet", "acc": paper},
+        "paper": {
+            "source": paper_numbers.SOURCE,
+            "net": "convnet",
+            "acc": paper,
+            **(
+                {"soft_label_sources": {m: paper_numbers.SOFT_LABEL_SOURCES[m] for m in soft}}
+                if soft
+                else {}
+            ),
+        },  # fmt: skip
         "measured": {"scale": info, "acc": measured_only(results)},
         "images": images,
     }
     return "\n".join(lines) + "\n", record
+
+
+SOFT_NOTE = (
+    "DATM / PAD: their sets carry learned soft labels; acc_soft trains on them (their published "
+    "protocol, DATM's soft cross-entropy), acc_hard on the same images with hard labels. The "
+    "published numbers are soft-label ones."
+)
 
 
 def kip_kernel(cfg: DictConfig) -> str:
@@ -226,16 +277,21 @@ def cross_arch_table(cfg, methods, nets, results, info, images) -> tuple[str, di
         "| | " + " | ".join(NET_LABELS.get(n, n) for n in nets) + " |",
         "|---" * (len(nets) + 1) + "|",
     ]
-    for method in reversed(methods):  # pruning first, as in the paper
+    order = [m for m in ("pruning", "mtt") if m in methods]  # pruning first, as in the paper
+    for method in order + [m for m in methods if m not in order]:
         label = column_label(method, eps)
-        if paper:
+        if paper and method in paper:
             cells = [_paper_cell(paper.get(method, {}).get(n)) for n in nets]
             lines.append(f"| {label}, paper | " + " | ".join(cells) + " |")
-        cells = [_cell(results.get(method, {}).get(n)) for n in nets]
-        lines.append(
-            f"| {label}, measured here (scale: {info['short']}) | " + " | ".join(cells) + " |"
-        )
+        for column in result_columns([method], results):
+            cells = [_cell(results.get(column, {}).get(n)) for n in nets]
+            label = column_label(column, eps)
+            lines.append(
+                f"| {label}, measured here (scale: {info['short']}) | " + " | ".join(cells) + " |"
+            )
     lines += ["", f"Scale: {info['long']}.", "", NOTE]
+    if any(m in paper_numbers.SOFT_LABEL_SOURCES for m in methods):
+        lines.append(SOFT_NOTE + " No cross-architecture numbers of theirs are quoted here.")
     if not paper:
         lines.append(
             f"The paper's Table III is CIFAR-10 IPC 10; no published numbers for {ds} IPC {ipc}."
