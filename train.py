@@ -75,7 +75,7 @@ def run(cfg: DictConfig) -> dict:
     import lightning as L
     import torch
 
-    from lightning_modules.tasks.checks import check_config
+    from lightning_modules.schema import validate
     from lightning_modules.tasks.common import (
         check_multi_node,
         check_shared_dir,
@@ -87,7 +87,7 @@ def run(cfg: DictConfig) -> dict:
     )
     from lightning_modules.utils import files
 
-    check_config(cfg)  # a bad count or an ignored trainer key: one line, nothing started
+    validate(cfg)  # Hydra's callback did already (before the run folder); in-process callers not
     if cfg.get("threads") is not None:
         torch.set_num_threads(int(cfg.threads))  # before any work: results depend on it
     requeued = requeued_in_place(cfg)
@@ -202,12 +202,18 @@ def check_group_choices(argv: list[str]) -> str | None:
 
 
 def check_launcher(argv: list[str]) -> str | None:
-    """The one-line error for ``hydra/launcher=slurm|local`` without the submitit plugin."""
+    """The one-line error for ``hydra/launcher=slurm|local`` without ``-m`` (Hydra would run the
+    job here, ignoring the launcher) or without the submitit plugin."""
     import importlib.util
 
     chosen = [a.split("=", 1)[1] for a in argv if a.startswith("hydra/launcher=")]
     if not chosen or chosen[-1] not in ("slurm", "local"):
         return None
+    if not {"-m", "--multirun"} & set(argv):
+        return (
+            f"hydra/launcher={chosen[-1]} launches the jobs of a multirun only; without -m the "
+            f"run would go on here, locally: python train.py -m hydra/launcher={chosen[-1]} ..."
+        )
     if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
         return (
             f"hydra/launcher={chosen[-1]} needs the submitit launcher: "
