@@ -79,6 +79,7 @@ def run(cfg: DictConfig) -> dict:
     from lightning_modules.tasks.common import (
         check_multi_node,
         check_shared_dir,
+        diverged,
         finish_wandb,
         finite_metrics,
         process_rank,
@@ -122,6 +123,14 @@ def run(cfg: DictConfig) -> dict:
         "wall_s": time.perf_counter() - start,
         "threads": torch.get_num_threads(),
     }
+    bad = diverged(summary)
+    if bad:  # after the task's own skip/retry logic: a NaN loss is an error, not a result
+        summary["finished"] = False
+        write_json(out_dir / "summary.json", summary)  # NaN as null, with the non_finite field
+        raise UserError(
+            f"training diverged ({', '.join(bad)}): lower the learning rate or clip the "
+            f"gradients; {out_dir} holds what was written before, not a finished result"
+        )
     write_json(out_dir / "summary.json", summary)
     finish_wandb()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -167,6 +176,15 @@ def main(cfg: DictConfig):
         summary = run(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # a library refusing a user's value: one line naming the override
+        from lightning_modules.schema.translate import translate
+
+        line = translate(e, list(HydraConfig.get().overrides.task))
+        if line is None:
+            raise
+        log.debug("the library's traceback", exc_info=e)  # kept in the run's log file
+        print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
     log.info("summary: %s", summary)
     _fold_into_resumed(Path(hydra_dir), Path(cfg.paths.output_dir))

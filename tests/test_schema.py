@@ -208,3 +208,32 @@ def test_train_py_prints_one_line_exits_2_and_writes_nothing(overrides, tmp_path
     assert r.returncode == 2, r.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
     assert not runs.exists() and os.listdir(tmp_path) == [], os.listdir(tmp_path)
+
+
+# ------------------------------------------------- library errors, non-finite results, strict JSON
+def test_a_library_error_on_a_user_value_is_one_line_naming_the_override():
+    import torch
+
+    from lightning_modules.schema.translate import translate
+
+    try:
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=-1.0)
+    except ValueError as e:
+        line = translate(e, ["task=classify", "task.momentum=-1.0", "seed=3"])
+    assert line == "torch refused a value: Invalid momentum value: -1.0 (set by task.momentum=-1.0)"
+    assert translate(ValueError("raised by this project"), ["seed=3"]) is None  # a bug: traceback
+
+
+def test_summary_json_is_strict_and_says_which_values_were_not_finite(tmp_path):
+    import json
+
+    from lightning_modules.tasks.common import diverged, finite_metrics
+    from lightning_modules.utils.files import write_json
+
+    metrics = finite_metrics({"final_loss": float("nan"), "acc": 0.5, "per": [1.0, float("inf")]})
+    assert diverged(metrics) == ["final_loss=nan"] and diverged({"acc": float("nan")}) == []
+    write_json(tmp_path / "s.json", metrics)
+    text = (tmp_path / "s.json").read_text()
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert data["final_loss"] is None and data["per"] == [1.0, None] and data["acc"] == 0.5
+    assert data["non_finite"] == {"final_loss": "nan", "per[1]": "inf"}

@@ -129,15 +129,18 @@ def build_trainer(cfg: DictConfig, logger=None, callbacks=(), **overrides) -> L.
 
 
 def finite_metrics(metrics: dict) -> dict:
-    """Plain floats for JSON; non-finite values become strings so json stays valid."""
-    out = {}
-    for k, v in metrics.items():
-        if hasattr(v, "item"):
-            v = v.item()
-        if isinstance(v, float) and not math.isfinite(v):
-            v = str(v)
-        out[k] = v
-    return out
+    """Plain Python numbers (tensors unwrapped); NaN and inf stay floats: ``write_json`` writes
+    them as null with a ``non_finite`` field, and ``diverged`` refuses them in a loss."""
+    return {k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()}
+
+
+def diverged(metrics: dict) -> list[str]:
+    """The loss metrics that are NaN or inf: training diverged, whatever the runner wrote."""
+    return [
+        f"{k}={v}"
+        for k, v in metrics.items()
+        if "loss" in k and isinstance(v, float) and not math.isfinite(v)
+    ]
 
 
 @rank_zero_only

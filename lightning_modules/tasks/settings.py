@@ -62,6 +62,9 @@ def resolve_settings(cfg: DictConfig, method: str = "mtt") -> DictConfig:
     Raises:
         UserError: a key is still missing (no row for this dataset and IPC) or a value is bad.
     """
+    from lightning_modules.schema import validate as check_schema
+
+    check_schema(cfg)  # the values as given (ipc=0 named before a row is looked up)
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     d = cfg.distill
     preset = str(d.get("preset", "auto")).lower()  # auto | none (the schema's choice)
