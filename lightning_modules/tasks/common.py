@@ -106,6 +106,16 @@ def log_config(logger, cfg: DictConfig) -> None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
 
+class ProgressBar(RichProgressBar):
+    """Lightning's Rich bar; a one-epoch run (distillation: its iterations are one epoch's
+    steps) is labelled ``Iterations``, not ``Epoch 0/0``."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs == 1:
+            return "Iterations"
+        return super()._get_train_description(current_epoch)
+
+
 def build_trainer(cfg: DictConfig, logger=None, callbacks=(), **overrides) -> L.Trainer:
     """A Trainer from ``cfg.trainer`` with a rich progress bar and the run dir as root; in a
     submitit job it also writes ``checkpoints/last.ckpt`` at submitit's requeue signal."""
@@ -117,7 +127,7 @@ def build_trainer(cfg: DictConfig, logger=None, callbacks=(), **overrides) -> L.
     if in_submitit_job():  # the file classify, distill and ddpm continue from
         callbacks.append(SaveAtRequeueSignal(Path(cfg.paths.output_dir) / "checkpoints/last.ckpt"))
     if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(ProgressBar(leave=True))
     trainer = instantiate(
         cfg.trainer,
         default_root_dir=cfg.paths.output_dir,
