@@ -237,3 +237,22 @@ def test_summary_json_is_strict_and_says_which_values_were_not_finite(tmp_path):
     data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert data["final_loss"] is None and data["per"] == [1.0, None] and data["acc"] == 0.5
     assert data["non_finite"] == {"final_loss": "nan", "per[1]": "inf"}
+
+
+def test_a_diverged_classifier_is_an_error_and_no_feature_net_is_written(compose, tiny_data):
+    """task.lr=1e30 is a positive number (the schema lets it through) and trains to NaN."""
+    from pathlib import Path
+
+    import train
+
+    cfg = compose(
+        "task=classify", f"dataset.data_dir={tiny_data}", "dataset.download=false",
+        "task.epochs=1", "task.lr=1e30", "net.width=8", "logger=none", "threads=1",
+        "trainer.enable_progress_bar=false",
+    )  # fmt: skip
+    with pytest.raises(
+        UserError, match=r"training diverged: the network's weights and test loss .*task.lr"
+    ):
+        train.run(cfg)
+    assert not (Path(cfg.paths.output_dir) / "feature_extractor.pt2").exists()
+    assert not (Path(cfg.paths.output_dir) / "summary.json").exists()

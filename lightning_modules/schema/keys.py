@@ -190,7 +190,7 @@ KEYS: dict[str, Kind] = {
     "evaluate.eval_batch_size": count(),
     "evaluate.grid": flag(),
     # ------------------------------------------------------------------------ task=reproduce
-    "reproduce.eps": number(ge=0, lt=1),
+    "reproduce.eps": number(gt=0, lt=1),  # the eps = 0 column (MTT) is always run
     "reproduce.methods": items(
         one_of("random", "forgetting", "herding", *MATCHING, "mtt", "pruning")
     ),
@@ -235,9 +235,9 @@ KEYS: dict[str, Kind] = {
     "dataset.eval_batch_size": count(),
     "dataset.subset_seed": SEED,
     "dataset.seed": SEED,
-    "dataset.dim": count(),
+    "dataset.dim": count(le=3072),  # vectors: 2-3 (swiss roll), PCA: at most 3 x 32 x 32
     "dataset.num_samples": count(le=MAX_POINTS),
-    "dataset.num_reference": count(le=MAX_POINTS),
+    "dataset.num_reference": count(2, le=MAX_POINTS),  # a sample the metrics compare against
     "dataset.noise": nonneg(),
     "dataset.density": one_of("moons", "circles", "8gaussians", "checkerboard", "pinwheel")
     | one_of("2spirals"),

@@ -69,6 +69,16 @@ def swiss_roll_dim(data: dict) -> str | None:
     return None
 
 
+def toy_noise_positive(data: dict) -> str | None:
+    """Every toy density but the (uniform) checkerboard draws noise of this scale."""
+    if get(data, "dataset._target_") != "datamodules.toy_densities.ToyDensityDataModule":
+        return None
+    density, noise = get(data, "dataset.density"), get(data, "dataset.noise")
+    if density != "checkerboard" and noise is not None and not noise > 0:
+        return f"dataset.noise must be positive for dataset.density={density}, got {noise}"
+    return None
+
+
 def gpu_exists(data: dict) -> str | None:
     """``trainer=ddp`` / ``trainer.accelerator=gpu`` on a machine without CUDA."""
     if get(data, "trainer.accelerator") not in ("gpu", "cuda"):
@@ -127,6 +137,7 @@ RULES = (
     splines_exceed_degree,
     dataset_name_fits_the_datamodule,
     swiss_roll_dim,
+    toy_noise_positive,
     trainer_keys_mean_something,
     gpu_exists,
 )

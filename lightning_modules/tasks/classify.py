@@ -26,6 +26,7 @@ from lightning_modules.tasks.common import (
     build_trainer,
     epoch_checkpoints,
     log_config,
+    require_finite,
     require_images,
 )
 
@@ -77,6 +78,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         ckpt_path=ckpt_path,
     )
     result = trainer.test(module, datamodule=dm, verbose=False)[0]
+    hint = f"lower task.lr (now {t.lr})"
+    loss = torch.tensor(float(result["test/loss"]))
+    require_finite("network's weights and test loss", [loss, *module.net.parameters()], hint)
     extra = {}
     if trainer.is_global_zero and hasattr(module.net, "embed"):
         # the penultimate layer as a file: task=ddpm's ConvNet-FID/KID (ddpm.feature_extractor)

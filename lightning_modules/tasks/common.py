@@ -108,11 +108,15 @@ def log_config(logger, cfg: DictConfig) -> None:
 
 class ProgressBar(RichProgressBar):
     """Lightning's Rich bar; a one-epoch run (distillation: its iterations are one epoch's
-    steps) is labelled ``Iterations``, not ``Epoch 0/0``."""
+    steps) is labelled ``Iterations``, not ``Epoch 0/0``, and a step budget shows no
+    ``Epoch 0/-2``."""
 
     def _get_train_description(self, current_epoch: int) -> str:
-        if self.trainer.max_epochs == 1:
+        epochs = self.trainer.max_epochs
+        if epochs == 1:
             return "Iterations"
+        if epochs is None or epochs < 1:  # a step budget (ddpm.steps): no last epoch to show
+            return f"Epoch {current_epoch}"
         return super()._get_train_description(current_epoch)
 
 
@@ -142,6 +146,16 @@ def finite_metrics(metrics: dict) -> dict:
     """Plain Python numbers (tensors unwrapped); NaN and inf stay floats: ``write_json`` writes
     them as null with a ``non_finite`` field, and ``diverged`` refuses them in a loss."""
     return {k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()}
+
+
+def require_finite(what: str, tensors, hint: str) -> None:
+    """Refuse to write ``what`` as a run's result when it holds NaN or inf (after the task's own
+    skip/retry logic): an error naming the keys to change, not a file that looks finished."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise UserError(
+                f"training diverged: the {what} hold NaN or inf, so none was written; {hint}"
+            )
 
 
 def diverged(metrics: dict) -> list[str]:
