@@ -277,9 +277,43 @@ def jobs_import_this_checkout() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
 
 
+def one_line_composition_errors() -> None:
+    """Hydra's composition errors (``ddpm.foo=1`` without ``+``, a malformed override, a missing
+    config file) as one ``error:`` line and exit 2, like every other bad input, instead of
+    Hydra's several lines; every other exception reaches Hydra's own reporting unchanged."""
+    import hydra._internal.utils as hydra_utils
+    from hydra.errors import (
+        ConfigCompositionException,
+        MissingConfigException,
+        OverrideParseException,
+    )
+
+    report = hydra_utils.run_and_report
+
+    def run_and_report(func):
+        def guarded():
+            try:
+                return func()
+            except (
+                ConfigCompositionException,
+                MissingConfigException,
+                OverrideParseException,
+            ) as e:
+                line = " ".join(str(e).split())
+                if e.__cause__ is not None and str(e.__cause__).strip():
+                    line += f" ({str(e.__cause__).strip().splitlines()[0]})"
+                print(f"error: {line}", file=sys.stderr)
+                sys.exit(2)
+
+        return report(guarded)
+
+    hydra_utils.run_and_report = run_and_report
+
+
 if __name__ == "__main__":
     argv = sys.argv[1:]
     jobs_import_this_checkout()
+    one_line_composition_errors()
     problem = check_launcher(argv) or check_group_choices(argv) or check_method_overrides(argv)
     if problem:
         print(f"error: {problem}", file=sys.stderr)

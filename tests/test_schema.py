@@ -197,6 +197,8 @@ CLI = [
     ["dataset.zca=maybe"],
     ["-m", "threads=1,0"],  # a multirun: every job is checked before the sweep folder exists
     ["hydra/launcher=local", "task=teacher"],  # a launcher without -m would run locally
+    ["ddpm.foo=1"],  # Hydra's composition error (a key without +): one line too
+    ["task.lr=[1"],  # a malformed override
 ]
 
 
