@@ -394,7 +394,7 @@ def test_train_py_bad_input_is_one_line(tiny_data, tmp_path):
         (
             "evaluate.set=full",
             "evaluate.nets=[convnet,lenet]",
-        ): "unknown net(s) ['lenet'] in evaluate.nets; valid: convnet",
+        ): "evaluate.nets must be a non-empty list of one of convnet, alexnet, vgg11, resnet18",
         (f"evaluate.set={tmp_path / 'corrupt.pt'}",): "truncated or corrupt",
     }
     for overrides, message in cases.items():

@@ -258,3 +258,22 @@ def test_a_diverged_classifier_is_an_error_and_no_feature_net_is_written(compose
         train.run(cfg)
     assert not (Path(cfg.paths.output_dir) / "feature_extractor.pt2").exists()
     assert not (Path(cfg.paths.output_dir) / "summary.json").exists()
+
+
+def test_every_published_row_fits_the_schema():
+    """A row fills null keys (conf/preset/<method>/...); the filled config is checked again, so
+    a row value the schema refuses would stop that setting from running at all."""
+    import yaml
+
+    from lightning_modules.schema import problem
+
+    rows = sorted((ROOT / "conf" / "preset").rglob("*.yaml"))
+    assert rows
+    for path in rows:
+        for key, value in yaml.safe_load(path.read_text()).items():
+            name = next(
+                (f"{g}.{key}" for g in ("distill", "method", "dataset") if f"{g}.{key}" in KEYS),
+                None,
+            )
+            assert name is not None, f"{path}: {key} is no distill.*, method.* or dataset.* key"
+            assert problem(name, value) is None, f"{path}: {problem(name, value)}"
