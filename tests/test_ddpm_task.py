@@ -260,7 +260,7 @@ def test_bad_input_is_one_line(tmp_path, tiny_data):
             *TINY_ROLL, "eps_net=ftt", "ddpm.optimizer=riemannian", "riemannian.lr=1.5",
             "logger=wandb", runs, cwd=tmp_path,
         )  # fmt: skip
-        _one_line_error(out, "riemannian.lr=1.5", "(0, 1]")
+        _one_line_error(out, "riemannian.lr must be a number in (0, 1], got 1.5")
         assert not list(tmp_path.glob("outputs/**/wandb"))  # no (offline) W&B run started either
 
     out = run_train(

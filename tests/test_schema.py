@@ -147,7 +147,7 @@ BAD = [
     (["task=ddpm", "dataset=swiss_roll", "ddpm.timesteps=1000000000"], "ddpm.timesteps must be a whole number in [1, 100000]"),
     (["task=ddpm", "dataset=swiss_roll", "ddpm.timesteps=1e9"], "ddpm.timesteps must be a whole number in [1, 100000], got 1000000000.0"),
     (["task=ddpm", "dataset=swiss_roll", "ddpm.sample_steps=5000"], "ddpm.sample_steps must be at most ddpm.timesteps (1000), got 5000"),  # relation
-    (["task=ddpm", "dataset=swiss_roll", "ddpm.beta_start=0.5"], "ddpm.beta_start must be below ddpm.beta_end"),  # relation
+    (["task=ddpm", "dataset=swiss_roll", "ddpm.beta_start=0.5"], "ddpm.beta_start must be at most ddpm.beta_end (0.02), got 0.5"),  # relation
     (["task=ddpm", "dataset=swiss_roll", "dataset.dim=4"], "dataset.dim must be 2 or 3"),  # relation
     (["task=ddpm", "dataset=moons", "dataset.num_samples=0"], "dataset.num_samples must be a whole number in [1, 10000000], got 0"),
     (["task=ddpm", "dataset=tabular", "dataset.name=cifar10"], "dataset.name must be one of digits"),  # relation

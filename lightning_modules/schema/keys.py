@@ -141,7 +141,7 @@ KEYS: dict[str, Kind] = {
     "dmrg.tol": number(ge=0, lt=1),
     "dmrg.max_unknowns": count(),
     "dmrg.steps": count(),
-    "riemannian.lr": positive(),
+    "riemannian.lr": number(gt=0, le=1),  # a fraction of the line minimiser
     "riemannian.armijo": flag(),
     "riemannian.shrink": number(gt=0, lt=1),
     "riemannian.max_backtracks": count(0),

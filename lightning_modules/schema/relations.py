@@ -33,8 +33,8 @@ def sample_steps_within_timesteps(data: dict) -> str | None:
 def betas_increase(data: dict) -> str | None:
     start, end = get(data, "ddpm.beta_start"), get(data, "ddpm.beta_end")
     linear = get(data, "ddpm.schedule") == "linear"
-    if linear and start is not None and end is not None and not start < end:
-        return f"ddpm.beta_start must be below ddpm.beta_end ({end}), got {start}"
+    if linear and start is not None and end is not None and not start <= end:
+        return f"ddpm.beta_start must be at most ddpm.beta_end ({end}), got {start}"
     return None
 
 
