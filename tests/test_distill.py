@@ -394,7 +394,8 @@ def test_ipc_above_real_images(run_task, tiny_data, store):
 
 @pytest.mark.parametrize("eps", [-0.1, 1.0, 1.5])
 def test_eps_outside_unit_interval(run_task, tiny_data, store, eps):
-    assert "outside [0, 1)" in run_task(*tiny(tiny_data, store, **{"distill.eps": eps}))
+    msg = run_task(*tiny(tiny_data, store, **{"distill.eps": eps}))
+    assert f"distill.eps must be a number in [0, 1), got {eps}" in msg
 
 
 def test_start_epoch_beyond_snapshots(run_task, tiny_data, store):
