@@ -68,6 +68,11 @@ def build_logger(cfg: DictConfig, resume_epoch: int | None = None):
     if cfg.get("logger") is None or cfg.logger.get("_target_") is None:
         return False
     logger = instantiate(cfg.logger)
+    init = getattr(logger, "_wandb_init", None)  # WandbLogger: wandb.init's keywords, used lazily
+    if isinstance(init, dict) and init.get("anonymous") is None:
+        # Lightning always passes anonymous=None, and wandb warns that the setting is deprecated
+        # on every run, the one line left on a quiet (WANDB_SILENT) console
+        init.pop("anonymous", None)
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
     if cfg.get("resume") and type(logger).__name__ == "CSVLogger" and rank_zero_only.rank == 0:
         _keep_csv_rows(logger, resume_epoch)
