@@ -158,6 +158,12 @@ BAD = [
     (["task=reproduce", "+reproduce.method_keys.dsa.outer_loop=0"], "reproduce.method_keys.dsa.outer_loop: method.outer_loop must be"),
     (["trainer.devices=-1"], "trainer.devices must be"),
     (["trainer.accelerator=quantum"], "trainer.accelerator must be one of auto, cpu, gpu"),
+    (["trainer.strategy=foo"], "trainer.strategy must be auto or one of ddp, "),  # relation (Lightning's registry)
+    (["+trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val must be a finite number >= 0 or null, got -1"),  # an added Trainer key
+    (["task=ddpm", "eps_net=ftt", "dmrg.tol=1"], "dmrg.tol must be a number in [0, 1), got 1"),
+    (["task=ddpm", "eps_net=ftt", "riemannian.shrink=1"], "riemannian.shrink must be a number in (0, 1), got 1"),
+    (["paths.data_dir=null"], "paths.data_dir must be a path, got None"),
+    (["task.epochs=true"], "task.epochs must be a positive whole number, got True"),  # a boolean for a count
     (["logger=csv", "logger.flush_logs_every_n_steps=0"], "logger.flush_logs_every_n_steps must be a positive"),
     (["+ddpm.learning_rate=0.1"], "ddpm.learning_rate is not a key of this configuration"),  # a typo
     (["task=classify", "+trainer.max_epochs=3"], "trainer.max_epochs is set by task=classify"),  # relation
@@ -277,3 +283,16 @@ def test_every_published_row_fits_the_schema():
             )
             assert name is not None, f"{path}: {key} is no distill.*, method.* or dataset.* key"
             assert problem(name, value) is None, f"{path}: {problem(name, value)}"
+
+
+def test_a_library_error_wrapped_by_hydra_instantiate_is_translated_too():
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from lightning_modules.schema.translate import translate
+
+    with pytest.raises(InstantiationException) as e:
+        instantiate({"_target_": "lightning.pytorch.Trainer", "strategy": "foo", "logger": False})
+    line = translate(e.value, ["task=classify", "trainer.strategy=foo"])
+    assert line.startswith("lightning refused a value: You selected an invalid strategy name")
+    assert line.endswith("(set by trainer.strategy=foo)") and "\n" not in line

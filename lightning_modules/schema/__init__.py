@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules.errors import UserError
 from lightning_modules.schema import relations
-from lightning_modules.schema.keys import KEYS, NESTED, OPEN
+from lightning_modules.schema.keys import EXTRA, KEYS, NESTED, OPEN
 
 try:  # the callback base class; absent only in a Hydra too old for this project
     from hydra.experimental.callback import Callback
@@ -38,7 +38,7 @@ def resolved(cfg: DictConfig) -> dict:
 
 def problem(key: str, value) -> str | None:
     """The one-line problem with ``key=value``, or None when the schema allows it."""
-    kind = KEYS.get(key)
+    kind = KEYS.get(key) or EXTRA.get(key)
     if kind is None:
         return None if key.startswith(OPEN) else _unknown(key)
     if kind.accepts(value):

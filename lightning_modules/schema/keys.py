@@ -335,6 +335,22 @@ KEYS: dict[str, Kind] = {
     "logger.log_model": flag() | one_of("all"),
 }
 
+#: keys no conf/ file has that a user adds with ``+`` (``+trainer.max_time=00:00:05:00``); the
+#: Trainer takes them as they are, so a value that would silently misbehave is refused here
+EXTRA: dict[str, Kind] = {
+    "trainer.max_time": text(null=True, what="a duration DD:HH:MM:SS"),
+    "trainer.gradient_clip_val": nonneg(null=True),  # a negative norm would flip the gradients
+    "trainer.gradient_clip_algorithm": one_of("norm", "value", null=True),
+    "trainer.accumulate_grad_batches": count(),
+    "trainer.limit_train_batches": number(gt=0, le=1) | count(),
+    "trainer.limit_val_batches": number(ge=0, le=1) | count(0),
+    "trainer.limit_test_batches": number(gt=0, le=1) | count(),
+    "trainer.val_check_interval": number(gt=0, le=1) | count(),
+    "trainer.benchmark": flag(null=True),
+    "trainer.detect_anomaly": flag(),
+    "trainer.fast_dev_run": flag() | count(0),
+}
+
 #: prefixes whose extra keys (``+trainer.max_time=...``) go to a library that checks them
 #: itself; its errors are translated to one line naming the key (``schema.translate``)
 OPEN = ("trainer.", "logger.")

@@ -79,6 +79,19 @@ def toy_noise_positive(data: dict) -> str | None:
     return None
 
 
+def strategy_is_lightning_s(data: dict) -> str | None:
+    """``trainer.strategy`` names one of Lightning's registered strategies (or auto)."""
+    strategy = get(data, "trainer.strategy")
+    if strategy in (None, "auto", "ddp", "ddp_spawn", "fsdp"):
+        return None
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    names = ", ".join(sorted(StrategyRegistry.available_strategies()))
+    if strategy not in StrategyRegistry.available_strategies():
+        return f"trainer.strategy must be auto or one of {names}, got {strategy!r}"
+    return None
+
+
 def gpu_exists(data: dict) -> str | None:
     """``trainer=ddp`` / ``trainer.accelerator=gpu`` on a machine without CUDA."""
     if get(data, "trainer.accelerator") not in ("gpu", "cuda"):
@@ -139,5 +152,6 @@ RULES = (
     swiss_roll_dim,
     toy_noise_positive,
     trainer_keys_mean_something,
+    strategy_is_lightning_s,
     gpu_exists,
 )

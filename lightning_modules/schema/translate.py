@@ -42,14 +42,28 @@ def blame(message: str, overrides: list[str]) -> list[str]:
     return hits
 
 
+KINDS = (ValueError, TypeError, RuntimeError, AssertionError, IndexError)
+
+
+def _library_error(exc: BaseException) -> tuple[BaseException, str] | None:
+    """``exc`` or the exception it wraps (Hydra's ``InstantiationException`` around a Trainer
+    or logger that refused an argument), when a library raised it; else None."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, KINDS) or type(exc).__name__ == "MisconfigurationException":
+            library = library_of(exc)
+            if library is not None:
+                return exc, library
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
 def translate(exc: BaseException, overrides: list[str]) -> str | None:
     """The one line for an exception a library raised on a user's value; None for any other."""
-    if not isinstance(exc, (ValueError, TypeError, RuntimeError, AssertionError, IndexError)):
-        if type(exc).__name__ != "MisconfigurationException":
-            return None
-    library = library_of(exc)
-    if library is None:
+    found = _library_error(exc)
+    if found is None:
         return None
+    exc, library = found
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
     keys = blame(first, overrides) or [o for o in overrides if not o.startswith("hydra")]
     where = f" (set by {', '.join(keys)})" if keys else " (from the configuration's defaults)"
