@@ -88,7 +88,8 @@ def run(cfg: DictConfig) -> dict:
     )
     from lightning_modules.utils import files
 
-    validate(cfg)  # Hydra's callback did already (before the run folder); in-process callers not
+    # Hydra's callback did already (before the run folder); in-process callers did not
+    validate(cfg, composed=True)
     if cfg.get("threads") is not None:
         torch.set_num_threads(int(cfg.threads))  # before any work: results depend on it
     requeued = requeued_in_place(cfg)

@@ -69,7 +69,7 @@ def test_every_shipped_option_passes(shipped, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # trainer=ddp asks for a GPU
     for _, cfg, _ in shipped:
-        validate(cfg)  # raises on the first refused key
+        validate(cfg, composed=True)  # raises on the first refused key
 
 
 def test_the_choice_lists_are_the_code_s_own():
@@ -166,6 +166,7 @@ BAD = [
     (["task.epochs=true"], "task.epochs must be a positive whole number, got True"),  # a boolean for a count
     (["logger=csv", "logger.flush_logs_every_n_steps=0"], "logger.flush_logs_every_n_steps must be a positive"),
     (["+ddpm.learning_rate=0.1"], "ddpm.learning_rate is not a key of this configuration"),  # a typo
+    (["+ddpm.lr=0.1"], "ddpm.lr is a key of task=ddpm; this run is task=classify"),  # another task's key
     (["task=classify", "+trainer.max_epochs=3"], "trainer.max_epochs is set by task=classify"),  # relation
 ]  # fmt: skip
 
@@ -173,7 +174,7 @@ BAD = [
 @pytest.mark.parametrize("overrides,message", BAD, ids=[" ".join(o) for o, _ in BAD])
 def test_a_bad_value_is_refused_in_one_line_naming_the_key(compose, overrides, message):
     with pytest.raises(UserError) as e:
-        validate(compose(*overrides))
+        validate(compose(*overrides), composed=True)
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
@@ -186,7 +187,9 @@ def test_accelerator_gpu_needs_a_gpu(compose, monkeypatch):
 
 
 def test_good_values_pass(compose):
-    validate(compose("task=classify", "dataset.train_per_class=5", "task.epochs=2", "threads=1"))
+    validate(
+        compose("task=classify", "dataset.train_per_class=5", "task.epochs=2", "threads=1"), True
+    )
     validate(compose("task=ddpm", "dataset=swiss_roll", "ddpm.sample_steps=50", "ddpm.eta=1"))
     validate(compose("task=distill", "distill.batch_syn=all", "distill.offload=true"))
     validate(compose("task=classify", "+trainer.max_time=00:00:01:00"))  # an open Trainer key

@@ -4,7 +4,8 @@
 the value, what is allowed), then the first broken rule between keys. ``train.py`` runs it from a
 Hydra callback (``ValidateConfig.on_run_start``), before Hydra creates the run folder, sets up
 logging or the task touches threads, data or a logger: a bad value leaves nothing on disk.
-``train.run`` runs it again for configs composed in-process (tests, task=reproduce's stages).
+``train.run`` runs it again for configs composed in-process (tests, scripts); task=distill and
+task=reproduce re-check the settings they fill from a published row.
 
 Where things live: ``kinds.py`` (what a kind of value is), ``keys.py`` (one line per key),
 ``relations.py`` (rules between keys). docs/configuration/validation.md tells how to add a key.
@@ -78,11 +79,15 @@ def _check_nested(key: str, value: dict) -> None:
                 raise UserError(f"{key}.{name}.{leaf}: {msg}")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ``UserError`` for the first key or rule the configuration breaks."""
+def validate(cfg: DictConfig, composed: bool = False) -> None:
+    """Raise ``UserError`` for the first key or rule the configuration breaks.
+
+    ``composed``: ``cfg`` is what a run was composed from (the callback, ``train.run``), so every
+    block in it must belong to its task; a task's own re-check of a derived config passes False.
+    """
     data = resolved(cfg)
     check_keys(data)
-    for rule in relations.RULES:
+    for rule in relations.RULES + (relations.COMPOSED_RULES if composed else ()):
         if (msg := rule(data)) is not None:
             raise UserError(msg)
 
@@ -95,7 +100,7 @@ class ValidateConfig(Callback):
     """
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        _or_exit(validate, config)
+        _or_exit(lambda c: validate(c, composed=True), config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         _or_exit(_validate_sweep, config)
@@ -117,7 +122,7 @@ def _validate_sweep(config: DictConfig) -> None:
         return
     for batch in batches:
         for job in batch:
-            validate(loader.load_sweep_config(config, list(job)))
+            validate(loader.load_sweep_config(config, list(job)), composed=True)
 
 
 def _or_exit(check, config: DictConfig) -> None:

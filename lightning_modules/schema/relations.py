@@ -144,6 +144,46 @@ def trainer_keys_mean_something(data: dict) -> str | None:
     return None
 
 
+TASK_DIR = TRAINER_DIR.parent / "task"
+
+
+def task_blocks() -> dict[str, set[str]]:
+    """``{block: tasks whose config defines it}`` from conf/task/*.yaml (``ddpm``, ``als``, ...
+    belong to task=ddpm; task=reproduce includes the blocks of the tasks it runs)."""
+    import yaml
+
+    own, includes = {}, {}
+    for path in TASK_DIR.glob("*.yaml"):
+        data = yaml.safe_load(path.read_text()) or {}
+        own[path.stem] = {k for k, v in data.items() if isinstance(v, dict) and k != "task"}
+        defaults = data.get("defaults", [])
+        includes[path.stem] = [d.split("/")[-1] for d in defaults if isinstance(d, str)]
+        own[path.stem] |= {next(iter(d)).strip("/") for d in defaults if isinstance(d, dict)}
+    owners: dict[str, set[str]] = {}
+    for task in own:
+        blocks = set(own[task]).union(*(own.get(t, set()) for t in includes[task]))
+        for block in blocks:
+            owners.setdefault(block, set()).add(task)
+    return owners
+
+
+def blocks_belong_to_the_task(data: dict) -> str | None:
+    """``+ddpm.lr=0.1`` under task=classify: a block no part of this task reads."""
+    task, owners = get(data, "task.name"), task_blocks()
+    for block, value in data.items():
+        if block in owners and task not in owners[block] and isinstance(value, dict):
+            key = f"{block}.{next(iter(value))}" if value else block
+            return (
+                f"{key} is a key of task={'/'.join(sorted(owners[block]))}; this run is "
+                f"task={task}, which would ignore it"
+            )
+    return None
+
+
+#: rules only a configuration composed for a run obeys (a task=reproduce stage carries the
+#: blocks of every stage, whatever its task.name)
+COMPOSED_RULES = (blocks_belong_to_the_task,)
+
 RULES = (
     sample_steps_within_timesteps,
     betas_increase,
