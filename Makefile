@@ -23,8 +23,9 @@ $(BIN)/.installed: pyproject.toml
 .PHONY: setup train test test-fast lint docs docs-serve docs-config
 setup: $(BIN)/.installed
 
+# quiet like CI: W&B's offline banner and sync hints off (WANDB_SILENT), the run's lines kept
 train: setup
-	$(BIN)/python train.py $(MAIN) $(if $(DATA),paths.data_dir=$(DATA)) $(ARGS)
+	WANDB_SILENT=true $(BIN)/python train.py $(MAIN) $(if $(DATA),paths.data_dir=$(DATA)) $(ARGS)
 
 # every test, the slow end-to-end ones included (what CI runs)
 test: setup

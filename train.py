@@ -75,10 +75,11 @@ def run(cfg: DictConfig) -> dict:
     import lightning as L
     import torch
 
-    from lightning_modules.tasks.checks import check_config
+    from lightning_modules.schema import validate
     from lightning_modules.tasks.common import (
         check_multi_node,
         check_shared_dir,
+        diverged,
         finish_wandb,
         finite_metrics,
         process_rank,
@@ -87,7 +88,8 @@ def run(cfg: DictConfig) -> dict:
     )
     from lightning_modules.utils import files
 
-    check_config(cfg)  # a bad count or an ignored trainer key: one line, nothing started
+    # Hydra's callback did already (before the run folder); in-process callers did not
+    validate(cfg, composed=True)
     if cfg.get("threads") is not None:
         torch.set_num_threads(int(cfg.threads))  # before any work: results depend on it
     requeued = requeued_in_place(cfg)
@@ -122,6 +124,14 @@ def run(cfg: DictConfig) -> dict:
         "wall_s": time.perf_counter() - start,
         "threads": torch.get_num_threads(),
     }
+    bad = diverged(summary)
+    if bad:  # after the task's own skip/retry logic: a NaN loss is an error, not a result
+        summary["finished"] = False
+        write_json(out_dir / "summary.json", summary)  # NaN as null, with the non_finite field
+        raise UserError(
+            f"training diverged ({', '.join(bad)}): lower the learning rate or clip the "
+            f"gradients; {out_dir} holds what was written before, not a finished result"
+        )
     write_json(out_dir / "summary.json", summary)
     finish_wandb()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -168,6 +178,15 @@ def main(cfg: DictConfig):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:  # a library refusing a user's value: one line naming the override
+        from lightning_modules.schema.translate import translate
+
+        line = translate(e, list(HydraConfig.get().overrides.task))
+        if line is None:
+            raise
+        log.debug("the library's traceback", exc_info=e)  # kept in the run's log file
+        print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)
     log.info("summary: %s", summary)
     _fold_into_resumed(Path(hydra_dir), Path(cfg.paths.output_dir))
     return summary.get("objective")
@@ -202,12 +221,18 @@ def check_group_choices(argv: list[str]) -> str | None:
 
 
 def check_launcher(argv: list[str]) -> str | None:
-    """The one-line error for ``hydra/launcher=slurm|local`` without the submitit plugin."""
+    """The one-line error for ``hydra/launcher=slurm|local`` without ``-m`` (Hydra would run the
+    job here, ignoring the launcher) or without the submitit plugin."""
     import importlib.util
 
     chosen = [a.split("=", 1)[1] for a in argv if a.startswith("hydra/launcher=")]
     if not chosen or chosen[-1] not in ("slurm", "local"):
         return None
+    if not {"-m", "--multirun"} & set(argv):
+        return (
+            f"hydra/launcher={chosen[-1]} launches the jobs of a multirun only; without -m the "
+            f"run would go on here, locally: python train.py -m hydra/launcher={chosen[-1]} ..."
+        )
     if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
         return (
             f"hydra/launcher={chosen[-1]} needs the submitit launcher: "
@@ -253,9 +278,43 @@ def jobs_import_this_checkout() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
 
 
+def one_line_composition_errors() -> None:
+    """Hydra's composition errors (``ddpm.foo=1`` without ``+``, a malformed override, a missing
+    config file) as one ``error:`` line and exit 2, like every other bad input, instead of
+    Hydra's several lines; every other exception reaches Hydra's own reporting unchanged."""
+    import hydra._internal.utils as hydra_utils
+    from hydra.errors import (
+        ConfigCompositionException,
+        MissingConfigException,
+        OverrideParseException,
+    )
+
+    report = hydra_utils.run_and_report
+
+    def run_and_report(func):
+        def guarded():
+            try:
+                return func()
+            except (
+                ConfigCompositionException,
+                MissingConfigException,
+                OverrideParseException,
+            ) as e:
+                line = " ".join(str(e).split())
+                if e.__cause__ is not None and str(e.__cause__).strip():
+                    line += f" ({str(e.__cause__).strip().splitlines()[0]})"
+                print(f"error: {line}", file=sys.stderr)
+                sys.exit(2)
+
+        return report(guarded)
+
+    hydra_utils.run_and_report = run_and_report
+
+
 if __name__ == "__main__":
     argv = sys.argv[1:]
     jobs_import_this_checkout()
+    one_line_composition_errors()
     problem = check_launcher(argv) or check_group_choices(argv) or check_method_overrides(argv)
     if problem:
         print(f"error: {problem}", file=sys.stderr)

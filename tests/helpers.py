@@ -90,3 +90,30 @@ def solver_options(name: str, **overrides) -> dict:
     unknown = set(overrides) - set(block) - {"armijo_c"}
     assert not unknown, f"{name} has no keys {unknown}"
     return {**block, **overrides}
+
+
+def scaled_error(actual, expected, scale=None) -> float:
+    """``max |actual - expected| / scale``, ``scale`` by default the largest magnitude of either.
+
+    Rounding in a float sum, product or solve is relative to the largest terms involved, not to
+    each entry (entries near zero carry the rounding of their big neighbours) and not to an
+    absolute number: a tolerance in these units holds on any CPU's BLAS."""
+    import torch
+
+    a = torch.as_tensor(actual).detach().double()
+    e = torch.as_tensor(expected).detach().double()
+    if scale is None:
+        scale = max(float(a.abs().max()), float(e.abs().max()))
+    diff = float((a - e).abs().max())
+    if not (a.isfinite().all() and e.isfinite().all()):
+        return float("inf")
+    return diff / scale if scale > 0 else diff
+
+
+def assert_close_scaled(actual, expected, rtol: float, scale=None, msg: str = "") -> None:
+    """``max |actual - expected| <= rtol x scale`` (see :func:`scaled_error`); shapes must agree."""
+    import torch
+
+    assert torch.as_tensor(actual).shape == torch.as_tensor(expected).shape, msg
+    err = scaled_error(actual, expected, scale)
+    assert err <= rtol, f"{msg} relative error {err:.3g} > {rtol:g}"

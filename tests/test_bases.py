@@ -8,7 +8,7 @@ import torch
 
 from lightning_modules.tt.bases import FourierBasis, LegendreBasis, make_basis
 from lightning_modules.tt.ftt import FunctionalTT
-from tests.helpers import solver_options
+from tests.helpers import assert_close_scaled, solver_options
 
 LO, HI = torch.tensor([-1.5, 0.0]), torch.tensor([2.5, 3.0])
 
@@ -20,7 +20,7 @@ def test_basis_is_orthonormal_on_the_support(cls):
     u = LO + grid * (HI - LO)  # [G, 2]
     values = basis.dense(u)  # [G, 2, 7]
     gram = torch.einsum("gci,gcj->cij", values, values) / len(grid)
-    torch.testing.assert_close(gram, torch.eye(7).expand(2, 7, 7).double(), atol=2e-3, rtol=0)
+    assert_close_scaled(gram, torch.eye(7).expand(2, 7, 7).double(), 2e-3)  # quadrature error
 
 
 @pytest.mark.parametrize("name", ["bspline", "legendre", "fourier"])
@@ -36,7 +36,7 @@ def test_each_basis_reproduces_a_function_in_its_span(name):
     u = LO + torch.rand(200, 2, generator=g, dtype=torch.float64) * (HI - LO)
     phi = basis.dense(u)
     fit = torch.stack([torch.linalg.lstsq(phi[:, c], f(u)[:, c]).solution for c in range(2)])
-    torch.testing.assert_close(fit, coef, atol=1e-9, rtol=0)
+    assert_close_scaled(fit, coef, 1e-8)
     # and the sparse layout the FTT uses gives the same values as the dense one
     values, first = basis.sparse(u)
     dense = torch.zeros_like(phi).scatter_add_(
@@ -51,9 +51,7 @@ def test_legendre_reproduces_polynomials_and_clamps_inputs():
     cubic = basis.dense(basis.clamp(u))
     torch.testing.assert_close(basis.dense(u), cubic)  # clamped like the splines
     lin = basis.linear_coefficients()
-    torch.testing.assert_close(
-        torch.einsum("nci,ci->nc", basis.dense(u), lin), basis.clamp(u), atol=1e-6, rtol=0
-    )
+    assert_close_scaled(torch.einsum("nci,ci->nc", basis.dense(u), lin), basis.clamp(u), 1e-6)
 
 
 @pytest.mark.parametrize("name", ["legendre", "fourier"])
@@ -61,7 +59,7 @@ def test_identity_init_is_one_for_global_bases(name):
     net = FunctionalTT(data_shape=(2,), timesteps=20, basis=name, num_basis=5, rank=3, init_noise=0)
     x = torch.randn(10, 2)
     t = torch.randint(0, 20, (10,))
-    torch.testing.assert_close(net(x, t), torch.ones(10, 2), atol=1e-5, rtol=0)
+    assert_close_scaled(net(x, t), torch.ones(10, 2), 1e-5)
 
 
 @pytest.mark.parametrize("name", ["legendre", "fourier"])

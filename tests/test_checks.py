@@ -6,7 +6,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from lightning_modules.errors import UserError
-from lightning_modules.tasks.checks import check_config, check_trainer_overrides
+from lightning_modules.schema import validate as check_config
+from lightning_modules.tasks.checks import check_trainer_overrides
 from tests.conftest import run_train
 
 CASES = [

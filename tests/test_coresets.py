@@ -236,7 +236,9 @@ def test_herding_uses_an_expert_when_the_store_has_one(tiny_data, tmp_path, comp
 def test_coreset_bad_input_is_one_line(tiny_data, tmp_path, compose):
     import train
 
-    with pytest.raises(UserError, match="unknown coreset.method='kmeans'"):
+    with pytest.raises(
+        UserError, match="coreset.method must be one of random, herding, forgetting"
+    ):
         train.run(compose(*coreset_overrides(tiny_data, "kmeans")))
     result = run_train(
         *coreset_overrides(tiny_data, "random", "ipc=21", f"paths.runs_dir={tmp_path}"),

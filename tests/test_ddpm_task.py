@@ -14,6 +14,7 @@ from datamodules.cifar import read_cifar
 from lightning_modules.errors import UserError
 from lightning_modules.tasks.ddpm import load_data
 from tests.conftest import run_train
+from tests.helpers import assert_close_scaled
 
 HAVE_FTT = importlib.util.find_spec("lightning_modules.tt.ftt") is not None
 VECTOR_NETS = ["resnet"] + (["ftt"] if HAVE_FTT else [])
@@ -153,7 +154,7 @@ def test_cifar_pixels_are_mapped_to_minus_one_one(compose, tiny_data):
     data = load_data(compose(*tiny_cifar(tiny_data)))
     raw, _ = read_cifar("cifar10", tiny_data, "train")
     assert data.images and data.data_shape == (3, 32, 32)
-    torch.testing.assert_close(data.train, raw.float() / 255 * 2 - 1, atol=1e-5, rtol=0)
+    assert_close_scaled(data.train, raw.float() / 255 * 2 - 1, 1e-5)
     assert data.test_images01.min() >= 0 and data.test_images01.max() <= 1
 
 
@@ -259,7 +260,7 @@ def test_bad_input_is_one_line(tmp_path, tiny_data):
             *TINY_ROLL, "eps_net=ftt", "ddpm.optimizer=riemannian", "riemannian.lr=1.5",
             "logger=wandb", runs, cwd=tmp_path,
         )  # fmt: skip
-        _one_line_error(out, "riemannian.lr=1.5", "(0, 1]")
+        _one_line_error(out, "riemannian.lr must be a number in (0, 1], got 1.5")
         assert not list(tmp_path.glob("outputs/**/wandb"))  # no (offline) W&B run started either
 
     out = run_train(

@@ -116,8 +116,9 @@ def test_ancestral_sampling_recovers_gaussian_data(variance):
     eps_net = GaussianOptimalEps(s, m=1.5, s=0.3)
     x, _ = s.sample(eps_net, 4000, (2,), torch.Generator().manual_seed(0), variance=variance)
     assert x.shape == (4000, 2)
-    assert torch.allclose(x.mean(0), torch.full((2,), 1.5), atol=0.03), x.mean(0)
-    assert torch.allclose(x.std(0), torch.full((2,), 0.3), atol=0.015), x.std(0)
+    # sampling error, in units of the data's spread s = 0.3 (the mean's standard error is s/63)
+    assert ((x.mean(0) - 1.5).abs() < 0.1 * 0.3).all(), x.mean(0)
+    assert ((x.std(0) - 0.3).abs() < 0.05 * 0.3).all(), x.std(0)
 
 
 def test_respaced_chain_keeps_the_mean_and_brackets_the_spread():
@@ -130,7 +131,7 @@ def test_respaced_chain_keeps_the_mean_and_brackets_the_spread():
         x, _ = s.sample(
             eps_net, 4000, (2,), torch.Generator().manual_seed(0), steps=50, variance=variance
         )
-        assert torch.allclose(x.mean(0), torch.full((2,), 1.5), atol=0.03), x.mean(0)
+        assert ((x.mean(0) - 1.5).abs() < 0.1 * 0.3).all(), x.mean(0)  # 0.1 x the spread
         stds[variance] = x.std().item()
     assert 0.2 < stds["posterior"] < 0.29 and 0.305 < stds["beta"] < 0.36, stds
 
@@ -223,8 +224,10 @@ def test_make_stepper_rejects_unknown_names_and_tt_steppers_on_other_nets():
 # -- metrics -----------------------------------------------------------------------------------
 def test_metrics_zero_for_identical_positive_for_shifted():
     x = torch.randn(500, 3, generator=torch.Generator().manual_seed(0))
-    assert metrics.sliced_wasserstein(x, x) == pytest.approx(0.0, abs=1e-12)
-    assert metrics.mmd_rbf(x, x) == pytest.approx(0.0, abs=1e-6)
+    # zero up to rounding relative to the numbers involved: coordinates of size x.std() ~ 1
+    # (the sliced distance), kernel values of at most 1 (the MMD's cancelling sums)
+    assert abs(metrics.sliced_wasserstein(x, x)) <= 1e-12 * float(x.std())
+    assert abs(metrics.mmd_rbf(x, x)) <= 1e-6 * 1.0
     shifted = x + torch.tensor([1.0, 0.0, 0.0])
     assert metrics.sliced_wasserstein(x, shifted) > 0.3
     assert metrics.mmd_rbf(x, shifted) > 0.1

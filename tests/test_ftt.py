@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from lightning_modules.errors import UserError
 from lightning_modules.tt.ftt import FunctionalTT
 from lightning_modules.tt.interfaces import contract_core
-from tests.helpers import solver_options
+from tests.helpers import assert_close_scaled, solver_options
 
 
 def _batch(shape, n=7, T=100, seed=0, scale=1.0):
@@ -35,7 +35,7 @@ def test_identity_init_outputs_one_everywhere(dim, time, output):
     x[0] = 100.0
     y = net(x, t)
     assert y.shape == (50, dim)
-    torch.testing.assert_close(y, torch.ones_like(y), atol=1e-6, rtol=0)
+    assert_close_scaled(y, torch.ones_like(y), 1e-6)
     # with the default noise the output stays O(1)
     noisy = FunctionalTT(
         data_shape=(dim,), timesteps=100, time=time, output=output, num_basis=6, rank=4
@@ -77,7 +77,7 @@ def test_cifar_shapes_with_an_output_core():
     y = net(x, t)
     assert y.shape == (2, 3, 32, 32)
     # float32 rounding of 3072 partitions of unity in a row
-    torch.testing.assert_close(y, torch.ones_like(y), atol=1e-3, rtol=0)
+    assert_close_scaled(y, torch.ones_like(y), 1e-3)
 
 
 def test_per_coordinate_on_images_is_a_user_error_with_the_size():
@@ -175,7 +175,7 @@ def test_linear_init_predicts_the_clamped_input(time):
     x, t = _batch((2,), n=200, scale=3.0)
     u = x.double() + (sinusoidal_encoding(t, 2) if time == "additive" else 0)
     expected = net.x_basis.clamp(u).float()
-    torch.testing.assert_close(net(x, t), expected, atol=1e-5, rtol=1e-5)
+    assert_close_scaled(net(x, t), expected, 1e-5)
     assert (net.x_basis.clamp(u) != u).any()  # some inputs were outside the support
     with pytest.raises(UserError, match="init=linear needs eps_net.output=per_coordinate"):
         FunctionalTT(data_shape=(3,), output="core", init="linear")

@@ -14,6 +14,7 @@ from lightning_modules.condense.gradient_matching import (
     layer_distance,
 )
 from lightning_modules.nets.classifiers import ConvNet
+from tests.helpers import assert_close_scaled, scaled_error
 
 K, B, S = 3, 4, 2
 
@@ -66,8 +67,8 @@ def test_gradient_matching_loss_equals_the_formula_and_its_gradient():
     for batched in (True, False):
         got = gradient_matching_loss(net, params, real, syn, batched=batched)
         (got_grad,) = torch.autograd.grad(got, syn)
-        assert torch.allclose(got, want, atol=1e-10), (batched, got, want)
-        assert torch.allclose(got_grad, want_grad, atol=1e-10)
+        assert_close_scaled(got, want, 1e-10, msg=f"batched={batched}")
+        assert_close_scaled(got_grad, want_grad, 1e-9)
 
 
 def test_class_gradients_batched_equals_loop():
@@ -76,7 +77,10 @@ def test_class_gradients_batched_equals_loop():
     y = torch.arange(K).view(K, 1).expand(K, B)
     a = class_gradients(net, params, real, y, batched=True, chunk_size=2)
     b = class_gradients(net, params, real, y, batched=False)
-    assert all(torch.allclose(x, z, atol=1e-12) for x, z in zip(a, b))
+    # biases before a norm layer have zero gradient analytically (pure rounding): the scale is
+    # that of all gradients together, the numbers whose rounding they carry
+    scale = max(float(z.abs().max()) for z in b)
+    assert all(scaled_error(x, z, scale) <= 1e-10 for x, z in zip(a, b))
 
 
 def test_dsa_draw_is_shared_by_real_and_synthetic():
@@ -92,7 +96,7 @@ def test_dsa_draw_is_shared_by_real_and_synthetic():
         views_r.append(dsa.apply(real[c], p))
         views_s.append(dsa.apply(syn[c], p))
     want = direct_gm_loss(net, torch.stack(views_r), torch.stack(views_s))
-    assert torch.allclose(got, want, atol=1e-10)
+    assert_close_scaled(got, want, 1e-10)
 
 
 def test_distribution_matching_loss_equals_the_formula():
@@ -102,10 +106,10 @@ def test_distribution_matching_loss_equals_the_formula():
     )
     for chunk in (None, 2):
         got = distribution_matching_loss(net.embed, real, syn, chunk=chunk)
-        assert torch.allclose(got, want, atol=1e-10)
+        assert_close_scaled(got, want, 1e-10)
     (g1,) = torch.autograd.grad(want, syn)
     (g2,) = torch.autograd.grad(distribution_matching_loss(net.embed, real, syn), syn)
-    assert torch.allclose(g1, g2, atol=1e-10)
+    assert_close_scaled(g1, g2, 1e-9)
     # siamese DSA: the same draw per class on both sides
     dsa = DSA("crop_scale")
     got = distribution_matching_loss(
@@ -117,4 +121,4 @@ def test_distribution_matching_loss_equals_the_formula():
         p = dsa.draw(1, g, per_sample=False)
         d = net.embed(dsa.apply(real[c], p)).mean(0) - net.embed(dsa.apply(syn[c], p)).mean(0)
         want = want + (d**2).sum()
-    assert torch.allclose(got, want, atol=1e-10)
+    assert_close_scaled(got, want, 1e-10)

@@ -10,7 +10,7 @@ from datamodules.cifar import read_cifar
 from datamodules.cifar_pca import CIFARPCADataModule, fit_pca, to_pixels
 from datamodules.tabular import TABLES, TabularDataModule, load_table
 from lightning_modules.errors import UserError
-from tests.helpers import write_cifar
+from tests.helpers import assert_close_scaled, write_cifar
 
 
 # -- tabular --------------------------------------------------------------------------------------
@@ -68,16 +68,16 @@ def test_pca_is_the_top_eigenspace_and_cached(small_cifar, tmp_path):
     cached = list((tmp_path / "pca").glob("cifar10-d8-*.pt"))
     assert len(cached) == 1 and dm.cache_path == cached[0]
     v = dm.pca["components"].double()
-    torch.testing.assert_close(v @ v.T, torch.eye(8, dtype=torch.float64), atol=1e-5, rtol=0)
+    assert_close_scaled(v @ v.T, torch.eye(8, dtype=torch.float64), 1e-5)
     # the same subspace as the top right-singular vectors of the centred train pixels
     train_u8, _ = read_cifar("cifar10", small_cifar, "train")
     x = to_pixels(train_u8)
     _, s, vt = torch.linalg.svd(x - x.mean(0), full_matrices=False)
     projector = vt[:8].T @ vt[:8]
-    torch.testing.assert_close(v @ projector, v, atol=1e-4, rtol=0)
+    assert_close_scaled(v @ projector, v, 1e-4)
     torch.testing.assert_close(dm.pca["variances"], s[:8] ** 2 / (len(x) - 1), rtol=1e-6, atol=0)
     assert dm.train_x.shape == (80, 8) and dm.reference_x.shape == (40, 8)
-    torch.testing.assert_close(dm.train_x.std(0), torch.ones(8), atol=1e-4, rtol=0)
+    assert_close_scaled(dm.train_x.std(0), torch.ones(8), 1e-4)
     # a second datamodule reads the cache (unchanged file), and another dim is another file
     mtime = cached[0].stat().st_mtime_ns
     again = pca_dm(small_cifar, tmp_path)
@@ -91,12 +91,10 @@ def test_full_rank_latents_decode_to_the_images(small_cifar, tmp_path):
     dm = pca_dm(small_cifar, tmp_path, dim=79)  # 80 train images: rank 79 after centring
     dm.setup()
     train_u8, _ = read_cifar("cifar10", small_cifar, "train")
-    torch.testing.assert_close(
-        dm.decode_images(dm.train_x), train_u8.float() / 255, atol=2e-3, rtol=0
-    )
+    assert_close_scaled(dm.decode_images(dm.train_x), train_u8.float() / 255, 2e-3)
     test_u8, _ = read_cifar("cifar10", small_cifar, "test")
     assert torch.equal(dm.test_images01, test_u8.float() / 255)
-    assert dm.explained_variance == pytest.approx(1.0, abs=1e-6)
+    assert dm.explained_variance == pytest.approx(1.0, rel=1e-6)
 
 
 def test_subsets_reference_cap_and_bad_dims(small_cifar, tmp_path):
@@ -125,7 +123,7 @@ def test_fit_pca_both_paths_agree_and_fix_signs():
     x = to_pixels(images)
     _, s, vt = torch.linalg.svd(x - x.mean(0), full_matrices=False)
     vt = vt[:3] * torch.sign(vt[:3][torch.arange(3), vt[:3].abs().argmax(1)]).unsqueeze(1)
-    torch.testing.assert_close(v, vt.float(), atol=1e-5, rtol=0)
+    assert_close_scaled(v, vt.float(), 1e-5)
     torch.testing.assert_close(by_eigh["variances"], s[:3] ** 2 / 59, rtol=1e-8, atol=0)
     by_svd = fit_pca(images[:40], 3)  # 40 < 48
     assert by_svd["total_variance"] == pytest.approx(float(to_pixels(images[:40]).var(0).sum()))

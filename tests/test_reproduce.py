@@ -206,10 +206,13 @@ def test_cross_arch_table(compose, tiny_data, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "override,match",
     [
-        ("table=table2", "use row"),
-        ("reproduce.methods=[random,kmeans]", "choose from"),
-        ("reproduce.eps=0", "must be in \\(0, 1\\)"),
-        ("reproduce.nets=[lenet]", "unknown net"),
+        ("table=table2", "table must be one of row, cross_arch, kip"),
+        (
+            "reproduce.methods=[random,kmeans]",
+            "reproduce.methods must be a non-empty list of one of",
+        ),
+        ("reproduce.eps=0", "reproduce.eps must be a number in \\(0, 1\\)"),
+        ("reproduce.nets=[lenet]", "reproduce.nets must be a non-empty list of one of convnet"),
         ("trainer.devices=2", "one device"),
     ],
 )
@@ -234,7 +237,11 @@ def test_bad_table_through_train_py(tiny_data, tmp_path):
 
     r = run_train(*tiny(tiny_data, "table=3"), cwd=tmp_path, timeout=120)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith("error: table='3'")
+    assert (
+        r.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: table must be one of row, cross_arch, kip, got 3")
+    )
 
 
 def test_quickstart_preset_is_a_consistent_small_reproduce_run(compose):

@@ -76,7 +76,7 @@ def test_a_failed_job_is_named_by_its_exception_line():
 
 
 def test_expert_jobs_must_be_positive(compose, tmp_path):
-    from lightning_modules.tasks.checks import check_config
+    from lightning_modules.schema import validate as check_config
 
     with pytest.raises(UserError, match="reproduce.expert_jobs"):
         check_config(compose("task=reproduce", "reproduce.expert_jobs=0"))

@@ -23,6 +23,7 @@ import torch
 import train
 from datamodules.trajectories import ExpertStore
 from tests.conftest import ROOT, run_train
+from tests.helpers import assert_close_scaled
 
 QUIET = ["logger=csv", "trainer.enable_progress_bar=false"]
 
@@ -109,11 +110,10 @@ def test_teacher_splits_experts_across_ranks(tiny_data, tmp_path, compose):
         "teacher.num_experts=1",
         "logger=none",
     )
-    torch.testing.assert_close(
+    assert_close_scaled(
         ExpertStore(store).load(1).snapshots,
         ExpertStore(tmp_path / "store1").load(1).snapshots,
-        rtol=1e-5,
-        atol=1e-6,
+        1e-5,
     )
 
 
@@ -268,7 +268,7 @@ def test_killed_ddpm_resumes_from_its_checkpoint_to_the_same_weights(
     resumed = torch.load(run_dir / "eps_net.pt", weights_only=False)["state_dict"]
     expected = torch.load(ref_dir / "eps_net.pt", weights_only=False)["state_dict"]
     for key, value in expected.items():
-        torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6, msg=key)
+        assert_close_scaled(resumed[key], value, 1e-5, msg=key)
     assert summary["final_loss"] == pytest.approx(reference["final_loss"], rel=1e-5)
 
 

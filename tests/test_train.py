@@ -106,3 +106,16 @@ def test_classify_resume_continues_from_last_checkpoint(tiny_data, tmp_path):
     assert len(dirs) == 1  # the resumed run wrote into the first run's directory...
     assert len(list((dirs[0] / "resumed").iterdir())) == 1  # ...and keeps its own log inside it
     assert "Restoring states from the checkpoint" in second.stderr + second.stdout
+
+
+def test_progress_bar_names_iterations_and_step_budgets_not_epoch_0_of_0():
+    from types import SimpleNamespace
+
+    from lightning_modules.tasks.common import ProgressBar
+
+    bar = ProgressBar()
+    labels = []
+    for epochs in (1, -1, 5):  # distillation (one epoch of iterations), ddpm.steps, classify
+        bar._trainer = SimpleNamespace(max_epochs=epochs)
+        labels.append(bar._get_train_description(0).strip())
+    assert labels == ["Iterations", "Epoch 0", "Epoch 0/4"]

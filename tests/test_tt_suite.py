@@ -93,7 +93,8 @@ def test_floor_band_holds_real_data_and_rejects_a_shift():
 
 def test_sinkhorn_divergence_zero_on_itself_and_grows_with_a_shift():
     x = torch.randn(300, 2, generator=torch.Generator().manual_seed(1))
-    assert metrics.sinkhorn_divergence(x, x) == pytest.approx(0.0, abs=1e-8)
+    # zero up to rounding relative to the transport costs it cancels (squared distances ~ 2 var)
+    assert abs(metrics.sinkhorn_divergence(x, x)) <= 1e-8 * float(2 * x.var(0).sum())
     near, far = (metrics.sinkhorn_divergence(x, x + s) for s in (0.2, 1.0))
     assert 0 < near < far
     # entropic OT with squared cost: a shift by v costs ~ |v|² once debiased

@@ -17,7 +17,6 @@ import torch
 from omegaconf import DictConfig
 
 from lightning_modules.classifier import ClassifierModule
-from lightning_modules.errors import UserError
 from lightning_modules.nets.feature_export import export_feature_extractor
 from lightning_modules.tasks.common import (
     ShuffleState,
@@ -27,19 +26,9 @@ from lightning_modules.tasks.common import (
     build_trainer,
     epoch_checkpoints,
     log_config,
+    require_finite,
     require_images,
 )
-
-
-def check_settings(cfg: DictConfig) -> None:
-    """One clear line for settings that cannot work (before any data is loaded); the counts
-    (``task.epochs``, ``dataset.batch_size``, ...) are checked by ``tasks.checks`` before that."""
-    t = cfg.task
-    val_every = t.get("val_every")
-    if isinstance(val_every, bool) or not isinstance(val_every, int) or val_every < 1:
-        raise UserError(f"task.val_every must be a positive whole number, got {val_every!r}")
-    if isinstance(t.lr, bool) or not isinstance(t.lr, (int, float)) or not t.lr > 0:
-        raise UserError(f"task.lr must be a positive number, got {t.lr!r}")
 
 
 def _resume_point(cfg: DictConfig, last: Path) -> tuple[str | None, int | None]:
@@ -52,7 +41,6 @@ def _resume_point(cfg: DictConfig, last: Path) -> tuple[str | None, int | None]:
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     t = cfg.task
-    check_settings(cfg)
     dm = build_datamodule(cfg)
     require_images(dm, "classify")
     dm.prepare_data()
@@ -90,6 +78,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         ckpt_path=ckpt_path,
     )
     result = trainer.test(module, datamodule=dm, verbose=False)[0]
+    hint = f"lower task.lr (now {t.lr})"
+    loss = torch.tensor(float(result["test/loss"]))
+    require_finite("network's weights and test loss", [loss, *module.net.parameters()], hint)
     extra = {}
     if trainer.is_global_zero and hasattr(module.net, "embed"):
         # the penultimate layer as a file: task=ddpm's ConvNet-FID/KID (ddpm.feature_extractor)

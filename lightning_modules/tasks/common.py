@@ -68,6 +68,11 @@ def build_logger(cfg: DictConfig, resume_epoch: int | None = None):
     if cfg.get("logger") is None or cfg.logger.get("_target_") is None:
         return False
     logger = instantiate(cfg.logger)
+    init = getattr(logger, "_wandb_init", None)  # WandbLogger: wandb.init's keywords, used lazily
+    if isinstance(init, dict) and init.get("anonymous") is None:
+        # Lightning always passes anonymous=None, and wandb warns that the setting is deprecated
+        # on every run, the one line left on a quiet (WANDB_SILENT) console
+        init.pop("anonymous", None)
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
     if cfg.get("resume") and type(logger).__name__ == "CSVLogger" and rank_zero_only.rank == 0:
         _keep_csv_rows(logger, resume_epoch)
@@ -106,6 +111,20 @@ def log_config(logger, cfg: DictConfig) -> None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
 
+class ProgressBar(RichProgressBar):
+    """Lightning's Rich bar; a one-epoch run (distillation: its iterations are one epoch's
+    steps) is labelled ``Iterations``, not ``Epoch 0/0``, and a step budget shows no
+    ``Epoch 0/-2``."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        epochs = self.trainer.max_epochs
+        if epochs == 1:
+            return "Iterations"
+        if epochs is None or epochs < 1:  # a step budget (ddpm.steps): no last epoch to show
+            return f"Epoch {current_epoch}"
+        return super()._get_train_description(current_epoch)
+
+
 def build_trainer(cfg: DictConfig, logger=None, callbacks=(), **overrides) -> L.Trainer:
     """A Trainer from ``cfg.trainer`` with a rich progress bar and the run dir as root; in a
     submitit job it also writes ``checkpoints/last.ckpt`` at submitit's requeue signal."""
@@ -117,7 +136,7 @@ def build_trainer(cfg: DictConfig, logger=None, callbacks=(), **overrides) -> L.
     if in_submitit_job():  # the file classify, distill and ddpm continue from
         callbacks.append(SaveAtRequeueSignal(Path(cfg.paths.output_dir) / "checkpoints/last.ckpt"))
     if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(ProgressBar(leave=True))
     trainer = instantiate(
         cfg.trainer,
         default_root_dir=cfg.paths.output_dir,
@@ -129,15 +148,28 @@ def build_trainer(cfg: DictConfig, logger=None, callbacks=(), **overrides) -> L.
 
 
 def finite_metrics(metrics: dict) -> dict:
-    """Plain floats for JSON; non-finite values become strings so json stays valid."""
-    out = {}
-    for k, v in metrics.items():
-        if hasattr(v, "item"):
-            v = v.item()
-        if isinstance(v, float) and not math.isfinite(v):
-            v = str(v)
-        out[k] = v
-    return out
+    """Plain Python numbers (tensors unwrapped); NaN and inf stay floats: ``write_json`` writes
+    them as null with a ``non_finite`` field, and ``diverged`` refuses them in a loss."""
+    return {k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()}
+
+
+def require_finite(what: str, tensors, hint: str) -> None:
+    """Refuse to write ``what`` as a run's result when it holds NaN or inf (after the task's own
+    skip/retry logic): an error naming the keys to change, not a file that looks finished."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise UserError(
+                f"training diverged: the {what} hold NaN or inf, so none was written; {hint}"
+            )
+
+
+def diverged(metrics: dict) -> list[str]:
+    """The loss metrics that are NaN or inf: training diverged, whatever the runner wrote."""
+    return [
+        f"{k}={v}"
+        for k, v in metrics.items()
+        if "loss" in k and isinstance(v, float) and not math.isfinite(v)
+    ]
 
 
 @rank_zero_only

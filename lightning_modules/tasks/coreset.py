@@ -16,7 +16,6 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.syn_set import SyntheticSet
 from datamodules.trajectories import ExpertStore, default_store_dir
 from lightning_modules.condense.coresets import (
-    METHODS,
     ForgettingTracker,
     check_ipc,
     herding_per_class,
@@ -44,11 +43,7 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
-    c = cfg.coreset
-    if c.method not in METHODS:
-        raise UserError(f"unknown coreset.method={c.method!r}; choose one of {', '.join(METHODS)}")
-    if c.features not in ("auto", "expert", "train"):
-        raise UserError(f"coreset.features must be auto, expert or train, got {c.features!r}")
+    c = cfg.coreset  # method, features and counts: checked by the schema before the run
     dm = build_datamodule(cfg)
     require_images(dm, "coreset")
     dm.prepare_data()

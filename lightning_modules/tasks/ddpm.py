@@ -42,6 +42,7 @@ from lightning_modules.tasks.common import (
     epoch_checkpoints,
     instantiate_checked,
     log_config,
+    require_finite,
 )
 from lightning_modules.utils.devices import peak_memory, reset_peak_memory
 from lightning_modules.utils.seeds import derive_seed
@@ -424,6 +425,8 @@ def score(r: Run, draws: list[Tensor]) -> dict:
 def save(r: Run, samples: Tensor, snaps: list[Snapshot]) -> None:
     """Samples, sampling weights, pictures and the loss curve into the run directory."""
     data, out_dir, cfg = r.data, r.out_dir, r.cfg
+    hint = f"lower ddpm.lr (now {cfg.ddpm.lr}) or set ddpm.grad_clip"
+    require_finite("samples and weights", [samples, *r.module.sampling_net.parameters()], hint)
     if data.images:
         u8 = (data.to_view(samples) * 255).round().to(torch.uint8)
         _save_atomic(out_dir / "samples.pt", lambda f: torch.save(u8, f))

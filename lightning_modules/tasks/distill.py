@@ -41,6 +41,7 @@ from lightning_modules.tasks.common import (
     log_images,
     net_options,
     process_rank,
+    require_finite,
     require_images,
 )
 from lightning_modules.tasks.matching_settings import (
@@ -375,6 +376,8 @@ def finish(cfg, dm, module, writer, out_dir: Path, trainer, logger) -> dict:
     """Final set, its evaluation, eval.md; the metrics for summary.json."""
     d = cfg.distill
     syn = writer.make_set(module)
+    hint = f"lower distill.lr_img (now {d.lr_img}) or distill.lr_lr"
+    require_finite("distilled images", [syn.images, torch.as_tensor(float(syn.lr or 0))], hint)
     syn.save(out_dir / "set.pt")
     png = syn.save_grid(out_dir / "set.png", dm.num_classes)
     log_images(logger, "distill/images", png, trainer.global_step)

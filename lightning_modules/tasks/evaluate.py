@@ -19,7 +19,6 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.syn_set import SyntheticSet
 from lightning_modules.condense.evaluation import (
     DEFAULT_LR,
-    PROTOCOLS,
     arch_options,
     check_net_names,
     evaluate_set,
@@ -242,21 +241,9 @@ def _assemble(nets: list[str], num_eval: int, parts: dict) -> dict:
 
 
 # -- the task, in its steps ---------------------------------------------------------------------
-def _check_config(e: DictConfig) -> list[str]:
-    """The evaluation networks; ``UserError`` for a bad count (before any data is loaded)."""
-    nets = check_net_names(list(e.nets) if not isinstance(e.nets, str) else [e.nets])
-    # the counts (num_eval, epochs, batch sizes) are checked by tasks.checks before the run;
-    # evaluate_set refuses non-positive ones again for library calls
-    if e.lr is not None and (
-        isinstance(e.lr, bool) or not isinstance(e.lr, (int, float)) or not e.lr > 0
-    ):
-        raise UserError(f"evaluate.lr must be a positive number or null, got {e.lr!r}")
-    variants_.check_keys(e)  # evaluate.labels, soft_temperature, ddranking.*
-    if str(e.protocol) not in PROTOCOLS:
-        raise UserError(
-            f"evaluate.protocol must be one of {', '.join(PROTOCOLS)}, got {e.protocol!r}"
-        )
-    return nets
+def _net_names(e: DictConfig) -> list[str]:
+    """The evaluation networks (the schema checked each name and the counts)."""
+    return check_net_names(list(e.nets) if not isinstance(e.nets, str) else [e.nets])
 
 
 def _load_data(cfg: DictConfig, fabric):
@@ -396,7 +383,7 @@ def _variant_plan(v, e: DictConfig, options: dict) -> dict:
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     e = cfg.evaluate
-    nets = _check_config(e)
+    nets = _net_names(e)
     # trainer=ddp / ddp_cpu: the (net, index) networks split across ranks
     fabric = launch_fabric(cfg, "evaluate")
     rank, world = (fabric.global_rank, fabric.world_size) if fabric else (0, 1)

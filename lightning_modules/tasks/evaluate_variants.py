@@ -60,27 +60,6 @@ class Variant:
         return "evaluate_parts" if self.name == "set" else f"evaluate_parts_{self.name}"
 
 
-def check_keys(e: DictConfig) -> None:
-    """``UserError`` for a bad ``evaluate.labels`` / ``evaluate.ddranking.*`` value."""
-    if str(e.get("labels", "both")) not in LABELS:
-        raise UserError(f"evaluate.labels must be one of {', '.join(LABELS)}, got {e.labels!r}")
-    t = e.get("soft_temperature", 1.0)
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
-        raise UserError(f"evaluate.soft_temperature must be a positive number, got {t!r}")
-    d = e.get("ddranking") or {}
-    for key in ("lrs_weight", "ars_weight"):
-        w = d.get(key, 0.5)
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 1:
-            raise UserError(f"evaluate.ddranking.{key} must be a number in [0, 1], got {w!r}")
-    for key in ("full_epochs", "full_num_eval"):
-        v = d.get(key, 1)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise UserError(f"evaluate.ddranking.{key} must be an integer >= 1, got {v!r}")
-    n = d.get("teacher_experts")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise UserError(f"evaluate.ddranking.teacher_experts must be null or >= 1, got {n!r}")
-
-
 def own_kind(e: DictConfig, syn) -> str:
     """The set's own label protocol: ``soft`` for a set with soft labels (unless
     ``evaluate.labels=hard``), else ``hard``; ``UserError`` for ``soft`` on a hard-label set."""
@@ -111,7 +90,6 @@ def plan_variants(
     where they come from). ``options``: each net's constructor options (the full-data accuracy
     is that of the same network). Everything is checked before anything trains."""
     e = cfg.evaluate
-    check_keys(e)
     kind = own_kind(e, syn)
     base = dict(lr=lr, dsa_strategy=str(e.dsa_strategy), num_eval=int(e.num_eval))
     base["epochs"] = int(e.epochs)

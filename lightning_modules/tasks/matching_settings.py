@@ -18,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_modules.condense.gradient_matching import PUBLISHED_LOOPS
 from lightning_modules.errors import UserError
-from lightning_modules.tasks.settings import validate_shared
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 METHODS = ("mtt", "dc", "dsa", "dm", "cafe", "kip")
@@ -126,49 +125,14 @@ def resolve_matching_settings(cfg: DictConfig) -> DictConfig:
 
 
 def validate_matching(cfg: DictConfig, name: str) -> None:
-    d, m = cfg.distill, cfg.method
-    positive = {"distill.iterations": d.iterations, "distill.checkpoint_every": d.checkpoint_every}
-    positive.update({"distill.eval_num": d.eval_num, "method.batch_real": m.batch_real})
-    if name in ("dc", "dsa"):
-        positive.update({"method.outer_loop": m.outer_loop, "method.batch_train": m.batch_train})
-    for key, value in positive.items():
-        if int(value) < 1:
-            raise UserError(f"{key} must be at least 1, got {value}")
-    if float(d.lr_img) <= 0:
-        raise UserError(f"distill.lr_img must be positive, got {d.lr_img}")
-    if name in ("dc", "dsa"):
-        if int(m.inner_loop) < 0 or float(m.lr_net) <= 0:
-            raise UserError("method.inner_loop must be >= 0 and method.lr_net positive")
-        if str(m.batched).lower() not in ("auto", "true", "false"):
-            raise UserError(f"method.batched={m.batched!r}; use auto, true or false")
-    if name == "cafe":
-        validate_cafe(m)
-    if name == "kip":
-        validate_kip(m)
-    if m.get("class_chunk") is not None and int(m.class_chunk) < 1:
-        raise UserError(f"method.class_chunk must be at least 1 (or null), got {m.class_chunk}")
-    validate_shared(d)
+    """The filled settings against the schema (the published row's values included), and what
+    depends on the network: CAFE's layer weights, one per block and one for the output."""
+    from lightning_modules.schema import validate as check_schema
 
-
-def validate_cafe(m: DictConfig) -> None:
-    for key in ("window", "max_outer", "max_inner", "batch_test", "batch_train"):
-        if key in m and int(m[key]) < 1:
-            raise UserError(f"method.{key} must be at least 1, got {m[key]}")
-    if float(m.lr_net) <= 0 or float(m.beta) < 0:
-        raise UserError("method.lr_net must be positive and method.beta >= 0")
-    if m.layer_weights is not None and len(m.layer_weights) < 2:
+    check_schema(cfg)
+    m = cfg.method
+    if name == "cafe" and m.layer_weights is not None and len(m.layer_weights) < 2:
         raise UserError("method.layer_weights: one weight per ConvNet block and one for the output")
-
-
-def validate_kip(m: DictConfig) -> None:
-    if str(m.kernel) not in KIP_KERNELS:
-        raise UserError(f"unknown kernel {m.kernel!r}; choose one of {', '.join(KIP_KERNELS)}")
-    if m.chunk is not None and int(m.chunk) < 1:
-        raise UserError(f"method.chunk must be at least 1 (or null: one block), got {m.chunk}")
-    if int(m.rf_models) < 1 or int(m.depth) < 1:
-        raise UserError("method.rf_models and method.depth must be at least 1")
-    if float(m.reg) < 0:
-        raise UserError(f"method.reg must be >= 0, got {m.reg}")
 
 
 def method_options(m: DictConfig, keys) -> dict:

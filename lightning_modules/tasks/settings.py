@@ -14,8 +14,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lightning_modules.condense.matching import check_eps
-from lightning_modules.condense.unroll import MODES
 from lightning_modules.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -64,12 +62,12 @@ def resolve_settings(cfg: DictConfig, method: str = "mtt") -> DictConfig:
     Raises:
         UserError: a key is still missing (no row for this dataset and IPC) or a value is bad.
     """
+    from lightning_modules.schema import validate as check_schema
+
+    check_schema(cfg)  # the values as given (ipc=0 named before a row is looked up)
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     d = cfg.distill
-    preset = str(d.get("preset", "auto")).lower()
-    if preset not in ("auto", "none"):
-        raise UserError(f"distill.preset={d.preset!r}; use auto (the published row) or none")
-    check_ipc(cfg.ipc)
+    preset = str(d.get("preset", "auto")).lower()  # auto | none (the schema's choice)
     row = published_row(method, str(cfg.dataset.name), int(cfg.ipc)) if preset == "auto" else None
     with open_dict(cfg):
         for key in PRESET_KEYS:
@@ -93,17 +91,6 @@ def resolve_settings(cfg: DictConfig, method: str = "mtt") -> DictConfig:
     return cfg
 
 
-def check_ipc(ipc) -> int:
-    """``ipc`` as a positive int, or a ``UserError`` naming the bad value."""
-    try:
-        value = int(ipc)
-    except (TypeError, ValueError):
-        value = None
-    if value is None or value < 1 or value != float(ipc):
-        raise UserError(f"ipc must be a positive whole number of images per class, got {ipc}")
-    return value
-
-
 def batch_syn_value(value) -> int | None:
     """``all``/0/None -> None (the whole set), else a positive int."""
     if value is None or str(value).lower() == "all" or value == 0:
@@ -123,43 +110,14 @@ def offload_value(value) -> bool | str:
     raise UserError(f"distill.offload={value!r}; use auto (on a GPU), true or false")
 
 
-def validate_shared(d: DictConfig) -> None:
-    """The ``distill.*`` checks every method shares (evaluation schedule, initial images)."""
-    if int(d.eval_every or 0) < 0 or int(d.eval_epochs) < 1:
-        raise UserError(
-            "distill.eval_every must be >= 0 (0: only at the end) and distill.eval_epochs >= 1"
-        )
-    if d.init not in ("real", "noise"):
-        raise UserError(f"distill.init={d.init!r}; use real (random real images) or noise")
-
-
 def validate(cfg: DictConfig) -> None:
-    """One clear ``UserError`` for the first bad ``distill.*`` value."""
+    """The filled settings against the schema (a published row's values included), and the rule
+    only a filled row can break: the student lr starts above its floor."""
+    from lightning_modules.schema import validate as check_schema
+
+    check_schema(cfg)
     d = cfg.distill
-    try:
-        check_eps(d.eps)
-    except (ValueError, TypeError):
-        raise UserError(
-            f"distill.eps={d.eps} is outside [0, 1); use 0 for plain MTT or e.g. 0.1 (the default)"
-        ) from None
-    for key in (
-        "iterations",
-        "syn_steps",
-        "expert_epochs",
-        "max_start_epoch",
-        "checkpoint_every",
-        "eval_num",
-    ):
-        if int(d[key]) < 1:
-            raise UserError(f"distill.{key} must be at least 1, got {d[key]}")
-    validate_shared(d)
-    if d.unroll not in MODES:
-        raise UserError(
-            f"distill.unroll={d.unroll!r}; use full or recompute (same gradient, constant memory)"
-        )
     if float(d.lr_teacher) <= float(d.lr_floor):
         raise UserError(
             f"distill.lr_teacher={d.lr_teacher} must be above distill.lr_floor={d.lr_floor}"
         )
-    batch_syn_value(d.batch_syn)
-    offload_value(d.offload)

@@ -60,18 +60,7 @@ def _check_recipe(store: ExpertStore, recipe: dict) -> None:
                 )
 
 
-def _validate(t: DictConfig) -> None:
-    for key in ("num_experts", "epochs", "batch_size"):
-        if int(t[key]) < 1:
-            raise UserError(f"teacher.{key} must be at least 1, got {t[key]}")
-    if int(t.first_index) < 0:
-        raise UserError(f"teacher.first_index must be >= 0, got {t.first_index}")
-    if float(t.lr) <= 0:
-        raise UserError(f"teacher.lr must be positive, got {t.lr}")
-
-
 def run(cfg: DictConfig, out_dir: Path) -> dict:
-    _validate(cfg.teacher)
     # trainer=ddp / ddp_cpu: one process per device, the pending experts split across ranks
     fabric = launch_fabric(cfg, "teacher")
     rank = fabric.global_rank if fabric else 0

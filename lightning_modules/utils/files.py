@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,5 +52,26 @@ def write_text(path: str | Path, text: str) -> Path:
 
 
 def write_json(path: str | Path, payload) -> Path:
-    """Write ``payload`` as indented JSON atomically (non-JSON values as ``str``)."""
-    return write_text(path, json.dumps(payload, indent=2, default=str))
+    """Write ``payload`` as indented, strict JSON atomically (non-JSON values as ``str``).
+
+    NaN and inf are not JSON: each becomes null, and a top-level ``non_finite`` field says which
+    entries were what (``{"final_loss": "nan"}``), so strict parsers read the file and a reader
+    still sees why the number is missing."""
+    bad: dict[str, str] = {}
+    clean = _finite(payload, "", bad)
+    if bad and isinstance(clean, dict):
+        clean["non_finite"] = bad
+    return write_text(path, json.dumps(clean, indent=2, default=str, allow_nan=False))
+
+
+def _finite(value, where: str, bad: dict):
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        bad[where or "value"] = str(value)
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v, f"{where}.{k}" if where else str(k), bad) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v, f"{where}[{i}]", bad) for i, v in enumerate(value)]
+    return value

@@ -106,11 +106,7 @@ def settle(cfg: DictConfig) -> DictConfig:
     """A copy of ``cfg`` with the scale knobs written into the sub-task keys and the distillation
     preset applied (which also fixes ``dataset.zca`` for every stage), interpolations kept."""
     r = cfg.reproduce
-    eps = float(r.eps)
-    if not 0 < eps < 1:
-        raise UserError(
-            f"reproduce.eps={r.eps} must be in (0, 1); the ε = 0 column (MTT) is always run"
-        )
+    eps = float(r.eps)  # in (0, 1): the schema; the ε = 0 column (MTT) is always run
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
         for knob, target in SCALE_KNOBS.items():
@@ -127,12 +123,7 @@ def settle(cfg: DictConfig) -> DictConfig:
             cfg.distill[key] = resolved.distill[key]
         cfg.dataset.zca = bool(resolved.dataset.zca)
         cfg.distill.preset = "none"  # applied once, here: every stage sees exactly these values
-    for key in ("num_experts", "epochs"):
-        if int(cfg.teacher[key]) < 1:
-            raise UserError(f"teacher.{key} (reproduce scale) must be at least 1")
-    if int(cfg.evaluate.num_eval) < 1 or int(cfg.evaluate.epochs) < 1:
-        raise UserError("reproduce.num_eval and reproduce.eval_epochs must be at least 1")
-    return cfg
+    return cfg  # the scale knobs are counts >= 1 (the schema): the keys they set are too
 
 
 def check_one_device(cfg: DictConfig) -> None:
