@@ -121,17 +121,18 @@ ORACLE_KEYS = ("mode_share", "component_share_gap", "component_shares")
 def oracle_comparison(
     model: dict,
     draw: Callable[[int], Tensor],
-    num_draws: int,
-    score: Callable[[list[Tensor]], dict],
+    draw_ids: list[int],
+    score: Callable[..., dict],
 ) -> dict:
     """The exact predictor's metrics beside a model's, and the model's ratios to them.
 
     Args:
         model: the model's metrics (``sw``, ``sinkhorn``, ``mmd``, ``mode_share``, ...).
-        draw: ``draw(j)`` → the ``j``-th sample draw of the exact predictor, through the same
-            chain, steps and generator seed as the model's ``j``-th draw.
-        num_draws: how many draws (the model's ``metric_draws``).
-        score: the task's scorer of a list of draws (same reference, floors and settings).
+        draw: ``draw(i)`` → a sample draw of the exact predictor through the same chain and
+            steps as the model's draw of seed index ``i``, with that draw's generator seed.
+        draw_ids: the seed indices of the model's scored draws.
+        score: the task's scorer ``score(draws, floors=...)`` (same reference and settings); it
+            is handed the model's floor bands, so both are scored against the same floors.
 
     Returns:
         ``m_oracle`` and ``m_oracle_draws`` per vector metric, ``m_ratio = m / m_oracle``,
@@ -141,9 +142,10 @@ def oracle_comparison(
     import time
 
     start = time.perf_counter()
-    draws = [draw(j) for j in range(num_draws)]
-    seconds = (time.perf_counter() - start) / max(num_draws, 1)
-    exact = score(draws)
+    draws = [draw(i) for i in draw_ids]
+    seconds = (time.perf_counter() - start) / max(len(draw_ids), 1)
+    floors = {k: v for k, v in model.items() if "_floor" in k or k == "floor_pairs"}
+    exact = score(draws, floors=floors or None)
     out: dict = {"oracle_sample_s": seconds}
     for key in RATIO_METRICS:
         if key in exact:
