@@ -15,9 +15,9 @@ The training and the held-out reference samples come from independent seeds.
 Its exact noise predictor at every t is :class:`~lightning_modules.diffusion.oracles.MixtureEps`
 (``exact_eps``). The structure metric assigns each sample to its nearest mean and counts it if it
 lies within the radius that holds the same mass as 3σ in one dimension (99.73 %: the χ²_D
-quantile, ``3σ`` at D = 1, 5.5σ at D = 10): ``mode_share`` (share within the radius of some
-mean), ``component_shares`` (per component, the share of all samples within its radius) beside
-``component_weights``, and ``component_share_gap`` = max_k |share_k - w_k|.
+quantile, ``3σ`` at D = 1, 5.2σ at D = 10, 6.5σ at D = 20): ``mode_share`` (share within the
+radius of some mean), ``component_shares`` (per component, the share of all samples within its
+radius) beside ``component_weights``, and ``component_share_gap`` = max_k |share_k - w_k|.
 """
 
 from __future__ import annotations
