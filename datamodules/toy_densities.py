@@ -15,6 +15,14 @@ metric takes samples in those data coordinates (``to_data_space``) and returns
   fixed-point iteration).
 
 The same metric on the reference sample is the data's own value a model is compared with.
+
+``exact_eps(alpha_bar)`` is each density's exact noise predictor in the standardised coordinates
+(:mod:`lightning_modules.diffusion.oracles`): 8gaussians exactly; moons, circles, 2spirals an
+equal-weight mixture of isotropic Gaussians (the noise std) at ``per_curve`` points per branch of
+the noiseless curve, evenly spaced in the curve's own parameter as the sampler draws it (spacing
+below the noise std); pinwheel per arm the radial coordinate at ``per_curve`` normal quantiles,
+each a Gaussian of the arm's width across the (warped) arm, degenerate along it; checkerboard
+exactly (uniform on 8 squares).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import numpy as np
 import torch
 
 from datamodules.vectors import VectorDataModule, curve_band_share
+from lightning_modules.diffusion.oracles import BoxesEps, MixtureEps
 from lightning_modules.errors import UserError
 
 DENSITIES = ("moons", "circles", "8gaussians", "checkerboard", "pinwheel", "2spirals")
@@ -198,3 +207,33 @@ class ToyDensityDataModule(VectorDataModule):
 
     def structure_metric(self, x_data: torch.Tensor) -> dict:
         return structure_metric(self.density, x_data.cpu().numpy(), self.noise, self.band)
+
+    def exact_eps(self, alpha_bar: torch.Tensor, per_curve: int = 600):
+        """The density's exact noise predictor in the standardised coordinates (module doc)."""
+        self.setup()
+        return exact_eps(self.density, self.noise, self.shift, self.scale, alpha_bar, per_curve)
+
+
+def exact_eps(density: str, noise: float, shift, scale: float, alpha_bar, per_curve: int = 600):
+    """ε* of ``density`` in coordinates ``(x - shift) / scale`` (module docstring)."""
+    shift, scale = torch.as_tensor(shift, dtype=torch.float64), float(scale)
+
+    def std(points) -> torch.Tensor:
+        return (torch.as_tensor(points, dtype=torch.float64) - shift) / scale
+
+    if density == "checkerboard":
+        corners = torch.as_tensor(checkerboard_cells(), dtype=torch.float64)
+        bounds = torch.stack([corners, corners + 1], dim=2)  # [8, coordinate, lo/hi]
+        return BoxesEps((bounds - shift[None, :, None]) / scale, alpha_bar)
+    if density == "8gaussians":
+        return MixtureEps(std(gaussian_centres()), noise / scale, alpha_bar)
+    if density == "pinwheel":
+        arms, q = PINWHEEL["arms"], (torch.arange(per_curve, dtype=torch.float64) + 0.5) / per_curve
+        f0 = (1.0 + PINWHEEL["radial_std"] * torch.special.ndtri(q)).repeat(arms).numpy()
+        arm = np.repeat(np.arange(arms), per_curve)
+        angle = 2 * math.pi * arm / arms + PINWHEEL["rate"] * np.exp(f0)
+        centres = f0[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1)
+        across = np.stack([-np.sin(angle), np.cos(angle)], 1)  # R(angle) (0, 1)
+        return MixtureEps(std(centres), noise / scale, alpha_bar, across=torch.as_tensor(across))
+    curves = {"moons": _moons_curve, "circles": _circles_curve, "2spirals": _spirals_curve}
+    return MixtureEps(std(_dense_curve(curves[density], per_curve)), noise / scale, alpha_bar)

@@ -107,6 +107,19 @@ class SwissRollDataModule(VectorDataModule):
         curve = swiss_roll_curve(np.linspace(0, 1, 8000))
         return {"mode_share": curve_band_share(x_data.cpu().numpy(), curve, band * self.noise)}
 
+    def exact_eps(self, alpha_bar: torch.Tensor, per_curve: int = 600):
+        """2-D only: the exact noise predictor of an equal-weight mixture of isotropic Gaussians
+        (the noise std) at ``per_curve`` points of the noiseless roll, evenly spaced in its
+        parameter as sklearn draws it, in the standardised coordinates (None in 3-D)."""
+        if self.dim_ != 2:
+            return None
+        from lightning_modules.diffusion.oracles import MixtureEps
+
+        self.setup()
+        centres = torch.as_tensor(swiss_roll_curve(np.linspace(0, 1, per_curve)))
+        centres = (centres - self.shift.double()) / self.scale
+        return MixtureEps(centres, self.noise / self.scale, alpha_bar)
+
 
 def curve_band_share(x: np.ndarray, curve: np.ndarray, band: float, chunk: int = 1024) -> float:
     """Share of the points ``x [N, 2]`` within ``band`` of a densely drawn curve ``[M, 2]``."""

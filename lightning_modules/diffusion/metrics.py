@@ -235,6 +235,41 @@ def vector_sample_metrics(
     return out
 
 
+def structure_summary(structure, to_view, reference: Tensor, draws: list[Tensor]) -> dict:
+    """The data's structure metric ``structure(x in data coordinates)`` over the draws beside
+    the reference sample's own: ``mode_share`` (median over draws), ``mode_share_draws``,
+    ``mode_share_data``, ``mode_share_ok`` (within 3 points of the data's own), ``mode_counts``
+    (first draw); with ``component_shares`` (``dataset=gmm``): their per-component median over
+    draws, ``component_weights``, ``component_share_gap`` (median of max_k |share_k - w_k|) and
+    ``component_share_ok`` (gap <= 3 points). Empty where the data has no structure metric."""
+    own = structure(to_view(reference)) if structure else None
+    if own is None:  # no known structure (points, the 3-D roll)
+        return {}
+    per_draw = [structure(to_view(d)) for d in draws]
+    share = float(np.median([m["mode_share"] for m in per_draw]))
+    out = {
+        "mode_share": share,
+        "mode_share_draws": [m["mode_share"] for m in per_draw],
+        "mode_share_data": own["mode_share"],
+        "mode_share_ok": bool(share >= own["mode_share"] - 0.03),
+    }
+    if "mode_counts" in own:
+        out["mode_counts"], out["mode_counts_data"] = per_draw[0]["mode_counts"], own["mode_counts"]
+    if "component_shares" in own:
+        gaps = [m["component_share_gap"] for m in per_draw]
+        shares = np.median([m["component_shares"] for m in per_draw], axis=0)
+        out.update(
+            component_shares=shares.tolist(),
+            component_shares_data=own["component_shares"],
+            component_weights=own["component_weights"],
+            component_share_gap=float(np.median(gaps)),
+            component_share_gap_draws=gaps,
+            component_share_gap_data=own["component_share_gap"],
+            component_share_ok=bool(np.median(gaps) <= 0.03),
+        )
+    return out
+
+
 def metrics_lines(m: dict) -> list[str]:
     """Human-readable lines: each metric beside its floor band and whether it is inside."""
     lines = []
@@ -251,5 +286,10 @@ def metrics_lines(m: dict) -> list[str]:
         lines.append(
             f"structure: {100 * m['mode_share']:.1f} % of samples on the density's modes/curve "
             f"(the data's own: {100 * m['mode_share_data']:.1f} %)"
+        )
+    if "component_share_gap" in m:
+        lines.append(
+            f"components: largest |share - weight| {100 * m['component_share_gap']:.1f} points "
+            f"(the data's own: {100 * m['component_share_gap_data']:.1f})"
         )
     return lines

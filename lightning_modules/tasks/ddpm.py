@@ -8,6 +8,8 @@ mapped back to [0, 1] with its ``transform.inverse`` and then to [-1, 1], the ra
 train in; samples are clipped to [-1, 1] and drawn as grids; ConvNet-FID/KID only with a local
 feature network (``ddpm.feature_extractor``). Vector data with a ``decode_images`` map
 (``dataset=cifar10_pca``) is scored as vectors and, decoded, as images, and drawn as both.
+Data with an exact noise predictor (``exact_eps``: the 2-D suite, ``gmm``) also has it sampled
+through the same chain and seeds and scored beside the model (``sw_oracle``, ``sw_ratio``, ...).
 
 Files in the run directory: ``samples.npy`` (vectors, data coordinates) or ``samples.pt``
 (images, uint8 [N, C, H, W]), ``samples_scatter.png`` / ``samples_grid.png``,
@@ -31,7 +33,7 @@ from torch import Tensor
 
 from datamodules.tensor_data import batch_loader
 from lightning_modules.ddpm import DDPMModule
-from lightning_modules.diffusion import image_metrics, metrics, plots
+from lightning_modules.diffusion import image_metrics, metrics, oracles, plots
 from lightning_modules.diffusion.schedules import NoiseSchedule, Snapshot, vector_clip_box
 from lightning_modules.diffusion.steppers import make_stepper
 from lightning_modules.errors import UserError
@@ -61,6 +63,7 @@ class DiffusionData:
     test_images01: Tensor | None = None  # images: real test images in [0, 1] for FID/KID
     structure: object = None  # vectors: data coordinates -> {"mode_share", ...} (or None)
     decode: object = None  # latent vectors (cifar10_pca): model space -> images in [0, 1]
+    exact_eps: object = None  # closed-form densities: alpha_bar -> the exact noise predictor
 
     def images01(self, x: Tensor) -> Tensor | None:
         """Model space → images in [0, 1] (images, or decoded latents), else None."""
@@ -96,6 +99,7 @@ def load_data(cfg: DictConfig) -> DiffusionData:
         to_view=dm.to_data_space,
         structure=getattr(dm, "structure_metric", None),
         decode=getattr(dm, "decode_images", None),
+        exact_eps=getattr(dm, "exact_eps", None),
         test_images01=getattr(dm, "test_images01", None),
     )
 
@@ -162,26 +166,30 @@ class Sampler:
         default_n = 64 if data.images else len(data.reference)
         self.num_samples = int(self.d.num_samples or default_n)
 
-    def draw(self, module: DDPMModule, num_samples: int, snapshots: int = 0, draw: int = 0):
-        """Samples from the reverse chain seeded by ``derive_seed(seed, "ddpm_sample", draw)``."""
+    def draw(
+        self, module: DDPMModule, num_samples: int, snapshots: int = 0, draw: int = 0, eps=None
+    ):
+        """Samples from the reverse chain seeded by ``derive_seed(seed, "ddpm_sample", draw)``;
+        with ``eps``, of that predictor (the exact one) instead of the module's net."""
         g = torch.Generator(device=module.device).manual_seed(
             derive_seed(self.seed, "ddpm_sample", draw)
         )
+        if eps is not None:
+            return module.schedule.sample(
+                eps, num_samples, self.data.data_shape, g, device=module.device, **self.chain()
+            )
         return module.sample(
-            num_samples,
-            self.data.data_shape,
-            g,
-            steps=self.d.sample_steps,
-            variance=self.d.variance,
-            sampler=self.d.sampler,
-            eta=float(self.d.eta),
-            clip=self.clip,
-            batch_size=self.d.sample_batch,
-            snapshots=snapshots,
+            num_samples, self.data.data_shape, g, snapshots=snapshots, **self.chain(),
             snapshot_samples=8 if self.data.images else None,
-        )
+        )  # fmt: skip
 
-    def score(self, draws: list[Tensor]) -> dict:
+    def chain(self) -> dict:
+        """The reverse chain's settings (model and exact predictor alike)."""
+        d = self.d
+        return {"steps": d.sample_steps, "variance": d.variance, "sampler": d.sampler,
+                "eta": float(d.eta), "clip": self.clip, "batch_size": d.sample_batch}  # fmt: skip
+
+    def score(self, draws: list[Tensor], floors: dict | None = None) -> dict:
         """Image metrics of the first draw, or the vector metrics of all draws (module doc)."""
         if self.data.images:
             return self.image_metrics(draws[0])
@@ -195,30 +203,12 @@ class Sampler:
             sinkhorn_reg=float(self.d.sinkhorn_reg),
             sinkhorn_samples=int(self.d.sinkhorn_samples),
             seed=self.seed,
+            floors=floors,
         )
-        return {**result, **self.structure(draws), **decoded}
-
-    def structure(self, draws: list[Tensor]) -> dict:
-        """``mode_share`` (median over draws) beside the reference sample's own value."""
-        view = self.data.to_view
-        own = self.data.structure(view(self.data.reference)) if self.data.structure else None
-        if own is None:  # no known structure (points, the 3-D roll)
-            return {}
-        per_draw = [self.data.structure(view(d)) for d in draws]
-        share = float(np.median([m["mode_share"] for m in per_draw]))
-        out = {
-            "mode_share": share,
-            "mode_share_draws": [m["mode_share"] for m in per_draw],
-            "mode_share_data": own["mode_share"],
-            # the issue's bar: within 3 points of the data's own share
-            "mode_share_ok": bool(share >= own["mode_share"] - 0.03),
-        }
-        if "mode_counts" in own:
-            out["mode_counts"], out["mode_counts_data"] = (
-                per_draw[0]["mode_counts"],
-                own["mode_counts"],
-            )
-        return out
+        structure = metrics.structure_summary(
+            self.data.structure, self.data.to_view, self.data.reference, draws
+        )
+        return {**result, **structure, **decoded}
 
     def image_metrics(self, samples: Tensor) -> dict:
         """ConvNet-FID/KID against the test images, beside the same of n training images."""
@@ -408,9 +398,29 @@ def sample(r: Run) -> tuple[list[Tensor], list[Snapshot]]:
     r.timings["sample_s"] = time.perf_counter() - start
     draws = [first.cpu()]
     if not r.data.images:
-        for j in range(1, int(r.cfg.ddpm.metric_draws)):
-            draws.append(r.sampler.draw(r.module, n, draw=100 + j)[0].cpu())
+        for index in draw_indices(r.cfg)[1:]:
+            draws.append(r.sampler.draw(r.module, n, draw=index)[0].cpu())
     return draws, snaps
+
+
+def draw_indices(cfg: DictConfig) -> list[int]:
+    """The seed indices of the scored draws: 0 (the saved one), then 101, 102, ..."""
+    return [0, *range(101, 100 + int(cfg.ddpm.metric_draws))]
+
+
+def compare_to_oracle(r: Run, result: dict) -> dict:
+    """Data with an exact noise predictor (``ddpm.oracle``): that predictor sampled through the
+    same chain, steps and seeds, scored with the model's floors, and the model's ratios to it."""
+    make = r.data.exact_eps if r.cfg.ddpm.get("oracle", True) else None
+    if (eps := make(r.schedule.alpha_bar) if make is not None else None) is None:
+        return {}
+
+    def draw(i: int) -> Tensor:
+        return r.sampler.draw(r.module, r.sampler.num_samples, draw=i, eps=eps)[0].cpu()
+
+    out = oracles.oracle_comparison(result, draw, draw_indices(r.cfg), r.sampler.score)
+    log.info("\n".join(oracles.oracle_lines({**result, **out})))
+    return out
 
 
 def score(r: Run, draws: list[Tensor]) -> dict:
@@ -471,15 +481,9 @@ def summarise(r: Run, result: dict, num_samples: int) -> dict:
     log.info(
         "cost: %s parameters, train %.1f s, sampling %.1f s (%d samples, %s %s steps), "
         "peak memory %.0f MB (%s)",
-        f"{cost['params']:,}",
-        t["train_s"],
-        t["sample_s"],
-        num_samples,
-        sample_steps,
-        d.sampler,
-        t["peak_mem_mb"],
-        t["peak_mem_kind"],
-    )
+        f"{cost['params']:,}", t["train_s"], t["sample_s"], num_samples, sample_steps,
+        d.sampler, t["peak_mem_mb"], t["peak_mem_kind"],
+    )  # fmt: skip
     if r.logger:
         flat = {**result, **cost}
         r.logger.log_metrics(
@@ -512,5 +516,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         return {"rank": r.trainer.global_rank}
     draws, snaps = sample(r)
     result = score(r, draws)
+    result.update(compare_to_oracle(r, result))
     save(r, draws[0], snaps)
     return summarise(r, result, len(draws[0]))
