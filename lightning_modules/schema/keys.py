@@ -113,6 +113,7 @@ KEYS: dict[str, Kind] = {
     "ddpm.num_samples": count(le=MAX_POINTS, null=True),
     "ddpm.sampler": one_of("ancestral", "ddim"),
     "ddpm.eta": fraction(),
+    "ddpm.oracle": flag(),
     "ddpm.sample_steps": count(null=True),
     "ddpm.sample_batch": count(null=True),
     "ddpm.clip_x0": flag(),
@@ -254,6 +255,9 @@ KEYS: dict[str, Kind] = {
     "dataset.dim": count(le=3072),  # vectors: 2-3 (swiss roll), PCA: at most 3 x 32 x 32
     "dataset.num_samples": count(le=MAX_POINTS),
     "dataset.num_reference": count(2, le=MAX_POINTS),  # a sample the metrics compare against
+    "dataset.components": count(le=10_000),  # gmm: K means held as [K, D]
+    "dataset.separation": positive(),  # gmm: smallest distance of two means, in component stds
+    "dataset.scale": positive(),  # gmm: component std
     "dataset.noise": nonneg(),
     "dataset.density": one_of("moons", "circles", "8gaussians", "checkerboard", "pinwheel")
     | one_of("2spirals"),
