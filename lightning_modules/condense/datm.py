@@ -46,10 +46,11 @@ def start_epoch_upper(
 def batched_logits(
     logits_fn: LogitsFn, theta: torch.Tensor, x: torch.Tensor, batch_size: int = 256
 ) -> torch.Tensor:
-    """``logits_fn(theta, x)`` in batches of ``batch_size`` (on ``theta``'s device), on the CPU."""
+    """``logits_fn(theta, x)`` in batches of ``batch_size`` (on ``theta``'s device), on the CPU,
+    in the network's dtype."""
     parts = []
     for i in range(0, len(x), batch_size):
-        parts.append(logits_fn(theta, x[i : i + batch_size].to(theta.device)).float().cpu())
+        parts.append(logits_fn(theta, x[i : i + batch_size].to(theta.device)).cpu())
     return torch.cat(parts)
 
 
@@ -107,4 +108,4 @@ def expert_label_logits(
     if bool((hits == 0).any()):
         n = int((hits == 0).nonzero()[0])
         raise ValueError(f"no expert classifies initial image {n} (class {int(labels[n])}) right")
-    return (total / hits.unsqueeze(1).double()).float()
+    return (total / hits.unsqueeze(1).double()).to(images.dtype)
