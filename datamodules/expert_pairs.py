@@ -1,7 +1,8 @@
 """The training data of distillation: (expert, start epoch) pairs drawn from an expert store.
 
 Iteration t of rank r draws expert e uniformly from the store and a start epoch i uniformly from
-``0 .. max_start_epoch - 1`` (MTT's sampling), and yields the expert's θ_i (start) and
+``0 .. max_start_epoch - 1`` (MTT's sampling; DATM's window ``min_start_epoch .. upper(t) - 1``
+when given, its upper bound rising with t), and yields the expert's θ_i (start) and
 θ_{i+K} (target, K = ``expert_epochs``). The draw is a pure function of (seed, rank, t):
 
 - under DDP every rank samples its own trajectory (seed + rank stream), and a test can name
