@@ -5,6 +5,7 @@ tiny runs through train.py."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -369,3 +370,58 @@ def test_tiny_runs_write_sets_with_learned_labels(tiny_data, store, tmp_path, ex
     assert summary["iterations"] == 4 and "threshold_skips" in summary
     if "distill.eps=0.1" in extra:
         assert summary["last_pruned_fraction"] > 0
+
+
+@pytest.mark.slow
+def test_killed_datm_run_resumes_with_its_learned_labels(compose, tiny_data, store, tmp_path):
+    """Kill after the first checkpoint, rerun with resume=true: the images, lr and learned labels
+    (and their momentum) come back from the checkpoint; the end equals an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import train
+    from tests.conftest import ROOT
+
+    extra = {"method": "datm", "distill.init": "real", "distill.iterations": 16}
+    extra.update({"distill.checkpoint_every": 4, "distill.syn_steps": 5, "method.threshold": 5.0})
+    extra["distill.final_eval"] = "false"
+    overrides = tiny(tiny_data, store, **extra)
+    work = tmp_path / "killed"
+    work.mkdir()
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *overrides], cwd=work, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if list((work / "outputs").glob("distill/*/checkpoints/last.ckpt")):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_dir = only_run(work / "outputs")
+    assert not (run_dir / "summary.json").exists(), "the run finished before it could be killed"
+    r = run_train(*overrides, "resume=true", cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = compose(*overrides)
+    train.run(cfg)
+    whole = SyntheticSet.load(Path(cfg.paths.output_dir) / "set.pt")
+    resumed = SyntheticSet.load(run_dir / "set.pt")
+    torch.testing.assert_close(resumed.images, whole.images, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(resumed.soft_labels, whole.soft_labels, rtol=1e-5, atol=1e-6)
+    assert resumed.lr == pytest.approx(whole.lr, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_datm_under_ddp_runs_and_learns_labels(tiny_data, store, tmp_path):
+    extra = {"method": "datm", "distill.init": "real", "trainer": "ddp_cpu"}
+    extra.update({"distill.iterations": 2, "distill.final_eval": "false"})
+    r = run_train(*tiny(tiny_data, store, **extra), cwd=tmp_path, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = only_run(tmp_path / "outputs")
+    first, last = (SyntheticSet.load(run / p) for p in ("sets/iter_000000.pt", "set.pt"))
+    assert not torch.equal(first.soft_labels, last.soft_labels)
