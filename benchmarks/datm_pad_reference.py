@@ -109,9 +109,9 @@ class Recorder:
         base = torch.optim.SGD
 
         class SGD(base):
-            def __init__(self, params, lr, momentum=0):
+            def __init__(self, params, lr, momentum=0, **kw):
                 params = list(params)
-                super().__init__(params, lr=lr, momentum=momentum)
+                super().__init__(params, lr=lr, momentum=momentum, **kw)
                 rec.init.append(params[0].detach().clone())
                 rec.live.append(params[0])
 
