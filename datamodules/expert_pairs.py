@@ -1,7 +1,8 @@
 """The training data of distillation: (expert, start epoch) pairs drawn from an expert store.
 
 Iteration t of rank r draws expert e uniformly from the store and a start epoch i uniformly from
-``0 .. max_start_epoch - 1`` (MTT's sampling), and yields the expert's θ_i (start) and
+``0 .. max_start_epoch - 1`` (MTT's sampling; DATM's window ``min_start_epoch .. upper(t) - 1``
+when given, its upper bound rising with t), and yields the expert's θ_i (start) and
 θ_{i+K} (target, K = ``expert_epochs``). The draw is a pure function of (seed, rank, t):
 
 - under DDP every rank samples its own trajectory (seed + rank stream), and a test can name
@@ -21,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.trajectories import Expert, ExpertStore
+from lightning_modules.condense.datm import start_epoch_upper
 from lightning_modules.errors import UserError
 from lightning_modules.utils.seeds import derive_seed
 
@@ -61,6 +63,11 @@ class ExpertPairsDataModule(L.LightningDataModule):
         iterations: length of the distillation run.
         seed: base seed; rank r's stream is derived from (seed, r, iteration).
         max_experts: use only the first ``max_experts`` experts of the store (None: all).
+        min_start_epoch: lowest start epoch (DATM; 0 for MTT).
+        current_max_start_epoch / expansion_end_epoch: DATM's rising window: the exclusive upper
+            bound starts at ``current_max_start_epoch`` and reaches ``max_start_epoch`` at
+            iteration ``expansion_end_epoch`` (:func:`~lightning_modules.condense.datm.
+            start_epoch_upper`); None: the bound is ``max_start_epoch`` throughout.
 
     Each item is a dict: ``iteration``, ``expert``, ``start_epoch`` (int64 scalars), ``start``
     θ_i and ``target`` θ_{i+K} (float32 ``[P]``).
@@ -74,6 +81,9 @@ class ExpertPairsDataModule(L.LightningDataModule):
         iterations: int,
         seed: int = 0,
         max_experts: int | None = None,
+        min_start_epoch: int = 0,
+        current_max_start_epoch: int | None = None,
+        expansion_end_epoch: int | None = None,
     ):
         super().__init__()
         self.store = ExpertStore(store)
@@ -82,12 +92,29 @@ class ExpertPairsDataModule(L.LightningDataModule):
         self.iterations = int(iterations)
         self.seed = int(seed)
         self.max_experts = max_experts
+        self.min_start_epoch = int(min_start_epoch)
+        self.current_max_start_epoch = current_max_start_epoch
+        self.expansion_end_epoch = expansion_end_epoch
         self.experts: list[int] = []
         self._loaded: dict[int, Expert] = {}
         if self.expert_epochs < 1 or self.max_start_epoch < 1:
             raise UserError(
                 f"distill.expert_epochs ({expert_epochs}) and distill.max_start_epoch "
                 f"({max_start_epoch}) must be at least 1"
+            )
+        lowest = (
+            self.max_start_epoch if current_max_start_epoch is None else current_max_start_epoch
+        )
+        if not 0 <= self.min_start_epoch < int(lowest) <= self.max_start_epoch:
+            raise UserError(
+                f"start epochs: need 0 <= method.min_start_epoch ({min_start_epoch}) < "
+                f"method.current_max_start_epoch ({current_max_start_epoch}) <= "
+                f"distill.max_start_epoch ({max_start_epoch})"
+            )
+        if current_max_start_epoch is not None and int(expansion_end_epoch or 0) < 1:
+            raise UserError(
+                f"method.expansion_end_epoch={expansion_end_epoch}: the rising start window "
+                "needs a positive number of iterations"
             )
 
     def setup(self, stage: str | None = None) -> None:
@@ -126,8 +153,15 @@ class ExpertPairsDataModule(L.LightningDataModule):
         """The (expert index, start epoch) of ``iteration`` on ``rank``."""
         g = torch.Generator().manual_seed(derive_seed(self.seed, "pairs", rank, iteration))
         expert = self.experts[int(torch.randint(len(self.experts), (1,), generator=g))]
-        start_epoch = int(torch.randint(self.max_start_epoch, (1,), generator=g))
-        return expert, start_epoch
+        upper = start_epoch_upper(
+            iteration,
+            max_start_epoch=self.max_start_epoch,
+            current_max_start_epoch=self.current_max_start_epoch,
+            expansion_end_epoch=self.expansion_end_epoch,
+        )
+        if self.min_start_epoch == 0:  # MTT's draw, unchanged
+            return expert, int(torch.randint(upper, (1,), generator=g))
+        return expert, int(torch.randint(self.min_start_epoch, upper, (1,), generator=g))
 
     def pair(self, iteration: int, rank: int = 0) -> dict:
         expert, start_epoch = self.choose(iteration, rank)

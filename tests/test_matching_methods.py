@@ -96,7 +96,10 @@ def test_explicit_loops_for_an_unpublished_ipc(compose):
 @pytest.mark.parametrize(
     "args,match",
     [
-        (["method=foo"], "error: unknown method 'foo'; choose one of cafe, dc, dm, dsa, kip, mtt"),
+        (
+            ["method=foo"],
+            "error: unknown method 'foo'; choose one of cafe, datm, dc, dm, dsa, kip, mtt, pad",
+        ),
         (["method=kip", "method.kernel=rbf"], "error: method.kernel must be one of ntk_fc"),
         (["method=kip", "method.chunk=0"], "error: method.chunk must be a positive whole number"),
         (

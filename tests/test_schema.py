@@ -134,7 +134,7 @@ BAD = [
     (["task=distill", "distill.lr_img=nan"], "distill.lr_img must be a positive number or null, got nan"),
     (["task=distill", "distill.lr_lr=-1"], "distill.lr_lr must be a positive number or null"),
     (["task=distill", "distill.momentum=inf"], "distill.momentum must be a number in [0, 1), got inf"),
-    (["task=distill", "distill.eps=1"], "distill.eps must be a number in [0, 1), got 1"),
+    (["task=distill", "distill.eps=1"], "distill.eps must be a number in [0, 1) or null, got 1"),
     (["task=distill", "distill.dsa_strategy=blur"], "distill.dsa_strategy must be 'none' or groups"),
     (["task=distill", "method=kip", "method.reg=nan"], "method.reg must be a positive number, got nan"),
     (["task=distill", "method=dc", "method.lr_net=nan"], "method.lr_net must be a positive number"),

@@ -91,3 +91,68 @@ def matching_loss(
         diff = torch.where(mask, diff, torch.zeros((), dtype=diff.dtype, device=diff.device))
         span = torch.where(mask, span, torch.zeros((), dtype=span.dtype, device=span.device))
     return diff.pow(2).sum() / span.pow(2).sum()
+
+
+# -- PAD's parameter selection (Li et al. 2024, "Prioritize Alignment in Dataset Distillation") --
+def check_ratio(name: str, ratio: float) -> float:
+    """``ratio`` as a float, or ``ValueError`` unless 0 <= ratio < 1 (1 would drop everything)."""
+    ratio = float(ratio)
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {ratio}")
+    return ratio
+
+
+def depth_mask(numel: int, depth_ratio: float, device=None) -> torch.Tensor:
+    """Keep-mask dropping the first ``floor(depth_ratio * numel)`` entries of the flat vector.
+
+    The flat order is the network's parameter order (input layer first), so this drops the
+    shallow layers' parameters, as PAD's depth variant does (a fraction of the parameter count,
+    not of the layers; the cut can fall inside a layer).
+    """
+    depth_ratio = check_ratio("depth_ratio", depth_ratio)
+    keep = torch.ones(numel, dtype=torch.bool, device=device)
+    keep[: int(depth_ratio * numel)] = False
+    return keep
+
+
+@torch.no_grad()
+def loss_ratio_mask(
+    student_end: torch.Tensor,
+    target: torch.Tensor,
+    loss_ratio: float,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Keep-mask dropping the ``loss_ratio`` fraction of parameters with the SMALLEST squared
+    error (θ̃_J - θ_{i+K})², PAD's loss variant (the easiest-to-match parameters go).
+
+    Among the entries ``keep`` already keeps (all when None), the errors are sorted ascending
+    (a stable sort: ties keep their index order) and the first ``floor(loss_ratio * n_kept)``
+    are dropped. With ``keep=None`` this is the reference's rule exactly.
+    """
+    loss_ratio = check_ratio("loss_ratio", loss_ratio)
+    out = torch.ones_like(target, dtype=torch.bool) if keep is None else keep.clone()
+    if loss_ratio == 0.0:
+        return out
+    err = (student_end.detach() - target.detach()).pow(2)
+    kept = out.nonzero().squeeze(1)
+    order = torch.sort(err[kept], stable=True).indices
+    out[kept[order[: int(loss_ratio * len(kept))]]] = False
+    return out
+
+
+def selection_mask(
+    student_end: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    eps: float = 0.0,
+    depth_ratio: float = 0.0,
+    loss_ratio: float = 0.0,
+) -> torch.Tensor:
+    """The trajectory-matching family's one keep-mask: ε pruning (signed ratios), then PAD's
+    depth cut, then PAD's smallest-error cut among what is left. All zeros-off = plain MTT."""
+    keep = prune_mask(student_end, target, eps)
+    if depth_ratio:
+        keep &= depth_mask(target.numel(), depth_ratio, device=target.device)
+    if loss_ratio:
+        keep = loss_ratio_mask(student_end, target, loss_ratio, keep)
+    return keep

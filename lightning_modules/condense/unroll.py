@@ -45,12 +45,17 @@ Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 MODES = ("full", "recompute")
 
 
-def classifier_loss(net: nn.Module, layout: FlatParams | None = None) -> LossFn:
-    """Cross-entropy of ``net`` evaluated at flat parameters (``functional_call``)."""
+def classifier_loss(net: nn.Module, layout: FlatParams | None = None, soft: bool = False) -> LossFn:
+    """Cross-entropy of ``net`` evaluated at flat parameters (``functional_call``).
+
+    ``soft=True``: ``y`` are label logits ``[B, classes]`` and the target is their softmax,
+    mean over the batch of -Σ_c softmax(y)_c log softmax(f)_c (DATM's soft cross-entropy).
+    """
     layout = layout or FlatParams(net)
 
     def loss_fn(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(layout.call(net, theta, x), y)
+        logits = layout.call(net, theta, x)
+        return F.cross_entropy(logits, y.softmax(1) if soft else y)
 
     return loss_fn
 
@@ -108,7 +113,8 @@ def student_unroll(
         loss_fn: the student's loss ``(theta, x, y) -> scalar`` (see :func:`classifier_loss`).
         theta0: start parameters ``[P]`` (the expert's θ_i; gets a gradient if it requires one).
         images: synthetic images ``[N, C, H, W]`` (usually a leaf that requires grad).
-        labels: ``[N]`` int64.
+        labels: ``[N]`` int64, or ``[N, classes]`` float label logits (with a soft ``loss_fn``;
+            then θ_J is differentiable in them too).
         lr: the learnable step size α, a one-element tensor.
         steps: J, the number of student steps.
         batch_syn: images per step (``None`` or >= N: all of them, permuted).
@@ -121,7 +127,8 @@ def student_unroll(
             ``"cpu"`` to keep GPU memory independent of J); None: the images' device.
 
     Returns:
-        θ_J ``[P]``, differentiable with respect to ``images``, ``lr`` and ``theta0``.
+        θ_J ``[P]``, differentiable with respect to ``images``, ``lr``, ``theta0`` and float
+        ``labels``.
     """
     _check(images, labels, lr, steps, mode, augment, generator)
     chunks = _ChunkStream(len(images), batch_syn, generator, images.device)
@@ -165,7 +172,7 @@ class _RecomputeUnroll(torch.autograd.Function):
     def forward(
         ctx, theta0, images, lr, labels, loss_fn, steps, chunks, augment, generator, keep_on
     ):
-        images_d, lr_d = images.detach(), lr.detach()
+        images_d, lr_d, labels_d = images.detach(), lr.detach(), labels.detach()
         theta = theta0.detach()
         thetas, indices, states = [], [], []
         for _ in range(steps):
@@ -176,7 +183,7 @@ class _RecomputeUnroll(torch.autograd.Function):
                 x = images_d[idx]
                 if augment is not None:
                     x = augment(x, generator)
-                (grad,) = torch.autograd.grad(loss_fn(leaf, x, labels[idx]), leaf)
+                (grad,) = torch.autograd.grad(loss_fn(leaf, x, labels_d[idx]), leaf)
             thetas.append(_stored(theta, keep_on))
             indices.append(idx)
             states.append(state)
@@ -190,9 +197,10 @@ class _RecomputeUnroll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, adjoint):
         images, lr, labels, *thetas = ctx.saved_tensors
-        want_theta0, want_images, want_lr = ctx.needs_input_grad[:3]
+        want_theta0, want_images, want_lr, want_labels = ctx.needs_input_grad[:4]
         grad_images = torch.zeros_like(images) if want_images else None
         grad_lr = torch.zeros_like(lr) if want_lr else None
+        grad_labels = torch.zeros_like(labels) if want_labels else None
         replay = torch.Generator(device=ctx.generator_device) if ctx.augment is not None else None
         lam = adjoint
         for j in reversed(range(len(thetas))):
@@ -202,14 +210,16 @@ class _RecomputeUnroll(torch.autograd.Function):
                 theta = thetas[j].to(adjoint.device, non_blocking=True).requires_grad_(True)
                 chunk = images.detach()[idx].requires_grad_(want_images)
                 alpha = lr.detach().requires_grad_(want_lr)
+                y = labels.detach()[idx].requires_grad_(want_labels)
                 x = chunk
                 if ctx.augment is not None:
                     replay.set_state(ctx.states[j])  # the same draw as in the forward pass
                     x = ctx.augment(x, replay)
-                loss = ctx.loss_fn(theta, x, labels[idx])
+                loss = ctx.loss_fn(theta, x, y)
                 (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
                 theta_next = theta - alpha * grad
                 inputs = [theta] + ([chunk] if want_images else []) + ([alpha] if want_lr else [])
+                inputs += [y] if want_labels else []
                 # one VJP: λ_j = λ - αHλ, and the image and α gradients of this step
                 vjp = torch.autograd.grad(theta_next, inputs, grad_outputs=lam, allow_unused=True)
             lam = vjp[0].detach()
@@ -220,5 +230,9 @@ class _RecomputeUnroll(torch.autograd.Function):
                     grad_images.index_add_(0, idx, g.detach())
             if want_lr:
                 grad_lr += rest.pop(0).detach().reshape(grad_lr.shape)
-        # no gradients for labels, loss_fn, steps, chunks, augment, generator, keep_on
-        return (lam if want_theta0 else None, grad_images, grad_lr) + (None,) * 7
+            if want_labels:
+                g = rest.pop(0)
+                if g is not None:
+                    grad_labels.index_add_(0, idx, g.detach())
+        # no gradients for loss_fn, steps, chunks, augment, generator, keep_on
+        return (lam if want_theta0 else None, grad_images, grad_lr, grad_labels) + (None,) * 6

@@ -148,7 +148,7 @@ KEYS: dict[str, Kind] = {
     "riemannian.max_backtracks": count(0),
     # -------------------------------------------------------------------------- task=distill
     "distill.preset": one_of("auto", "none"),
-    "distill.eps": number(ge=0, lt=1),
+    "distill.eps": number(ge=0, lt=1, null=True),  # null: the method's own (mtt 0.1, datm/pad 0)
     "distill.iterations": count(null=True),
     "distill.syn_steps": count(null=True),
     "distill.expert_epochs": count(null=True),
@@ -159,7 +159,7 @@ KEYS: dict[str, Kind] = {
     "distill.lr_teacher": positive(null=True),
     "distill.momentum": MOMENTUM,
     "distill.lr_floor": nonneg(),
-    "distill.init": one_of("real", "noise"),
+    "distill.init": one_of("real", "noise", "correct", null=True),
     "distill.unroll": one_of("full", "recompute"),
     "distill.offload": auto_or(flag()),
     "distill.dsa": flag(),
@@ -303,7 +303,16 @@ KEYS: dict[str, Kind] = {
     "eps_net.dropout": number(ge=0, lt=1),
     "eps_net.norm_groups": count(),
     # --------------------------------------------------------------------------- method=
-    "method.name": one_of("mtt", *MATCHING),
+    "method.name": one_of("mtt", "datm", "pad", *MATCHING),
+    "method.min_start_epoch": count(0, null=True),
+    "method.current_max_start_epoch": count(null=True),
+    "method.expansion_end_epoch": count(null=True),
+    "method.lr_y": nonneg(null=True),
+    "method.momentum_y": MOMENTUM,
+    "method.threshold": positive(null=True),
+    "method.label_epoch": count(-1),  # -1: the last snapshot
+    "method.depth_ratio": number(ge=0, lt=1, null=True),
+    "method.loss_ratio": number(ge=0, lt=1, null=True),
     "method.outer_loop": count(null=True),
     "method.inner_loop": count(null=True),
     "method.lr_net": positive(),

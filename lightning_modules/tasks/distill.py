@@ -45,13 +45,22 @@ from lightning_modules.tasks.common import (
     require_images,
 )
 from lightning_modules.tasks.matching_settings import (
+    TRAJECTORY_METHODS,
     batched_value,
-    check_method_keys,
     method_name,
     method_options,
     resolve_matching_settings,
 )
-from lightning_modules.tasks.settings import batch_syn_value, offload_value, resolve_settings
+from lightning_modules.tasks.settings import batch_syn_value, offload_value
+from lightning_modules.tasks.trajectory_family import (
+    correct_images,
+    initial_label_logits,
+    label_experts,
+    net_logits,
+    policy_options,
+    resolve_trajectory_settings,
+    window_options,
+)
 from lightning_modules.utils.files import atomic_path
 from lightning_modules.utils.seeds import derive_seed
 
@@ -131,6 +140,7 @@ class DistilledSetWriter(Callback):
             ipc=int(self.cfg.ipc),
             method=set_method(self.cfg),
             config=OmegaConf.to_container(self.cfg, resolve=True),
+            soft_labels=getattr(module, "synthetic_soft_labels", lambda: None)(),
         )
 
     def state_dict(self) -> dict:
@@ -170,7 +180,8 @@ class DistilledSetWriter(Callback):
 
 
 def set_method(cfg: DictConfig) -> str:
-    """The set file's ``method``: ``dc``/``dsa``/``dm``, ``mtt`` (eps 0) or ``distill``."""
+    """The set file's ``method``: ``dc``/``dsa``/``dm``/``datm``/``pad`` (with any eps; the
+    config says which), ``mtt`` (eps 0) or ``distill``."""
     name = method_name(cfg)
     if name != "mtt":
         return name
@@ -218,17 +229,14 @@ def summarise(results: dict) -> dict:
 # -- the task -----------------------------------------------------------------------------------
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     method = method_name(cfg)
-    if method == "mtt":
-        check_method_keys(cfg, method)
-        cfg = resolve_settings(cfg)
-    else:
-        cfg = resolve_matching_settings(cfg)
+    trajectory = method in TRAJECTORY_METHODS
+    cfg = resolve_trajectory_settings(cfg) if trajectory else resolve_matching_settings(cfg)
     d = cfg.distill
     out_dir = Path(out_dir)
     dm = build_datamodule(cfg)
     require_images(dm, "distill")
     net = build_net(cfg.net, dm)  # channels, size and classes are known before loading the data
-    build = build_mtt if method == "mtt" else build_matching
+    build = build_mtt if trajectory else build_matching
     module, data = build(cfg, dm, net)
     write_config(cfg, out_dir / "distill_config.yaml")
     logger = build_logger(cfg)
@@ -268,7 +276,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
 
 
 def build_mtt(cfg: DictConfig, dm, net):
-    """Trajectory matching (+ pruning): the module and its (expert, start epoch) pair stream."""
+    """Trajectory matching (MTT, DATM, PAD; + pruning): the module and its (expert, start
+    epoch) pair stream."""
     d = cfg.distill
     layout = FlatParams(net)
     store = expert_store(cfg)
@@ -280,11 +289,22 @@ def build_mtt(cfg: DictConfig, dm, net):
         iterations=int(d.iterations),
         seed=int(cfg.seed),
         max_experts=d.max_experts,
+        **window_options(cfg),
     )
     pairs.setup()
     dm.prepare_data()
     dm.setup()
-    images, labels = initial_images(cfg, dm)
+    soft = method_name(cfg) != "mtt"
+    experts = label_experts(cfg, pairs) if soft or d.init == "correct" else []
+    logits_fn = net_logits(net, layout)
+    if d.init == "correct":
+        images, labels = correct_images(cfg, dm, logits_fn, experts)
+    else:
+        images, labels = initial_images(cfg, dm)
+    label_logits = initial_label_logits(cfg, images, labels, logits_fn, experts) if soft else None
+    if soft:
+        agree = (label_logits.argmax(1) == labels).float().mean()
+        log.info("initial soft labels: the expert logits pick the class of %.1f %%", 100 * agree)
     module = DistillationModule(
         net,
         images,
@@ -302,6 +322,8 @@ def build_mtt(cfg: DictConfig, dm, net):
         lr_floor=float(d.lr_floor),
         max_bad_steps=int(d.max_bad_steps),
         seed=int(cfg.seed),
+        label_logits=label_logits,
+        **policy_options(cfg),
     )
     log.info(
         "distill %s ipc=%d (ZCA %s): %d experts in %s, %d iterations, syn_steps=%d, "
@@ -388,8 +410,10 @@ def finish(cfg, dm, module, writer, out_dir: Path, trainer, logger) -> dict:
         "method": syn.method,
         "skipped_updates": module.bad_total,
     }
-    if syn.method in ("mtt", "distill"):
+    if method_name(cfg) in TRAJECTORY_METHODS:
         metrics.update(eps=float(d.eps), lr_floor_hits=module.floor_hits)
+    if syn.soft_labels is not None:
+        metrics["threshold_skips"] = module.threshold_skips
     if getattr(module, "soft_labels", None) is not None:  # KIP's learned labels, kept beside
         torch.save(module.soft_labels.detach().cpu(), out_dir / "learned_labels.pt")
         metrics["learned_labels"] = str(out_dir / "learned_labels.pt")

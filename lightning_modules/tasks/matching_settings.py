@@ -20,7 +20,9 @@ from lightning_modules.condense.gradient_matching import PUBLISHED_LOOPS
 from lightning_modules.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-METHODS = ("mtt", "dc", "dsa", "dm", "cafe", "kip")
+METHODS = ("mtt", "datm", "pad", "dc", "dsa", "dm", "cafe", "kip")
+#: the trajectory-matching family: one unroll and one masked loss, the method is a policy
+TRAJECTORY_METHODS = ("mtt", "datm", "pad")
 #: kernels a user can choose for method=kip (rf_fc is a measuring aid of condense.kernel_ridge)
 KIP_KERNELS = ("ntk_fc", "nngp_fc", "rf_convnet")
 #: distill.* keys only trajectory matching reads
@@ -68,7 +70,7 @@ def published_matching_row(method: str, dataset: str, ipc: int) -> dict | None:
 
 def check_method_keys(cfg: DictConfig, name: str) -> None:
     """Refuse keys that belong to another method (see module docstring)."""
-    if name != "mtt":
+    if name not in TRAJECTORY_METHODS:
         defaults = OmegaConf.load(CONF_DIR / "task" / "distill.yaml").distill
         for key in MTT_KEYS:
             if key in cfg.distill and cfg.distill[key] != defaults.get(key):
@@ -120,6 +122,13 @@ def resolve_matching_settings(cfg: DictConfig) -> DictConfig:
                 m.inner_loop = loops[1]
         if cfg.dataset.get("zca") is None:
             cfg.dataset.zca = bool(row.get("zca", False))
+        if d.get("init") is None:
+            d.init = "real"
+    if d.init == "correct":
+        raise UserError(
+            f"distill.init=correct needs expert trajectories (method=mtt|datm|pad); method={name} "
+            "has none: use real or noise"
+        )
     validate_matching(cfg, name)
     return cfg
 

@@ -19,6 +19,9 @@ from lightning_modules.errors import UserError
 log = logging.getLogger(__name__)
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "conf" / "preset"
+#: distill.eps when null: MTT runs as the seed method (pruning on), DATM/PAD as published
+DEFAULT_EPS = {"mtt": 0.1, "datm": 0.0, "pad": 0.0}
+#: distill.init values: random real images, N(0, 1) noise, real images an expert gets right
 #: the keys a published MTT row sets (null in conf/task/distill.yaml, filled from the row)
 PRESET_KEYS = (
     "iterations",
@@ -73,6 +76,10 @@ def resolve_settings(cfg: DictConfig, method: str = "mtt") -> DictConfig:
         for key in PRESET_KEYS:
             if d[key] is None and row is not None:
                 d[key] = row[key]
+        if d.get("eps") is None:
+            d.eps = DEFAULT_EPS[method]
+        if d.get("init") is None:  # DATM/PAD rows name their initial images; else real ones
+            d.init = (row or {}).get("init", "real")
         if cfg.dataset.get("zca") is None:
             cfg.dataset.zca = bool(row["zca"]) if row is not None else False
         elif row is not None and bool(cfg.dataset.zca) != bool(row["zca"]):
