@@ -151,10 +151,13 @@ def paired(arm: list[float], base: list[float], level: float = 0.95) -> dict:
 # -- runs ---------------------------------------------------------------------------------------
 def run(argv_tail: list[str], run_dir: Path, log_dir: Path) -> tuple[dict, bool, float]:
     """``train.py`` with these overrides into ``run_dir`` unless a finished run of exactly them is
-    there; returns its summary, whether it was reused, and the wall seconds spent now."""
+    there; returns its summary, whether it was reused, and the wall seconds of its process
+    (measured when it ran, kept in ``process_wall_s.txt``)."""
     overrides = [*argv_tail, f"paths.output_dir={run_dir}"]
+    wall_file = run_dir / "process_wall_s.txt"
     if finished_with(run_dir, overrides):
-        return json.loads((run_dir / "summary.json").read_text()), True, 0.0
+        wall = float(wall_file.read_text()) if wall_file.exists() else math.nan
+        return json.loads((run_dir / "summary.json").read_text()), True, wall
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
     tic = time.perf_counter()
     r = subprocess.run(
@@ -168,6 +171,7 @@ def run(argv_tail: list[str], run_dir: Path, log_dir: Path) -> tuple[dict, bool,
     if r.returncode != 0:
         tail = "\n".join(r.stderr.strip().splitlines()[-15:])
         raise RuntimeError(f"train.py {' '.join(overrides)} failed:\n{tail}")
+    wall_file.write_text(f"{wall:.1f}\n")
     return json.loads((run_dir / "summary.json").read_text()), False, wall
 
 
@@ -415,6 +419,14 @@ def summarise(records: list[dict]) -> list[dict]:
                 row["vs_mtt"] = paired(
                     [r["hard_acc"] for r in shared], [base[r["seed"]] for r in shared]
                 )
+            # PAD's cuts and DATM + ε sit on DATM's soft labels and window: their own effect is
+            # the paired difference to DATM
+            soft_base = {r["seed"]: r["hard_acc"] for r in at if r["arm"] == "DATM"}
+            on_datm = [r for r in runs if r["seed"] in soft_base]
+            if arm.startswith(("PAD", "DATM +")) and len(on_datm) >= 2:
+                row["vs_datm"] = paired(
+                    [r["hard_acc"] for r in on_datm], [soft_base[r["seed"]] for r in on_datm]
+                )
             traces = [[v for _, v in r["masked_trace"]] for r in runs if r["masked_trace"]]
             if traces:
                 row["masked_mean"] = sum(sum(t) / len(t) for t in traces) / len(traces)
@@ -430,19 +442,21 @@ def summarise(records: list[dict]) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| IPC | arm | seeds | hard-label acc % [95 % CI] | Δ vs MTT [95 % CI] | t-test p | "
-        "sign p (wins) | masked, mean / last | soft-label acc % | hlr | ior | lrs | "
-        "threshold skips |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "sign p (wins) | Δ vs DATM [95 % CI], t p | masked, mean / last | soft-label acc % | "
+        "hlr | ior | lrs | threshold skips |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         v = r.get("vs_mtt")
         delta = f"{v['diff']:+.2f} [{v['lo']:+.2f}, {v['hi']:+.2f}]" if v else "-"
         p_t = _fmt(v["p_t"], 3) if v else "-"
         p_s = f"{v['p_sign']:.3f} ({v['wins']}/{v['n']})" if v else "-"
+        w = r.get("vs_datm")
+        vs_datm = f"{w['diff']:+.2f} [{w['lo']:+.2f}, {w['hi']:+.2f}], {w['p_t']:.3f}" if w else "-"
         masked = f"{_fmt(r.get('masked_mean'), 3)} / {_fmt(r.get('masked_last'), 3)}"
         lines.append(
             f"| {r['ipc']} | {r['arm']} | {r['n']} | {r['acc']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}] "
-            f"| {delta} | {p_t} | {p_s} | {masked} | {_fmt(r.get('soft_acc'))} | "
+            f"| {delta} | {p_t} | {p_s} | {vs_datm} | {masked} | {_fmt(r.get('soft_acc'))} | "
             f"{_fmt(r.get('hlr'), 3)} | {_fmt(r.get('ior'), 3)} | {_fmt(r.get('lrs'), 3)} | "
             f"{_fmt(r.get('threshold_skips'), 1)} |"
         )
@@ -591,9 +605,10 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps({"scale": scale, "args": sys.argv[1:], "cells": records, "rows": rows}, indent=1)
     )
     wall = time.perf_counter() - tic
-    spent = sum(r["wall_s"] for r in records)
-    head = f"Scale: {json.dumps(scale)}; init={a.init}. "
-    head += f"Wall {wall:.0f} s (runs this call: {spent:.0f} s).\n\n"
+    spent = sum(r["wall_s"] for r in records if not r["reused"])
+    cells = sum(r["wall_s"] for r in records)
+    head = f"Scale: {json.dumps(scale)}; init={a.init}. This call: {wall:.0f} s wall, "
+    head += f"{spent:.0f} s in new runs; all distillation cells when they ran: {cells:.0f} s.\n\n"
     layers = layer_table(records)
     text = head + table + ("\nMasked fraction per layer (probe):\n\n" + layers if layers else "")
     (out / "masking_study.md").write_text(text)
