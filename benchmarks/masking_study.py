@@ -525,7 +525,8 @@ def plots(records: list[dict], rows: list[dict], out: Path) -> list[Path]:
         ax.set_xlabel("iteration")
         ax.set_ylabel("fraction of parameters masked (mean over seeds)")
         ax.set_title(f"IPC {ipc}")
-        ax.legend(fontsize=7)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
     fig.tight_layout()
     mask_png = out / "masked_fraction.png"
     fig.savefig(mask_png, dpi=110)
@@ -605,10 +606,12 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps({"scale": scale, "args": sys.argv[1:], "cells": records, "rows": rows}, indent=1)
     )
     wall = time.perf_counter() - tic
-    spent = sum(r["wall_s"] for r in records if not r["reused"])
-    cells = sum(r["wall_s"] for r in records)
+    timed = [r for r in records if math.isfinite(r["wall_s"])]  # runs older than the wall file: nan
+    spent = sum(r["wall_s"] for r in timed if not r["reused"])
+    cells = sum(r["wall_s"] for r in timed)
     head = f"Scale: {json.dumps(scale)}; init={a.init}. This call: {wall:.0f} s wall, "
-    head += f"{spent:.0f} s in new runs; all distillation cells when they ran: {cells:.0f} s.\n\n"
+    head += f"{spent:.0f} s in new runs; the {len(timed)} timed cells when they ran: {cells:.0f} s"
+    head += f" ({len(records) - len(timed)} without a recorded time).\n\n"
     layers = layer_table(records)
     text = head + table + ("\nMasked fraction per layer (probe):\n\n" + layers if layers else "")
     (out / "masking_study.md").write_text(text)
