@@ -559,7 +559,7 @@ def plots(records: list[dict], rows: list[dict], out: Path) -> list[Path]:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-    p.add_argument("--out", default="benchmarks/results/masking_study")
+    p.add_argument("--out", default="outputs/masking_study")  # run folders: git-ignored
     p.add_argument("--data-dir", default=None, help="CIFAR root (the official archive layout)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--ipcs", nargs="+", type=int, default=[1, 10])
