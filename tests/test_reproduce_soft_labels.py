@@ -54,6 +54,7 @@ def fake_soft_label_distillation(monkeypatch):
         return {"iterations": 0}
 
     monkeypatch.setattr(stages, "soft_label_stage_config", config_without_method_file)
+    monkeypatch.setattr(stages.start_window, "fitted_to_experts", lambda sub, epochs: sub)
     monkeypatch.setattr(stages, "run_stage", run_stage)
     return calls
 

@@ -409,8 +409,7 @@ def draw_indices(cfg: DictConfig) -> list[int]:
 
 
 def compare_to_oracle(r: Run, result: dict) -> dict:
-    """Data with an exact noise predictor (``ddpm.oracle``): that predictor sampled through the
-    same chain, steps and seeds, scored with the model's floors, and the model's ratios to it."""
+    """The exact noise predictor (``ddpm.oracle``) sampled and scored as the model, and ratios."""
     make = r.data.exact_eps if r.cfg.ddpm.get("oracle", True) else None
     if (eps := make(r.schedule.alpha_bar) if make is not None else None) is None:
         return {}

@@ -55,11 +55,11 @@ from lightning_modules.tasks.reproduce.config import (
 )
 from lightning_modules.tasks.reproduce.stages import (
     Stage,
-    cap_start_epoch,
     ensure_experts,
     evaluate_all,
     make_set,
 )
+from lightning_modules.tasks.reproduce.start_window import cap_start_epoch
 from lightning_modules.tasks.reproduce.tables import (
     _cell,
     column_label,

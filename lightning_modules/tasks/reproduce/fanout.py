@@ -36,7 +36,6 @@ from lightning_modules.tasks.reproduce.config import (
 )
 from lightning_modules.tasks.reproduce.stages import (
     cached_evaluation,
-    cap_start_epoch,
     ensure_experts,
     evaluate_all,
     evaluation_cache,
@@ -44,6 +43,7 @@ from lightning_modules.tasks.reproduce.stages import (
     run_stage,
     set_stage,
 )
+from lightning_modules.tasks.reproduce.start_window import cap_start_epoch
 
 log = logging.getLogger(__name__)
 

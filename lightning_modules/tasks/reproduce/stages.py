@@ -21,6 +21,7 @@ from lightning_modules.tasks.common import (
     run_task,
     write_json,
 )
+from lightning_modules.tasks.reproduce import start_window
 from lightning_modules.tasks.reproduce.config import (
     CORESET_KEYS,
     MATCHING,
@@ -169,25 +170,6 @@ def check_recipe(cfg: DictConfig, store: ExpertStore, experts: list) -> None:
             )
 
 
-def cap_start_epoch(cfg: DictConfig, expert_epochs_held: int) -> None:
-    """Lower ``distill.max_start_epoch`` to what experts of ``expert_epochs_held`` epochs allow."""
-    d = cfg.distill
-    highest = expert_epochs_held - int(d.expert_epochs) + 1
-    if highest < 1:
-        raise UserError(
-            f"the experts hold {expert_epochs_held} epochs but distill.expert_epochs="
-            f"{d.expert_epochs}; raise reproduce.expert_epochs to at least {d.expert_epochs}"
-        )
-    if int(d.max_start_epoch) > highest:
-        log.info(
-            "distill.max_start_epoch capped from %d to %d: the experts hold %d epochs "
-            "(reproduce.expert_epochs)",
-            int(d.max_start_epoch), highest, expert_epochs_held,
-        )  # fmt: skip
-        with open_dict(cfg):
-            d.max_start_epoch = highest
-
-
 def _common_key(cfg: DictConfig) -> dict:
     return {
         "seed": int(cfg.seed),
@@ -298,6 +280,8 @@ def soft_label_stage(
 ) -> tuple[Stage, DictConfig]:
     """The cached stage of a DATM / PAD distillation and its sub-task config."""
     sub = soft_label_stage_config(cfg, method)
+    if experts:
+        sub = start_window.fitted_to_experts(sub, experts["epochs"])
     key = {
         **_common_key(cfg),
         "distill": _block(sub, "distill"),
