@@ -385,6 +385,19 @@ def test_tiny_runs_write_sets_with_learned_labels(tiny_data, store, tmp_path, ex
     assert summary["iterations"] == 4 and "threshold_skips" in summary
     if "distill.eps=0.1" in extra:
         assert summary["last_pruned_fraction"] > 0
+    if extra == ["method=datm"]:  # the set, as written, through task=evaluate
+        evaluate = [
+            "task=evaluate", f"evaluate.set={run / 'set.pt'}", "evaluate.nets=[convnet]",
+            "evaluate.num_eval=1", "evaluate.epochs=1", f"dataset.data_dir={tiny_data}",
+            "dataset.download=false", "dataset.zca=false", "logger=none",
+            "evaluate.ddranking.full_epochs=1", f"paths.runs_dir={tmp_path / 'evals'}",
+        ]  # fmt: skip
+        r = run_train(*evaluate, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        (written,) = (tmp_path / "evals" / "evaluate").glob("*/summary.json")
+        scores = json.loads(written.read_text())
+        for key in ("acc_soft", "acc_hard", "hlr", "ior", "lrs"):
+            assert isinstance(scores[key], float), key
 
 
 @pytest.mark.slow
