@@ -395,7 +395,7 @@ def test_ipc_above_real_images(run_task, tiny_data, store):
 @pytest.mark.parametrize("eps", [-0.1, 1.0, 1.5])
 def test_eps_outside_unit_interval(run_task, tiny_data, store, eps):
     msg = run_task(*tiny(tiny_data, store, **{"distill.eps": eps}))
-    assert f"distill.eps must be a number in [0, 1), got {eps}" in msg
+    assert f"distill.eps must be a number in [0, 1) or null, got {eps}" in msg
 
 
 def test_start_epoch_beyond_snapshots(run_task, tiny_data, store):

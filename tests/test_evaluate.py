@@ -91,7 +91,7 @@ def test_together_and_one_by_one_train_the_same_networks(tiny_dm):
     assert vec["convnet"]["train_loss"] == pytest.approx(seq["convnet"]["train_loss"], rel=1e-4)
     for a, b in zip(vec["_nets"]["convnet"], seq["_nets"]["convnet"]):
         for p, q in zip(a.parameters(), b.parameters()):
-            assert_close_scaled(p, q, 1e-4)
+            assert_close_scaled(p, q, 1e-3)  # float32 rounding of batched vs looped SGD steps
     # and the networks differ from each other (own init, order and DSA draws)
     first, second = vec["_nets"]["convnet"]
     assert not torch.allclose(first.classifier.weight, second.classifier.weight)
