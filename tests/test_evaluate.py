@@ -90,8 +90,11 @@ def test_together_and_one_by_one_train_the_same_networks(tiny_dm):
     assert vec["convnet"]["accs"] == seq["convnet"]["accs"]
     assert vec["convnet"]["train_loss"] == pytest.approx(seq["convnet"]["train_loss"], rel=1e-4)
     for a, b in zip(vec["_nets"]["convnet"], seq["_nets"]["convnet"]):
+        # relative to the network's weight scale: the norm shifts stay near 0, so their own
+        # magnitude (~1e-3) is no yardstick for float32 rounding (measured up to 9e-5 here)
+        scale = max(float(q.abs().max()) for q in b.parameters())
         for p, q in zip(a.parameters(), b.parameters()):
-            assert_close_scaled(p, q, 1e-3)  # float32 rounding of batched vs looped SGD steps
+            assert_close_scaled(p, q, 5e-4, scale=scale)
     # and the networks differ from each other (own init, order and DSA draws)
     first, second = vec["_nets"]["convnet"]
     assert not torch.allclose(first.classifier.weight, second.classifier.weight)
