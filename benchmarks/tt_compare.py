@@ -62,7 +62,7 @@ METHODS = {
         "ddpm.steps=1500",
         "ddpm.ema=null",
     ],
-    # issue 15's real-data comparison (tabular, cifar10_pca): an output core (eps_net.output=auto
+    # the real-data comparison (tabular, cifar10_pca): an output core (eps_net.output=auto
     # beyond D = 8) with the PCA skip, rank 4 so that the FTT has at most half the ResNet's
     # parameters at D = 32; the skip alone is the Gaussian baseline every FTT arm starts from
     "ResNet + Adam, 2000 steps": ["eps_net=resnet", "ddpm.steps=2000"],
@@ -82,14 +82,14 @@ METHODS = {
         "ddpm.steps=300",
         "ddpm.ema=null",
     ],
-    # what a user gets without options (issue 14, item 6): `python train.py task=ddpm
+    # what a user gets without options `python train.py task=ddpm
     # dataset=<density> eps_net=ftt [ddpm.optimizer=...]`
     "FTT + Adam, defaults": ["eps_net=ftt"],
     "FTT + ALS, defaults": ["eps_net=ftt", "ddpm.optimizer=als"],
     "FTT + DMRG, defaults": ["eps_net=ftt", "ddpm.optimizer=dmrg"],
     "FTT + Riemannian, defaults": ["eps_net=ftt", "ddpm.optimizer=riemannian"],
     # ALS with twice the splines per coordinate (time keeps 16): the capacity probe's best
-    # parameter count on checkerboard and 2spirals (README, issue 14's target), 3,072 in 2-D
+    # parameter count on checkerboard and 2spirals (the toy-suite study's target), 3,072 in 2-D
     "FTT + ALS, 32 splines": [
         "eps_net=ftt",
         "ddpm.optimizer=als",

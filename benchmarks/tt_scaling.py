@@ -1,4 +1,4 @@
-"""Cost of the FTT vs the number of coordinates D and the TT rank (issue 15, item 2).
+"""Cost of the FTT vs the number of coordinates D and the TT rank.
 
 For each D and rank: the forward pass, one ALS sweep (cores 0..K-1 and back, K = D + 2 cores:
 time core and output core in the middle, one chain for all D outputs) and one Riemannian step

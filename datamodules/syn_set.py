@@ -3,7 +3,7 @@
 A set file is ``torch.save`` of a plain dict (loadable with ``weights_only=True``)::
 
     format     "ttdistill.synthetic_set"
-    version    1
+    version    2 (1: the same without soft_labels; both are read)
     images     float32 [N, C, H, W], model input space (mean/std-normalised or ZCA-whitened)
     labels     int64 [N]         hard class indices (always present)
     soft_labels float32 [N, classes] | None   learned label logits (DATM/PAD); None for hard-only
