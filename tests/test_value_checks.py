@@ -54,7 +54,7 @@ CASES = {
     ),
     "evaluate-ddranking-full-epochs": (
         ["task=evaluate", "evaluate.set=full", "evaluate.ddranking.full_epochs=0"],
-        "evaluate.ddranking.full_epochs must be an integer >= 1, got 0",
+        "evaluate.ddranking.full_epochs must be a positive whole number, got 0",
     ),
 }
 
