@@ -37,6 +37,20 @@ def tiny_data(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def tiny_dm(tmp_path_factory):
+    """A set-up CIFAR-10 datamodule of 6 train and 4 test images per class."""
+    from datamodules.cifar import CIFARDataModule
+
+    root = tmp_path_factory.mktemp("evaldata")
+    write_cifar(root, "cifar10", train_per_class=6, test_per_class=4)
+    dm = CIFARDataModule(
+        "cifar10", data_dir=str(root), download=False, cache_dir=str(root / "cache")
+    )
+    dm.setup()
+    return dm
+
+
 @pytest.fixture
 def compose(tmp_path):
     """Compose the project config with overrides, paths pointed into a temp dir."""

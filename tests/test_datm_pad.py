@@ -34,7 +34,14 @@ from lightning_modules.nets import FlatParams, build_classifier
 from lightning_modules.tasks import settings
 from lightning_modules.tasks.trajectory_family import resolve_trajectory_settings
 from tests.conftest import run_train
-from tests.test_distill import expect_user_error, only_run, tiny, tiny_net, write_experts
+from tests.test_distill import (
+    expect_user_error,
+    kill_after_first_checkpoint,
+    only_run,
+    tiny,
+    tiny_net,
+    write_experts,
+)
 
 
 @pytest.fixture(scope="module")
@@ -404,35 +411,14 @@ def test_tiny_runs_write_sets_with_learned_labels(tiny_data, store, tmp_path, ex
 def test_killed_datm_run_resumes_with_its_learned_labels(compose, tiny_data, store, tmp_path):
     """Kill after the first checkpoint, rerun with resume=true: the images, lr and learned labels
     (and their momentum) come back from the checkpoint; the end equals an uninterrupted run."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     import train
-    from tests.conftest import ROOT
 
     extra = {"method": "datm", "distill.init": "real", "distill.iterations": 16}
     extra.update({"distill.checkpoint_every": 4, "distill.syn_steps": 5, "method.threshold": 5.0})
     extra["distill.final_eval"] = "false"
     overrides = tiny(tiny_data, store, **extra)
     work = tmp_path / "killed"
-    work.mkdir()
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "2"}
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *overrides], cwd=work, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if list((work / "outputs").glob("distill/*/checkpoints/last.ckpt")):
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    run_dir = only_run(work / "outputs")
-    assert not (run_dir / "summary.json").exists(), "the run finished before it could be killed"
+    run_dir = kill_after_first_checkpoint(overrides, work)
     r = run_train(*overrides, "resume=true", cwd=work)
     assert r.returncode == 0, r.stderr[-3000:]
     cfg = compose(*overrides)

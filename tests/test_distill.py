@@ -517,6 +517,27 @@ def test_teacher_then_distill_then_evaluate(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
+def kill_after_first_checkpoint(overrides: list[str], work: Path) -> Path:
+    """Start ``train.py`` in ``work``, SIGKILL it once its first checkpoint exists; the run dir
+    (asserted unfinished: no summary.json)."""
+    work.mkdir()
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *overrides], cwd=work, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if list((work / "outputs").glob("distill/*/checkpoints/last.ckpt")):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_dir = only_run(work / "outputs")
+    assert not (run_dir / "summary.json").exists(), "the run finished before it could be killed"
+    return run_dir
+
+
 def test_killed_run_resumes_from_last_checkpoint(tiny_data, store, tmp_path, compose):
     """Kill a run after its first checkpoint, rerun with resume=true: it continues where the
     checkpoint left off, writes no set twice, and ends with the uninterrupted run's images."""
@@ -533,24 +554,7 @@ def test_killed_run_resumes_from_last_checkpoint(tiny_data, store, tmp_path, com
         },
     )
     work = tmp_path / "killed"
-    work.mkdir()
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "2"}
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *overrides],
-        cwd=work,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if list((work / "outputs").glob("distill/*/checkpoints/last.ckpt")):
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    run_dir = only_run(work / "outputs")
-    assert not (run_dir / "summary.json").exists(), "the run finished before it could be killed"
+    run_dir = kill_after_first_checkpoint(overrides, work)
     step = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)["global_step"]
     assert 4 <= step < 24
     before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "sets").glob("*.pt")}

@@ -24,19 +24,6 @@ from tests.conftest import run_train
 from tests.helpers import assert_close_scaled
 
 
-@pytest.fixture(scope="module")
-def tiny_dm(tmp_path_factory):
-    from tests.helpers import write_cifar
-
-    root = tmp_path_factory.mktemp("evaldata")
-    write_cifar(root, "cifar10", train_per_class=6, test_per_class=4)
-    dm = CIFARDataModule(
-        "cifar10", data_dir=str(root), download=False, cache_dir=str(root / "cache")
-    )
-    dm.setup()
-    return dm
-
-
 def make_set_file(dm, path, ipc=2, lr=0.02, net=None):
     g = torch.Generator().manual_seed(0)
     images = torch.cat([dm.real_images(c, ipc, g) for c in range(dm.num_classes)])

@@ -119,19 +119,6 @@ def test_random_subset_has_the_sets_counts():
 
 
 # -- the training loop ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_dm(tmp_path_factory):
-    from tests.helpers import write_cifar
-
-    root = tmp_path_factory.mktemp("softdata")
-    write_cifar(root, "cifar10", train_per_class=6, test_per_class=3)
-    dm = CIFARDataModule(
-        "cifar10", data_dir=str(root), download=False, cache_dir=str(root / "cache")
-    )
-    dm.setup()
-    return dm
-
-
 def reference_soft_evaluate_synset(net, g, images, label_logits, *, lr, epochs, batch_size, dsa):
     """DATM's utils_baseline.evaluate_synset with train_criterion=SoftCrossEntropy (SGD 0.9,
     wd 5e-4, epochs + 1 epochs, lr / 10 and a new optimiser after epoch epochs // 2 + 1), with
