@@ -89,6 +89,26 @@ SCALES = {
         eval_epochs=300,
         seeds=5,
     ),  # fmt: skip
+    # what one 2-core CPU runs in about two hours (two processes, one per IPC): the cpu scale with
+    # 200 images per class, width 16, 3 experts x 8 epochs, 50 iterations of 10 student steps
+    "small": dict(
+        train_per_class=200,
+        test_per_class=200,
+        zca=True,
+        width=16,
+        depth=3,
+        experts=3,
+        teacher_epochs=8,
+        teacher_batch=256,
+        iterations=50,
+        syn_steps=10,
+        expert_epochs=2,
+        max_start_epoch=5,
+        eval_nets=["convnet"],
+        eval_num=3,
+        eval_epochs=200,
+        seeds=5,
+    ),  # fmt: skip
     # a smoke run: the pipeline on real CIFAR-10 in minutes, numbers without meaning
     "smoke": dict(
         train_per_class=50,
@@ -264,7 +284,8 @@ def study(a: argparse.Namespace) -> list[dict]:
     out = Path(a.out).resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     seeds = list(range(a.first_seed, a.first_seed + a.seeds))
-    cells = [(ipc, arm, s) for ipc in a.ipcs for arm in a.arms for s in seeds]
+    # seed-major: a study stopped after k seeds has k complete seeds (rerun with --seeds k)
+    cells = [(ipc, arm, s) for s in seeds for ipc in a.ipcs for arm in a.arms]
     records, reused_cells = [], 0
     bar = tqdm(total=len(seeds) + len(cells), desc="masking study", unit="cell", file=sys.stderr)
     for s in seeds:  # experts: one store per seed, shared by every arm and IPC of that seed
