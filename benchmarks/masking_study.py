@@ -90,7 +90,8 @@ SCALES = {
         seeds=5,
     ),  # fmt: skip
     # what one 2-core CPU runs in about two hours (two processes, one per IPC): the cpu scale with
-    # 200 images per class, width 16, 3 experts x 8 epochs, 50 iterations of 10 student steps
+    # 200 images per class, width 16, 3 experts x 10 epochs of batch 64 (batch 256 gave 8 steps an
+    # epoch and experts at 18-20 %), 50 iterations of 10 student steps
     "small": dict(
         train_per_class=200,
         test_per_class=200,
@@ -98,12 +99,12 @@ SCALES = {
         width=16,
         depth=3,
         experts=3,
-        teacher_epochs=8,
-        teacher_batch=256,
+        teacher_epochs=10,
+        teacher_batch=64,
         iterations=50,
         syn_steps=10,
         expert_epochs=2,
-        max_start_epoch=5,
+        max_start_epoch=6,
         eval_nets=["convnet"],
         eval_num=3,
         eval_epochs=200,
