@@ -21,6 +21,7 @@ from lightning_modules.utils.seeds import derive_seed
 RECIPE_KEYS = ("epochs", "lr", "momentum", "weight_decay", "batch_size", "dsa_strategy")
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+Subset = Callable[[int], torch.Tensor]  # epoch (0-based) -> training indices of that epoch
 BatchHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]  # (indices, logits, labels)
 
 
@@ -77,6 +78,7 @@ def sgd_train(
     on_batch: BatchHook | None = None,
     on_epoch: Callable[[int], None] | None = None,
     on_step: Callable[[], None] | None = None,
+    subset: Subset | None = None,
 ) -> nn.Module:
     """Minibatch SGD with cross-entropy on ``(x, y)`` (kept on the net's device), in place.
 
@@ -86,14 +88,20 @@ def sgd_train(
         on_batch: called with ``(example indices, logits, labels)`` of every training step.
         on_epoch: called with the epoch number (1-based) after each epoch.
         on_step: called after every optimiser step (progress bars).
+        subset: ``subset(epoch)`` (0-based) gives the indices that epoch trains on (a
+            curriculum); shuffled by ``shuffle_generator`` like the full set. ``None``: all.
     """
     device = next(net.parameters()).device
     x, y = x.to(device), y.to(device)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     net.train()
     for epoch in range(1, epochs + 1):
-        order = torch.randperm(len(x), generator=shuffle_generator)
-        for start in range(0, len(x), batch_size):
+        if subset is None:
+            order = torch.randperm(len(x), generator=shuffle_generator)
+        else:
+            ids = subset(epoch - 1)
+            order = ids[torch.randperm(len(ids), generator=shuffle_generator)]
+        for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             xb, yb = x[idx.to(device)], y[idx.to(device)]
             if augment is not None:
@@ -128,8 +136,11 @@ def train_expert(
     augment: Augment | None = None,
     on_step: Callable[[], None] | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
+    subset: Subset | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Train one expert and return its trajectory and test accuracy per epoch.
+
+    ``subset``: the training indices per epoch (``sgd_train``), e.g. PAD's curriculum.
 
     Returns:
         ``(snapshots, test_acc)``: float32 ``[epochs + 1, P]`` on the CPU (row 0 is ``net``'s
@@ -163,5 +174,6 @@ def train_expert(
         augment_generator=torch.Generator().manual_seed(derive_seed(seed, "dsa")),
         on_epoch=record,
         on_step=on_step,
+        subset=subset,
     )
     return snapshots, test_acc

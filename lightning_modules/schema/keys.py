@@ -238,6 +238,13 @@ KEYS: dict[str, Kind] = {
     "teacher.dsa": flag(),
     "teacher.dsa_strategy": DSA,
     "teacher.out": PATH,
+    "teacher.curriculum": one_of("none", "el2n", "grand"),
+    "teacher.score_epochs": count(0),
+    "teacher.score_repeats": count(),
+    "teacher.init_ratio": number(gt=0, le=1),
+    "teacher.add_end_epoch": count(0),
+    "teacher.rm_epochs": items(count(0), empty=True),
+    "teacher.rm_easy_ratios": items(number(ge=0, lt=1), empty=True),
     # ---------------------------------------------------------- dataset= (every option's keys)
     "dataset._target_": TARGET,
     "dataset.name": one_of("cifar10", "cifar100", "digits", "breast_cancer", "wine", "diabetes"),
