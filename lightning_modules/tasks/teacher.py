@@ -2,7 +2,8 @@
 
 Each expert is a fresh ``net`` (init drawn from ``derive_seed(seed, "expert", index)``) trained
 with the MTT expert recipe (plain SGD, lr 0.01, batch 256, DSA on), on every epoch's subset of
-PAD's difficulty curriculum with ``teacher.curriculum=el2n|grand`` (``teacher_curriculum.py``,
+PAD's difficulty curriculum with ``teacher.curriculum=el2n|grand``, and with GSAM steps (FTD's
+flat experts, ``condense/gsam.py``) with ``teacher.optimizer=gsam`` (``teacher_curriculum.py``,
 recorded in each expert's ``meta["curriculum"]``); its parameters at epoch 0
 and after every epoch, and its test accuracy per epoch, go to ``<store>/expert_<index>.pt``. Experts
 already on disk are skipped and indices another process is training are left to it, so
@@ -71,6 +72,18 @@ def _check_recipe(store: ExpertStore, recipe: dict, curriculum: dict | None) -> 
             )
 
 
+def _check_gsam(store: ExpertStore, gsam: dict | None) -> None:
+    """Refuse to mix GSAM and plain-SGD experts (or other rho / alpha) in one store."""
+    for index in store.indices():
+        stored = store.load(index).meta.get("gsam")  # stores from before the option: SGD
+        if stored != gsam:
+            old, new = (f"gsam {g['rho']}/{g['alpha']}" if g else "sgd" for g in (stored, gsam))
+            raise UserError(
+                f"store {store.root} holds expert {index} trained with teacher.optimizer={old} "
+                f"(rho/alpha), this run has {new}; use another teacher.out or the same settings"
+            )
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     # trainer=ddp / ddp_cpu: one process per device, the pending experts split across ranks
     fabric = launch_fabric(cfg, "teacher")
@@ -120,6 +133,12 @@ class _Job:
         self.device = fabric.device if fabric else resolve_device(accelerator)
         self.steps_per_expert = int(t.epochs) * -(-len(self.dm.train_x) // int(t.batch_size))
         self.curriculum = None  # set by _build: PAD's difficulty curriculum, if any
+        # FTD's flat experts (DATM's and PAD's buffer scripts): GSAM around this SGD, or None
+        self.gsam = (
+            {"rho": float(t.gsam_rho), "alpha": float(t.gsam_alpha), "adaptive": True}
+            if t.optimizer == "gsam"
+            else None
+        )
 
 
 def _build(cfg: DictConfig, fabric) -> _Job:
@@ -132,6 +151,7 @@ def _build(cfg: DictConfig, fabric) -> _Job:
             net=job.net_cfg, dataset=job.dm.name, zca=bool(job.dm.zca), num_params=job.layout.numel
         )
         _check_recipe(job.store, job.recipe, settings_of(cfg))
+        _check_gsam(job.store, job.gsam)
     job.curriculum = build_curriculum(job, fabric)  # PAD's difficulty curriculum, or None
     if job.curriculum is not None:
         batch = int(cfg.teacher.batch_size)
@@ -243,6 +263,7 @@ def _train_one(job: _Job, index: int, bar, task, logger) -> dict:
         on_step=lambda: bar.advance(task),
         on_epoch=on_epoch,
         subset=job.curriculum.subset if job.curriculum else None,
+        gsam=job.gsam,
     )
     log.info(
         "expert %d: test accuracy %.2f%% after %d epochs", index, test_acc[-1], recipe["epochs"]
@@ -251,6 +272,7 @@ def _train_one(job: _Job, index: int, bar, task, logger) -> dict:
         "snapshots": snapshots,
         **recipe,
         "curriculum": job.curriculum.settings if job.curriculum else None,
+        "gsam": job.gsam,
         "train_sizes": job.curriculum.sizes(recipe["epochs"]) if job.curriculum else None,
         "net": job.net_cfg,
         "param_names": list(layout.names),
