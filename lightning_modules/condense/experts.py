@@ -9,11 +9,13 @@ it is presented. Nothing here imports Lightning or Hydra.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_modules.condense.gsam import gsam_step
 from lightning_modules.nets.functional import FlatParams
 from lightning_modules.utils.seeds import derive_seed
 
@@ -21,6 +23,7 @@ from lightning_modules.utils.seeds import derive_seed
 RECIPE_KEYS = ("epochs", "lr", "momentum", "weight_decay", "batch_size", "dsa_strategy")
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+Subset = Callable[[int], torch.Tensor]  # epoch (0-based) -> training indices of that epoch
 BatchHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]  # (indices, logits, labels)
 
 
@@ -77,6 +80,8 @@ def sgd_train(
     on_batch: BatchHook | None = None,
     on_epoch: Callable[[int], None] | None = None,
     on_step: Callable[[], None] | None = None,
+    subset: Subset | None = None,
+    gsam: dict | None = None,
 ) -> nn.Module:
     """Minibatch SGD with cross-entropy on ``(x, y)`` (kept on the net's device), in place.
 
@@ -86,23 +91,36 @@ def sgd_train(
         on_batch: called with ``(example indices, logits, labels)`` of every training step.
         on_epoch: called with the epoch number (1-based) after each epoch.
         on_step: called after every optimiser step (progress bars).
+        subset: ``subset(epoch)`` (0-based) gives the indices that epoch trains on (a
+            curriculum); shuffled by ``shuffle_generator`` like the full set. ``None``: all.
+        gsam: ``{"rho": .., "alpha": ..}``: every step a GSAM step (``condense.gsam``) with this
+            SGD as its base optimiser; ``None``: plain SGD.
     """
     device = next(net.parameters()).device
     x, y = x.to(device), y.to(device)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     net.train()
     for epoch in range(1, epochs + 1):
-        order = torch.randperm(len(x), generator=shuffle_generator)
-        for start in range(0, len(x), batch_size):
+        if subset is None:
+            order = torch.randperm(len(x), generator=shuffle_generator)
+        else:
+            ids = subset(epoch - 1)
+            order = ids[torch.randperm(len(ids), generator=shuffle_generator)]
+        for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             xb, yb = x[idx.to(device)], y[idx.to(device)]
             if augment is not None:
                 xb = augment(xb, augment_generator)
-            logits = net(xb)
-            loss = F.cross_entropy(logits, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if gsam is None:
+                logits = net(xb)
+                loss = F.cross_entropy(logits, yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            else:  # the same (augmented) batch at w and at the perturbed weights
+                passes: list[torch.Tensor] = []
+                gsam_step(net, partial(_batch_loss, net, xb, yb, passes), opt, **gsam)
+                logits = passes[0]
             if on_batch is not None:
                 on_batch(idx, logits.detach(), yb)
             if on_step is not None:
@@ -110,6 +128,12 @@ def sgd_train(
         if on_epoch is not None:
             on_epoch(epoch)
     return net
+
+
+def _batch_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: list) -> torch.Tensor:
+    """Cross-entropy of ``net`` on the batch; the logits of each call appended to ``passes``."""
+    passes.append(net(x))
+    return F.cross_entropy(passes[-1], y)
 
 
 def train_expert(
@@ -128,8 +152,13 @@ def train_expert(
     augment: Augment | None = None,
     on_step: Callable[[], None] | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
+    subset: Subset | None = None,
+    gsam: dict | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Train one expert and return its trajectory and test accuracy per epoch.
+
+    ``subset``: the training indices per epoch (``sgd_train``), e.g. PAD's curriculum;
+    ``gsam``: GSAM's ``rho`` and ``alpha`` (FTD's flat experts), ``None`` for plain SGD.
 
     Returns:
         ``(snapshots, test_acc)``: float32 ``[epochs + 1, P]`` on the CPU (row 0 is ``net``'s
@@ -163,5 +192,7 @@ def train_expert(
         augment_generator=torch.Generator().manual_seed(derive_seed(seed, "dsa")),
         on_epoch=record,
         on_step=on_step,
+        subset=subset,
+        gsam=gsam,
     )
     return snapshots, test_acc

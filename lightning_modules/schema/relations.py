@@ -180,6 +180,20 @@ def blocks_belong_to_the_task(data: dict) -> str | None:
     return None
 
 
+def curriculum_stages_pair_up(data: dict) -> str | None:
+    epochs, ratios = get(data, "teacher.rm_epochs"), get(data, "teacher.rm_easy_ratios")
+    if epochs is None or ratios is None:
+        return None
+    if len(epochs) != len(ratios):
+        return (
+            f"teacher.rm_epochs ({len(epochs)} entries) and teacher.rm_easy_ratios "
+            f"({len(ratios)}) must have one entry per removal stage"
+        )
+    if list(epochs) != sorted(epochs):
+        return f"teacher.rm_epochs must be in increasing order, got {list(epochs)}"
+    return None
+
+
 #: rules only a configuration composed for a run obeys (a task=reproduce stage carries the
 #: blocks of every stage, whatever its task.name)
 COMPOSED_RULES = (blocks_belong_to_the_task,)
@@ -188,6 +202,7 @@ RULES = (
     sample_steps_within_timesteps,
     betas_increase,
     splines_exceed_degree,
+    curriculum_stages_pair_up,
     dataset_name_fits_the_datamodule,
     swiss_roll_dim,
     toy_noise_positive,

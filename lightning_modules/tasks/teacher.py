@@ -1,7 +1,10 @@
 """``task=teacher``: train expert trajectories into a store (one file per expert).
 
 Each expert is a fresh ``net`` (init drawn from ``derive_seed(seed, "expert", index)``) trained
-with the MTT expert recipe (plain SGD, lr 0.01, batch 256, DSA on); its parameters at epoch 0
+with the MTT expert recipe (plain SGD, lr 0.01, batch 256, DSA on), on every epoch's subset of
+PAD's difficulty curriculum with ``teacher.curriculum=el2n|grand``, and with GSAM steps (FTD's
+flat experts, ``condense/gsam.py``) with ``teacher.optimizer=gsam`` (``teacher_curriculum.py``,
+recorded in each expert's ``meta["curriculum"]``); its parameters at epoch 0
 and after every epoch, and its test accuracy per epoch, go to ``<store>/expert_<index>.pt``. Experts
 already on disk are skipped and indices another process is training are left to it, so
 reruns resume and several processes fill one store without clobbering. Under ``trainer=ddp``
@@ -36,6 +39,11 @@ from lightning_modules.tasks.common import (
     require_images,
     show_progress,
 )
+from lightning_modules.tasks.teacher_curriculum import (
+    build_curriculum,
+    curriculum_mismatch,
+    settings_of,
+)
 from lightning_modules.utils.devices import resolve_device
 from lightning_modules.utils.seeds import derive_seed
 
@@ -47,8 +55,8 @@ def store_for(cfg: DictConfig, dm, out: str | None) -> ExpertStore:
     return ExpertStore(out if out else default_store_dir(dm.name, bool(dm.zca), cfg.net.name))
 
 
-def _check_recipe(store: ExpertStore, recipe: dict) -> None:
-    """Refuse to add experts of another recipe to a store that already holds some."""
+def _check_recipe(store: ExpertStore, recipe: dict, curriculum: dict | None) -> None:
+    """Refuse to add experts of another recipe (or curriculum) to a store that holds some."""
     for index in store.indices():
         meta = store.load(index).meta
         for key in RECIPE_KEYS:
@@ -58,6 +66,22 @@ def _check_recipe(store: ExpertStore, recipe: dict) -> None:
                     f"this run has teacher.{key if key != 'dsa_strategy' else 'dsa/dsa_strategy'}="
                     f"{recipe[key]}; use another teacher.out or the same settings"
                 )
+        if meta.get("curriculum") != curriculum:  # stores from before the option: none
+            raise UserError(
+                curriculum_mismatch(store.root, index, meta.get("curriculum"), curriculum)
+            )
+
+
+def _check_gsam(store: ExpertStore, gsam: dict | None) -> None:
+    """Refuse to mix GSAM and plain-SGD experts (or other rho / alpha) in one store."""
+    for index in store.indices():
+        stored = store.load(index).meta.get("gsam")  # stores from before the option: SGD
+        if stored != gsam:
+            old, new = (f"gsam {g['rho']}/{g['alpha']}" if g else "sgd" for g in (stored, gsam))
+            raise UserError(
+                f"store {store.root} holds expert {index} trained with teacher.optimizer={old} "
+                f"(rho/alpha), this run has {new}; use another teacher.out or the same settings"
+            )
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
@@ -108,6 +132,13 @@ class _Job:
         accelerator = cfg.trainer.get("accelerator", "auto")
         self.device = fabric.device if fabric else resolve_device(accelerator)
         self.steps_per_expert = int(t.epochs) * -(-len(self.dm.train_x) // int(t.batch_size))
+        self.curriculum = None  # set by _build: PAD's difficulty curriculum, if any
+        # FTD's flat experts (DATM's and PAD's buffer scripts): GSAM around this SGD, or None
+        self.gsam = (
+            {"rho": float(t.gsam_rho), "alpha": float(t.gsam_alpha), "adaptive": True}
+            if t.optimizer == "gsam"
+            else None
+        )
 
 
 def _build(cfg: DictConfig, fabric) -> _Job:
@@ -119,7 +150,13 @@ def _build(cfg: DictConfig, fabric) -> _Job:
         job.store.check(
             net=job.net_cfg, dataset=job.dm.name, zca=bool(job.dm.zca), num_params=job.layout.numel
         )
-        _check_recipe(job.store, job.recipe)
+        _check_recipe(job.store, job.recipe, settings_of(cfg))
+        _check_gsam(job.store, job.gsam)
+    job.curriculum = build_curriculum(job, fabric)  # PAD's difficulty curriculum, or None
+    if job.curriculum is not None:
+        batch = int(cfg.teacher.batch_size)
+        sizes = job.curriculum.sizes(int(cfg.teacher.epochs))
+        job.steps_per_expert = sum(-(-n // batch) for n in sizes)
     return job
 
 
@@ -225,6 +262,8 @@ def _train_one(job: _Job, index: int, bar, task, logger) -> dict:
         augment=job.augment,
         on_step=lambda: bar.advance(task),
         on_epoch=on_epoch,
+        subset=job.curriculum.subset if job.curriculum else None,
+        gsam=job.gsam,
     )
     log.info(
         "expert %d: test accuracy %.2f%% after %d epochs", index, test_acc[-1], recipe["epochs"]
@@ -232,6 +271,9 @@ def _train_one(job: _Job, index: int, bar, task, logger) -> dict:
     return {
         "snapshots": snapshots,
         **recipe,
+        "curriculum": job.curriculum.settings if job.curriculum else None,
+        "gsam": job.gsam,
+        "train_sizes": job.curriculum.sizes(recipe["epochs"]) if job.curriculum else None,
         "net": job.net_cfg,
         "param_names": list(layout.names),
         "param_shapes": [list(s) for s in layout.shapes],
