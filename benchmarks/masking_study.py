@@ -170,15 +170,20 @@ def paired(arm: list[float], base: list[float], level: float = 0.95) -> dict:
 
 
 # -- runs ---------------------------------------------------------------------------------------
-def run(argv_tail: list[str], run_dir: Path, log_dir: Path) -> tuple[dict, bool, float]:
+def run(
+    argv_tail: list[str], run_dir: Path, log_dir: Path, start: bool = True
+) -> tuple[dict | None, bool, float]:
     """``train.py`` with these overrides into ``run_dir`` unless a finished run of exactly them is
     there; returns its summary, whether it was reused, and the wall seconds of its process
-    (measured when it ran, kept in ``process_wall_s.txt``)."""
+    (measured when it ran, kept in ``process_wall_s.txt``). ``start=False``: nothing is run, and
+    an unfinished run gives ``(None, False, nan)``."""
     overrides = [*argv_tail, f"paths.output_dir={run_dir}"]
     wall_file = run_dir / "process_wall_s.txt"
     if finished_with(run_dir, overrides):
         wall = float(wall_file.read_text()) if wall_file.exists() else math.nan
         return json.loads((run_dir / "summary.json").read_text()), True, wall
+    if not start:
+        return None, False, math.nan
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
     tic = time.perf_counter()
     r = subprocess.run(
@@ -287,18 +292,23 @@ def study(a: argparse.Namespace) -> list[dict]:
     seeds = list(range(a.first_seed, a.first_seed + a.seeds))
     # seed-major: a study stopped after k seeds has k complete seeds (rerun with --seeds k)
     cells = [(ipc, arm, s) for s in seeds for ipc in a.ipcs for arm in a.arms]
-    records, reused_cells = [], 0
+    records, reused_cells, missing = [], 0, []
+    start = not a.report_only
     bar = tqdm(total=len(seeds) + len(cells), desc="masking study", unit="cell", file=sys.stderr)
     for s in seeds:  # experts: one store per seed, shared by every arm and IPC of that seed
         store = out / "experts" / f"seed{s}"
-        _, reused, _ = run(teacher_args(a, s, store / "store"), store, out / "logs")
+        run(teacher_args(a, s, store / "store"), store, out / "logs", start)
         bar.update(1)
     for ipc, arm, s in cells:
         store = out / "experts" / f"seed{s}" / "store"
         run_dir = out / f"ipc{ipc}" / _slug(arm) / f"seed{s}"
         args = distill_args(a, arm, ipc, s, store)
         bar.set_postfix_str(f"ipc {ipc} {arm} seed {s}")
-        summary, reused, wall = run(args, run_dir, out / "logs")
+        summary, reused, wall = run(args, run_dir, out / "logs", start)
+        if summary is None:  # --report-only: not run yet
+            missing.append((ipc, arm, s))
+            bar.update(1)
+            continue
         record = {
             "ipc": ipc, "arm": arm, "seed": s, "reused": reused, "wall_s": wall,
             "command": "python train.py " + " ".join(args + [f"paths.output_dir={run_dir}"]),
@@ -312,8 +322,12 @@ def study(a: argparse.Namespace) -> list[dict]:
             record["layer_masks"] = cached_layer_masks(run_dir, store, arm, a, s)
         if a.evaluate:
             ev_summary, ev_reused, ev_wall = run(
-                evaluate_args(a, run_dir / "set.pt", s), run_dir / "evaluate", out / "logs"
+                evaluate_args(a, run_dir / "set.pt", s), run_dir / "evaluate", out / "logs", start
             )
+            if ev_summary is None:
+                missing.append((ipc, arm, s))
+                bar.update(1)
+                continue
             record.update(evaluate_extras(ev_summary))
             record["reused"] = reused and ev_reused
             record["wall_s"] += ev_wall
@@ -322,6 +336,7 @@ def study(a: argparse.Namespace) -> list[dict]:
         bar.update(1)
     bar.close()
     print(f"{reused_cells} of {len(cells)} cells reused from {out}", file=sys.stderr)
+    a.missing = missing
     return records
 
 
@@ -593,6 +608,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--probe-pairs", type=int, default=4, help="(expert, start) pairs per mask probe"
     )
     p.add_argument("--evaluate", action="store_true", help="also task=evaluate each set")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="start nothing: tabulate the finished cells and list the missing ones",
+    )
     p.add_argument("--overrides", nargs="*", default=[], help="extra overrides for every run")
     for key, value in SCALES["cpu"].items():
         if key == "seeds":
@@ -620,6 +640,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out).resolve()
     tic = time.perf_counter()
     records = study(a)
+    if not records:
+        print(f"no finished cell under {out}", file=sys.stderr)
+        return 2
     rows = summarise(records)
     table = markdown(rows)
     pngs = plots(records, rows, out)
@@ -634,6 +657,10 @@ def main(argv: list[str] | None = None) -> int:
     head = f"Scale: {json.dumps(scale)}; init={a.init}. This call: {wall:.0f} s wall, "
     head += f"{spent:.0f} s in new runs; the {len(timed)} timed cells when they ran: {cells:.0f} s"
     head += f" ({len(records) - len(timed)} without a recorded time).\n\n"
+    if a.missing:
+        head += f"**{len(a.missing)} of {len(a.missing) + len(records)} cells not run yet** "
+        head += "(`--report-only`; pairs use the seeds both arms have): "
+        head += ", ".join(f"IPC {i} {arm} seed {s}" for i, arm, s in a.missing) + ".\n\n"
     layers = layer_table(records)
     text = head + table + ("\nMasked fraction per layer (probe):\n\n" + layers if layers else "")
     (out / "masking_study.md").write_text(text)

@@ -108,6 +108,15 @@ def test_study_end_to_end_and_resume(tmp_path, monkeypatch):
     # a killed study: one cell lost its results; the same command redoes only that cell
     lost = out / "ipc1" / "eps_0_2" / "seed1" / "summary.json"
     lost.unlink()
+    # --report-only starts nothing: the lost cell is listed as missing, the rest tabulated
+    assert ms.main([*argv, "--report-only"]) == 0
+    partial = json.loads((out / "cells.json").read_text())
+    assert not lost.exists()
+    assert {(c["arm"], c["seed"]) for c in partial["cells"]} == {
+        ("MTT", 0), ("MTT", 1), ("eps 0.2", 0)
+    }  # fmt: skip
+    assert {r["arm"]: r["n"] for r in partial["rows"]} == {"MTT": 2, "eps 0.2": 1}
+    assert "IPC 1 eps 0.2 seed 1" in (out / "masking_study.md").read_text()
     assert ms.main(argv) == 0
     second = json.loads((out / "cells.json").read_text())["cells"]
     reused = {(c["arm"], c["seed"]): c["reused"] for c in second}
