@@ -123,17 +123,24 @@ def test_the_factory_builds_either_form_and_refuses_bad_values():
         build_ftt(param="density", data_shape=(2,), timesteps=T)
     with pytest.raises(UserError, match="ddpm.optimizer=als does not apply"):
         make_tt_stepper("als", net)
+    with pytest.raises(UserError, match="eps_net.init=linear does not apply"):
+        build_ftt(param="density", init="linear", **options)
 
 
-def test_init_follows_the_data_marginals():
-    """With training data each coordinate's factor starts at its bump-smoothed histogram."""
-    x = torch.cat([torch.full((50, 1), -1.5), torch.full((50, 1), 1.5)]) + 0.01 * torch.randn(
-        100, 1
-    )
-    net = _net(dim=1, rank=1, bumps=13, noise=0.0, train_data=x)
+def test_init_follows_the_data_marginals_and_seeds_components_at_training_points():
+    """init=identity: each coordinate's factor is its bump-smoothed histogram; init=auto: each
+    rank component is further centred on a training point (here ±1.5 in each coordinate)."""
+    g = torch.Generator().manual_seed(0)
+    x = 1.5 * torch.sign(torch.randn(100, 2, generator=g)) + 0.01 * torch.randn(100, 2, generator=g)
+    net = _net(dim=2, rank=2, bumps=13, noise=0.0, train_data=x, init="identity")
     q = net.log_cores[0][0, :, 0].exp()
     centres = net.centres[0]
     assert q[centres.sub(-1.5).abs().argmin()] > 20 * q[centres.abs().argmin()]
+    torch.testing.assert_close(net.log_cores[0][0, :, 0], net.log_cores[0][0, :, 1])
+    seeded = _net(dim=2, rank=2, bumps=13, noise=0.0, train_data=x, init="auto")
+    for k in range(2):
+        peak = centres[seeded.log_cores[0][0, :, k].argmax()]
+        assert (peak.abs() - 1.5).abs() < 0.4, float(peak)
 
 
 @pytest.mark.parametrize("optimizer", ["als", "dmrg", "riemannian"])
