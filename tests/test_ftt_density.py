@@ -141,6 +141,15 @@ def test_init_follows_the_data_marginals_and_seeds_components_at_training_points
     for k in range(2):
         peak = centres[seeded.log_cores[0][0, :, k].argmax()]
         assert (peak.abs() - 1.5).abs() < 0.4, float(peak)
+    # k-means++ seeding: 4 components land on the 4 clusters (4 uniform draws miss at least
+    # one of 4 equal clusters with probability 1 - 4!/4^4 = 0.91)
+    seeded = _net(dim=2, rank=4, bumps=13, noise=0.0, train_data=x, init="auto")
+    corners = set()
+    for k in range(4):
+        first = centres[seeded.log_cores[0][0, :, k].argmax()]
+        second = seeded.centres[1][seeded.log_cores[1][k, :, 0].argmax()]
+        corners.add((bool(first > 0), bool(second > 0)))
+    assert len(corners) == 4, corners
 
 
 @pytest.mark.parametrize("optimizer", ["als", "dmrg", "riemannian"])
