@@ -63,8 +63,8 @@ SEED_WIDTH = 1.0
 SEED_OFF_DIAGONAL = -4.0
 SEED_POOL = 4096  # training points the k-means++ seeding draws from
 #: core_lr_scale=auto: Adam steps the log-cores with 5 x ddpm.lr (a step is a relative change
-#: of the entries). gmm D=10 K=4, rank 8, 32 bumps, 1000 steps: excess over ε* 0.0054 at lr
-#: 2e-3, 0.0007 at 1e-2 (benchmarks: docs/results/tt_beyond_2d.md)
+#: of the entries). gmm D=10 K=4, rank 8, 32 bumps, 1000 steps: excess over ε* 0.0049 at lr
+#: 2e-3, 0.0006 at 1e-2 (benchmarks/tt_gmm_density_probe.py; docs/results/tt_beyond_2d.md)
 AUTO_LR_SCALE = 5.0
 #: optimisers that need a loss quadratic in each core (or a linear model of the full tensor)
 CORE_SOLVERS = ("als", "dmrg", "riemannian")
@@ -118,8 +118,8 @@ class DensityTT(nn.Module):
             ``train_data`` (flat without data); ``auto`` then seeds rank component k at a training
             point drawn with ``seed`` by k-means++ seeding (a bump of std ``SEED_WIDTH`` around it,
             other bond entries ``e^SEED_OFF_DIAGONAL`` smaller); ``identity``: no seeding
-            (every component at the marginals: Adam then splits them slowly, measured 0.04 →
-            0.02 excess in 1000 steps where ``auto`` reaches 0.0007).
+            (every component at the marginals: Adam then splits them slowly; measured excess
+            over ε* after 1000 steps 0.041, where ``auto`` reaches 0.0049 at the same lr).
         init_noise: std of the Gaussian noise on the log-cores at init (breaks the symmetry of
             the rank components).
         seed: seed of that noise.
