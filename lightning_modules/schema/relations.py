@@ -51,10 +51,15 @@ def density_takes_gradient_optimisers(data: dict) -> str | None:
     """``eps_net.param=density``: adam/sgd only, no Gaussian skip (lightning_modules/tt/density)."""
     if get(data, "eps_net.param") != "density":
         return None
-    from lightning_modules.tt.density import refuse_init, refuse_optimizer, refuse_skip
+    from lightning_modules.tt.density import (
+        CORE_SOLVERS,
+        refuse_init,
+        refuse_optimizer,
+        refuse_skip,
+    )
 
     optimizer, skip = get(data, "ddpm.optimizer"), get(data, "eps_net.skip")
-    if optimizer in ("als", "dmrg", "riemannian"):
+    if optimizer in CORE_SOLVERS:
         return refuse_optimizer(optimizer)
     if skip not in (None, "auto", "none"):
         return refuse_skip(skip)

@@ -101,7 +101,7 @@ def build_ftt(param: str = "eps", **options) -> nn.Module:
         return FunctionalTT(**options)
     if param == "density":
         return DensityTT(**options)
-    raise UserError(f"eps_net.param={param!r}: use eps or density")
+    raise UserError(f"eps_net.param={param!r}: use {' or '.join(PARAMS)}")
 
 
 class DensityTT(nn.Module):
