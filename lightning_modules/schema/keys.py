@@ -293,6 +293,7 @@ KEYS: dict[str, Kind] = {
     "eps_net.time_in_blocks": flag(),
     "eps_net.time_dim": count(),
     "eps_net.residual": flag(),
+    "eps_net.param": one_of("eps", "density"),
     "eps_net.basis": one_of("bspline", "legendre", "fourier"),
     "eps_net.degree": count(0),
     "eps_net.num_basis": count(),

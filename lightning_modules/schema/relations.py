@@ -39,11 +39,33 @@ def betas_increase(data: dict) -> str | None:
 
 
 def splines_exceed_degree(data: dict) -> str | None:
-    if get(data, "eps_net.basis") != "bspline":
+    if get(data, "eps_net.basis") != "bspline" or get(data, "eps_net.param") == "density":
         return None
     degree, num = get(data, "eps_net.degree"), get(data, "eps_net.num_basis")
     if degree is not None and num is not None and not num > degree:
         return f"eps_net.num_basis must exceed eps_net.degree ({degree}), got {num}"
+    return None
+
+
+def density_takes_gradient_optimisers(data: dict) -> str | None:
+    """``eps_net.param=density``: adam/sgd only, no Gaussian skip (lightning_modules/tt/density)."""
+    if get(data, "eps_net.param") != "density":
+        return None
+    from lightning_modules.tt.density import (
+        CORE_SOLVERS,
+        refuse_init,
+        refuse_optimizer,
+        refuse_skip,
+    )
+
+    optimizer, skip = get(data, "ddpm.optimizer"), get(data, "eps_net.skip")
+    if optimizer in CORE_SOLVERS:
+        return refuse_optimizer(optimizer)
+    if skip not in (None, "auto", "none"):
+        return refuse_skip(skip)
+    init = get(data, "eps_net.init")
+    if init not in (None, "auto", "identity"):
+        return refuse_init(init)
     return None
 
 
@@ -203,6 +225,7 @@ RULES = (
     betas_increase,
     splines_exceed_degree,
     curriculum_stages_pair_up,
+    density_takes_gradient_optimisers,
     dataset_name_fits_the_datamodule,
     swiss_roll_dim,
     toy_noise_positive,

@@ -18,6 +18,7 @@ import torch
 
 from lightning_modules.errors import UserError
 from lightning_modules.tt.als import ALS
+from lightning_modules.tt.density import refuse_optimizer
 from lightning_modules.tt.dmrg import DMRG
 from lightning_modules.tt.ftt import FunctionalTT
 from lightning_modules.tt.riemannian import RiemannianGD
@@ -115,6 +116,8 @@ def make_tt_stepper(name: str, eps_net, **options) -> SweepStepper | RiemannianS
     """
     if name not in SOLVERS:
         raise UserError(f"unknown tensor-train optimiser {name!r}; use {', '.join(SOLVERS)}")
+    if getattr(eps_net, "param", "eps") == "density":
+        raise UserError(refuse_optimizer(name))
     if not isinstance(eps_net, FunctionalTT):
         raise UserError(
             f"ddpm.optimizer={name} needs eps_net=ftt (the noise model here is "
