@@ -29,6 +29,7 @@ def _ftt(x, schedule, **overrides):
     """The FTT with the defaults of conf/eps_net/ftt.yaml and an output core."""
     cfg = OmegaConf.to_container(OmegaConf.load(CONF))
     cfg.pop("_target_")
+    assert cfg.pop("param") == "eps"  # the ε form is the default and the class built here
     cfg.update(time_basis=None, seed=0, output="core", **overrides)
     return FunctionalTT(
         data_shape=tuple(x.shape[1:]),
