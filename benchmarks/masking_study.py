@@ -69,47 +69,43 @@ ARMS = {
 }
 BASELINE = "MTT"
 # scale presets; every entry can be overridden by its own flag
+SCALES_CPU = dict(
+    train_per_class=500,
+    test_per_class=200,
+    zca=True,
+    width=32,
+    depth=3,
+    experts=5,
+    teacher_epochs=15,
+    teacher_batch=256,
+    iterations=200,
+    syn_steps=20,
+    expert_epochs=2,
+    max_start_epoch=10,
+    eval_nets=["convnet"],
+    eval_num=3,
+    eval_epochs=300,
+    seeds=5,
+)  # fmt: skip
+
 SCALES = {
     # the intended study: the small CIFAR-10 protocol of the project's earlier MTT-vs-ε run
-    "cpu": dict(
-        train_per_class=500,
-        test_per_class=200,
-        zca=True,
-        width=32,
-        depth=3,
-        experts=5,
-        teacher_epochs=15,
-        teacher_batch=256,
-        iterations=200,
-        syn_steps=20,
-        expert_epochs=2,
-        max_start_epoch=10,
-        eval_nets=["convnet"],
-        eval_num=3,
-        eval_epochs=300,
-        seeds=5,
-    ),  # fmt: skip
+    "cpu": SCALES_CPU,
     # what one 2-core CPU runs in about two hours (two processes, one per IPC): the cpu scale with
     # 200 images per class, width 16, 3 experts x 10 epochs of batch 64 (batch 256 gave 8 steps an
     # epoch and experts at 18-20 %), 50 iterations of 10 student steps
     "small": dict(
+        SCALES_CPU,
         train_per_class=200,
-        test_per_class=200,
-        zca=True,
         width=16,
-        depth=3,
         experts=3,
         teacher_epochs=10,
         teacher_batch=64,
         iterations=50,
         syn_steps=10,
-        expert_epochs=2,
         max_start_epoch=6,
-        eval_nets=["convnet"],
-        eval_num=3,
         eval_epochs=200,
-        seeds=5,
-    ),  # fmt: skip
+    ),
     # a smoke run: the pipeline on real CIFAR-10 in minutes, numbers without meaning
     "smoke": dict(
         train_per_class=50,
