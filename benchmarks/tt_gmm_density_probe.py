@@ -1,11 +1,11 @@
 """How fast does Adam bring the density-form FTT to the exact noise predictor? (``dataset=gmm``)
 
 Trains ``DensityTT`` (``eps_net.param=density``) by Adam on the DDPM loss (batch 256, gradient
-norm clipped to 1, as ``task=ddpm``) and reports, every quarter of the run, the excess over the
-exact predictor ``E‖ε_θ − ε*‖²`` per coordinate on 4,096 held-out (x_t, t) pairs of the
-reference sample, overall and by noise level. Each spec is
-``bumps:rank:init:init_noise:steps:lr`` (``init`` auto | identity; ``lr`` is the log-cores'
-step, i.e. ``ddpm.lr × eps_net.core_lr_scale``).
+norm clipped to 1, as ``task=ddpm``) and reports the excess over the exact predictor
+``E‖ε_θ − ε*‖²`` per coordinate on 4,096 held-out (x_t, t) pairs of the reference sample,
+overall and by noise level, at step 0 (the initialisation alone) and every quarter of the run.
+Each spec is ``bumps:rank:init:init_noise:steps:lr`` (``init`` auto | identity; ``lr`` is the
+step of every parameter, i.e. ``ddpm.lr × eps_net.core_lr_scale``).
 
     python benchmarks/tt_gmm_density_probe.py --dim 10 --components 4 \\
         32:8:identity:0.01:1000:2e-3 32:8:auto:0.1:1000:2e-3 32:8:auto:0.1:1000:1e-2
@@ -44,6 +44,24 @@ def probe(dm, alpha_bar, spec: str, test=4096, seed=0) -> list[dict]:
     opt = torch.optim.Adam(net.parameters(), lr=float(lr))
     g = torch.Generator().manual_seed(seed)
     rows, start, steps = [], time.perf_counter(), int(steps)
+
+    def report(step: int) -> None:
+        with torch.no_grad():
+            excess = ((net(x_test, t_test) - star) ** 2).mean(1)
+        bands = {"t<100": t_test < 100, "100-500": (t_test >= 100) & (t_test < 500)}
+        bands["t>=500"] = t_test >= 500
+        row = {"spec": spec, "step": step, "excess": float(excess.mean())}
+        row.update({k: float(excess[m].mean()) for k, m in bands.items()})
+        row.update(params=net.num_parameters(), seconds=time.perf_counter() - start)
+        rows.append(row)
+        print(
+            f"{spec} step {step}: excess {row['excess']:.4f} (t<100 {row['t<100']:.4f}, "
+            f"100-500 {row['100-500']:.4f}, >=500 {row['t>=500']:.4f}), "
+            f"{row['params']:,} params, {row['seconds']:.0f} s",
+            flush=True,
+        )
+
+    report(0)  # the initialisation alone (init=auto: the k-means start)
     for i in range(steps):
         idx = torch.randint(0, len(x), (256,), generator=g)
         t = torch.randint(0, len(alpha_bar), (256,), generator=g)
@@ -55,20 +73,7 @@ def probe(dm, alpha_bar, spec: str, test=4096, seed=0) -> list[dict]:
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         if (i + 1) % max(1, steps // 4) == 0:
-            with torch.no_grad():
-                excess = ((net(x_test, t_test) - star) ** 2).mean(1)
-            bands = {"t<100": t_test < 100, "100-500": (t_test >= 100) & (t_test < 500)}
-            bands["t>=500"] = t_test >= 500
-            row = {"spec": spec, "step": i + 1, "excess": float(excess.mean())}
-            row.update({k: float(excess[m].mean()) for k, m in bands.items()})
-            row.update(params=net.num_parameters(), seconds=time.perf_counter() - start)
-            rows.append(row)
-            print(
-                f"{spec} step {i + 1}: excess {row['excess']:.4f} (t<100 {row['t<100']:.4f}, "
-                f"100-500 {row['100-500']:.4f}, >=500 {row['t>=500']:.4f}), "
-                f"{row['params']:,} params, {row['seconds']:.0f} s",
-                flush=True,
-            )
+            report(i + 1)
     return rows
 
 

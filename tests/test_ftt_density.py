@@ -39,20 +39,26 @@ def _net(dim=3, rank=3, bumps=10, noise=1.0, **kw):
     return net.double()
 
 
-def test_eps_is_minus_sqrt_one_minus_alpha_bar_times_autograd_of_log_q():
-    """Random positive cores; inputs inside and far outside the bumps' range, every t."""
-    net = _net()
+@pytest.mark.parametrize("dim", [1, 2, 3, 7])
+def test_eps_is_minus_sqrt_one_minus_alpha_bar_times_autograd_of_log_q(dim):
+    """Random positive cores, bumps moved off the grid with unequal widths; inputs inside and
+    far outside the bumps' range, every t. ``score`` contracts by a doubling scan, ``log_density``
+    by a plain loop over the sites: D = 7 exercises a scan over a non-power of two."""
+    net = _net(dim=dim)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(400, 3, generator=g, dtype=torch.float64) * 3  # reaches |x| ~ 9
+    with torch.no_grad():
+        net.centres += 0.3 * torch.randn(net.centres.shape, generator=g, dtype=torch.float64)
+        net.log_width += 0.5 * torch.randn(net.log_width.shape, generator=g, dtype=torch.float64)
+    x = torch.randn(400, dim, generator=g, dtype=torch.float64) * 3  # reaches |x| ~ 9
     t = torch.randint(0, T, (400,), generator=g)
     y = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(net.log_density(y, t).sum(), y)
     ab = _alpha_bar().double()[t][:, None]
     torch.testing.assert_close(net(x, t), -(1 - ab).sqrt() * grad, rtol=1e-10, atol=1e-10)
     # outside the range the score still pulls back towards the bumps (no clamp, no dead zone)
-    far = torch.tensor([[9.0, -9.0, 0.0]], dtype=torch.float64)
+    far = torch.tensor([[9.0, -9.0, 0.0, 0.0, 0.0, 0.0, 0.0][:dim]], dtype=torch.float64)
     score = net.score(far, torch.tensor([0]))
-    assert score[0, 0] < -1 and score[0, 1] > 1
+    assert score[0, 0] < -1 and (dim == 1 or score[0, 1] > 1)
 
 
 def _mixture_tt(means, weights, sigma, bumps, lo, hi):
@@ -63,7 +69,7 @@ def _mixture_tt(means, weights, sigma, bumps, lo, hi):
         data_shape=(D,), timesteps=T, data_bounds=(lo * torch.ones(D), hi * torch.ones(D)),
         num_basis=bumps, rank=K, init_noise=0.0, alpha_bar=_alpha_bar(),
     ).double()  # fmt: skip
-    h = float(net.width[0])
+    h = float(net.log_width[0, 0].exp())
     assert sigma > h
     nu2 = sigma**2 - h**2
     with torch.no_grad():
@@ -99,7 +105,8 @@ def test_a_hand_built_rank_k_tt_is_the_mixtures_exact_predictor(dim):
     box = 3.5 * (2 * torch.rand(3000, dim, generator=g, dtype=torch.float64) - 1)
     for bumps, tol in ((41, 1e-5), (21, 3e-3)):
         net = _mixture_tt(means, weights, sigma, bumps=bumps, lo=-4.0, hi=4.0)
-        assert net.num_parameters() == bumps * (2 + 4 * (dim - 2) + 2)
+        # cores, plus a centre and a width per coordinate and bump
+        assert net.num_parameters() == bumps * (2 + 4 * (dim - 2) + 2) + 2 * dim * bumps
         with torch.no_grad():
             for x in (x_t, box):
                 err = float((net(x, t) - exact(x, t)).abs().max())
@@ -114,7 +121,7 @@ def test_the_factory_builds_either_form_and_refuses_bad_values():
     assert isinstance(build_ftt(**options), FunctionalTT)
     net = build_ftt(param="density", rank=2, num_basis=8, **options)
     assert isinstance(net, DensityTT) and net.ranks == [1, 2, 1]
-    assert net.num_parameters() == 2 * 8 * 2 and net.flops_per_sample() > 0
+    assert net.num_parameters() == 2 * 8 * 2 + 2 * 2 * 8 and net.flops_per_sample() > 0
     with pytest.raises(UserError, match="eps_net.param='score': use eps or density"):
         build_ftt(param="score", **options)
     with pytest.raises(UserError, match="eps_net.skip=pca does not apply"):
@@ -127,29 +134,32 @@ def test_the_factory_builds_either_form_and_refuses_bad_values():
         build_ftt(param="density", init="linear", **options)
 
 
-def test_init_follows_the_data_marginals_and_seeds_components_at_training_points():
-    """init=identity: each coordinate's factor is its bump-smoothed histogram; init=auto: each
-    rank component is further centred on a training point (here ±1.5 in each coordinate)."""
+def test_init_follows_the_data_marginals_or_seeds_components_at_k_means_clusters():
+    """init=identity: each coordinate's factor is its bump-smoothed histogram on the grid;
+    init=auto: rank component k is bump k of every coordinate, centred on the k-th k-means
+    cluster of the training points with that cluster's std, its share in the first core."""
     g = torch.Generator().manual_seed(0)
-    x = 1.5 * torch.sign(torch.randn(100, 2, generator=g)) + 0.01 * torch.randn(100, 2, generator=g)
+    corner = torch.tensor([[1.5, 1.5], [1.5, -1.5], [-1.5, 1.5], [-1.5, -1.5]])
+    which = torch.tensor([0] * 10 + [1] * 20 + [2] * 30 + [3] * 40)
+    x = corner[which] + 0.1 * torch.randn(100, 2, generator=g)
     net = _net(dim=2, rank=2, bumps=13, noise=0.0, train_data=x, init="identity")
     q = net.log_cores[0][0, :, 0].exp()
     centres = net.centres[0]
     assert q[centres.sub(-1.5).abs().argmin()] > 20 * q[centres.abs().argmin()]
     torch.testing.assert_close(net.log_cores[0][0, :, 0], net.log_cores[0][0, :, 1])
-    seeded = _net(dim=2, rank=2, bumps=13, noise=0.0, train_data=x, init="auto")
-    for k in range(2):
-        peak = centres[seeded.log_cores[0][0, :, k].argmax()]
-        assert (peak.abs() - 1.5).abs() < 0.4, float(peak)
-    # k-means++ seeding: 4 components land on the 4 clusters (4 uniform draws miss at least
-    # one of 4 equal clusters with probability 1 - 4!/4^4 = 0.91)
-    seeded = _net(dim=2, rank=4, bumps=13, noise=0.0, train_data=x, init="auto")
-    corners = set()
-    for k in range(4):
-        first = centres[seeded.log_cores[0][0, :, k].argmax()]
-        second = seeded.centres[1][seeded.log_cores[1][k, :, 0].argmax()]
-        corners.add((bool(first > 0), bool(second > 0)))
-    assert len(corners) == 4, corners
+    seeded = _net(dim=2, rank=4, bumps=6, noise=0.0, train_data=x, init="auto")
+    found = seeded.centres[:, :4].T.detach()  # [k, D]: the clusters' means
+    nearest = torch.cdist(found, corner.double()).argmin(1)
+    assert sorted(nearest.tolist()) == [0, 1, 2, 3], found  # one component on each cluster
+    assert torch.cdist(found, corner.double()).min(1).values.max() < 0.1
+    widths = seeded.log_width[:, :4].exp()
+    assert ((widths > 0.05) & (widths < 0.2)).all(), widths
+    share = seeded.log_cores[0][0, torch.arange(4), torch.arange(4)].exp()
+    expected = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)[nearest]
+    torch.testing.assert_close(share, expected, rtol=1e-6, atol=1e-6)
+    # everything off the component's own bump and bond starts e^-8 smaller
+    off = seeded.log_cores[1][0, 1:, 0]
+    assert (off < -7).all()
 
 
 @pytest.mark.parametrize("optimizer", ["als", "dmrg", "riemannian"])
@@ -190,5 +200,6 @@ def test_a_tiny_gmm_run_writes_the_oracle_keys(compose):
     for key in ("sw_ratio", "sinkhorn_ratio", "mmd_ratio", "mode_share_oracle",
                 "component_shares", "component_share_gap", "component_shares_oracle"):  # fmt: skip
         assert key in written and key in summary, key
-    assert written["params"] == 12 * (3 + 9 + 9 + 3) and written["bond_ranks"] == [3, 3, 3]
+    cores, bumps = 12 * (3 + 9 + 9 + 3), 2 * 4 * 12  # a centre and a width per bump
+    assert written["params"] == cores + bumps and written["bond_ranks"] == [3, 3, 3]
     assert math.isfinite(written["final_loss"]) and written["eps_net"] == "ftt"

@@ -4,21 +4,33 @@ The TT parametrises a non-negative function ``q_θ(x, t)`` and the noise model i
 
     ε_θ(x_t, t) = -sqrt(1 - ᾱ_t) ∇_x log q_θ(x_t, t).
 
-**The form.** ``q_0(x) = Σ_{α} Π_d G_d[α_{d-1}, i, α_d] φ_i(x_d)`` (summed over ``i`` and the
-bonds) with non-negative cores ``G_d = exp(θ_d)`` and Gaussian bumps
-``φ_i(y) = N(y; c_i, h²)`` on ``m = num_basis`` equally spaced centres ``c_i`` spanning the
-training data's range of coordinate ``d`` (``h`` = the spacing). The forward process acts on each
-coordinate separately, so ``q_t``, the diffusion of ``q_0`` to step ``t``, has the same cores and
-the diffused bumps ``φ_i^t(y) = N(y; a c_i, a² h² + 1 - a²)`` (``a = sqrt(ᾱ_t)``): one set of
-cores defines the density at every noise level, with no time parameters, and ``q_t`` is exactly
-what the forward process makes of ``q_0``.
+**The form.** ``q_0(x) = Σ_{α} Π_d G_d[α_{d-1}, i, α_d] φ_{d,i}(x_d)`` (summed over ``i`` and the
+bonds) with non-negative cores ``G_d = exp(θ_d)`` and normalised Gaussian bumps
+``φ_{d,i}(y) = N(y; c_{d,i}, h_{d,i}²)``, ``m = num_basis`` per coordinate, whose centres and
+widths are learned with the cores (they start on ``m`` equally spaced centres spanning the
+training data's range, ``h`` = the spacing). The forward process acts on each coordinate
+separately, so ``q_t``, the diffusion of ``q_0`` to step ``t``, has the same cores and the
+diffused bumps ``φ^t_{d,i}(y) = N(y; a c_{d,i}, a² h_{d,i}² + 1 - a²)`` (``a = sqrt(ᾱ_t)``):
+one set of cores defines the density at every noise level, with no time parameters, and ``q_t``
+is exactly what the forward process makes of ``q_0``.
 
 **Why rank K is exact for a mixture.** ``Σ_k w_k Π_d N(x_d; μ_kd, σ²)`` is a TT of rank ``K``
 (diagonal cores, the weights in the first), and the diffusion keeps that form at every ``t``.
-With bumps, each 1-D factor ``N(μ, σ²)`` is a non-negative combination of ``N(c_i, h²)`` up to
-the discretisation of ``N(μ, σ² - h²)`` on the grid, which is accurate when the spacing is below
-about ``σ / sqrt 2`` (``tests/test_ftt_density.py`` measures it). The ``ε`` form needs the
-*ratio* of two such trains.
+With learned bumps it is exact with ``m = K`` bumps per coordinate (bump k at ``μ_kd`` with
+width σ); on a fixed grid each 1-D factor is a non-negative combination of the bumps up to the
+discretisation of ``N(μ, σ² - h²)``, accurate when the spacing is below about ``σ / sqrt 2``
+(``tests/test_ftt_density.py`` measures both). The ``ε`` form needs the *ratio* of two such
+trains.
+
+**Initialisation** (``init=auto``). The rank components start at a k-means clustering of the
+training points (k = rank; the best of ``SEED_RESTARTS`` k-means++ draws, each refined by
+``SEED_LLOYD_STEPS`` Lloyd steps, drawn with the model's seed): component k is bump ``k mod m``
+of every coordinate, centred on cluster k's mean with its per-coordinate std, its share of the
+points in the first core; every other core entry starts ``e^SEED_OFF_DIAGONAL`` smaller. For a
+separated mixture with ``rank = K`` this start is already close to the exact predictor
+(``benchmarks/tt_gmm_density_probe.py`` reports the excess at step 0); Adam then fits every
+parameter to the DDPM loss. ``identity``: every component at the data's bump-smoothed marginal
+histograms on the grid.
 
 **Why q ≥ 0 this way.** ``exp`` of free parameters keeps every core entry positive and the bumps
 are positive, so ``q_t > 0`` everywhere (``log q`` is finite, no clamping is needed and the
@@ -26,13 +38,16 @@ bumps' infinite support keeps ``∇ log q`` alive outside the data's range: ther
 of the outermost bumps towards them). A squared TT (TTDE) is also non-negative but its square
 of a rank-K train has rank K²; with non-negative cores a rank-K mixture stays rank K.
 
-**The contraction.** Per sample, ``M_d = Σ_i w_i G_d[:, i, :]`` with ``w_i = φ_i^t(x_d)`` divided
-by their largest (a per-site scale that cancels), and ``dM_d`` the same with
-``w_i · ∂ log φ_i^t(x_d)``. With prefix products ``L_d`` and suffix products ``R_d``, each divided
+**The contraction.** Per sample, ``M_d = Σ_i w_i G_d[:, i, :]`` with ``w_i = φ^t_{d,i}(x_d)``
+divided by their largest (a per-site scale that cancels), and ``dM_d`` the same with
+``w_i · ∂ log φ^t_{d,i}(x_d)``; both for all sites in one batched product. With prefix products
+``L_d`` and suffix products ``R_d`` (square cores with boundary vectors ``1/r``), each divided
 by its sum (non-negative vectors, so no cancellation), ``∂_d log q = (L_{d-1} dM_d R_{d+1}) /
 (L_{d-1} M_d R_{d+1})``: every per-sample scale cancels, and the score of each coordinate is a
-convex combination of the bump scores ``-(x_d - a c_i) / s²``. ``tests/test_ftt_density.py``
-checks it against autograd of :meth:`DensityTT.log_density`.
+convex combination of the bump scores ``-(x_d - a c_i) / s_i²``. The passes loop over the sites
+with samples on the last axis (elementwise products along contiguous memory: 2-3x faster on a
+CPU than a batched product of ``N`` tiny matrices). ``tests/test_ftt_density.py`` checks it
+against autograd of :meth:`DensityTT.log_density`, a plain loop written separately.
 
 **Optimisers.** The loss is not quadratic in a core (ε is a ratio of multilinear forms of the
 cores, and the cores are exponentials of the parameters): ``ddpm.optimizer=adam|sgd`` apply;
@@ -57,14 +72,25 @@ from lightning_modules.errors import UserError
 from lightning_modules.tt.ftt import FunctionalTT, _bounds
 
 PARAMS = ("eps", "density")
-#: init=auto: rank component k starts as a bump of this std (data units: the task standardises)
-#: around a seeded training point; the other bond entries start e^-4 times smaller
+#: init=auto: the width (data units: the task standardises) of a component whose k-means
+#: cluster holds a single point
 SEED_WIDTH = 1.0
-SEED_OFF_DIAGONAL = -4.0
+#: init=auto: every core entry but a component's own bump and bond starts e^this smaller. At
+#: e^-4 the leaks between components add up over the sites: gmm D=10 K=4 starts at an excess
+#: over ε* of 0.012 (e^-4) against 0.0002 (e^-8); D=20 K=8: 0.024 against 0.0006
+SEED_OFF_DIAGONAL = -8.0
 SEED_POOL = 4096  # training points the k-means++ seeding draws from
-#: core_lr_scale=auto: Adam steps the log-cores with 5 x ddpm.lr (a step is a relative change
-#: of the entries). gmm D=10 K=4, rank 8, 32 bumps, 1000 steps: excess over ε* 0.0049 at lr
-#: 2e-3, 0.0006 at 1e-2 (benchmarks/tt_gmm_density_probe.py; docs/results/tt_beyond_2d.md)
+#: Lloyd (k-means) steps after the k-means++ draw: in 10-D a mixture 6 stds apart has points of
+#: one component 2.7 stds apart on average, so the draw alone often seeds two points in one
+#: component; k-means then splits them
+SEED_LLOYD_STEPS = 25
+#: k-means++ draws, each followed by the Lloyd steps; the clustering with the smallest
+#: within-cluster sum of squares seeds the model (gmm D=20 K=8: one draw left two components
+#: unseeded)
+SEED_RESTARTS = 10
+#: core_lr_scale=auto: Adam steps the log-cores, centres and log-widths with 5 x ddpm.lr (a step
+#: on a log-core is a relative change of the entries). Chosen on gmm D=10 K=4, rank 8, 32 fixed
+#: bumps, k-means++ seeds, 1000 steps: excess over ε* 0.0049 at lr 2e-3, 0.0006 at 1e-2
 AUTO_LR_SCALE = 5.0
 #: optimisers that need a loss quadratic in each core (or a linear model of the full tensor)
 CORE_SOLVERS = ("als", "dmrg", "riemannian")
@@ -114,15 +140,13 @@ class DensityTT(nn.Module):
             span it (``None``: ``[-1, 1]``).
         num_basis: bumps per coordinate ``m`` (>= 2).
         rank: TT rank of every inner bond (a K-component mixture needs K).
-        init: every coordinate's factor starts at the bump-smoothed marginal histogram of
-            ``train_data`` (flat without data); ``auto`` then seeds rank component k at a training
-            point drawn with ``seed`` by k-means++ seeding (a bump of std ``SEED_WIDTH`` around it,
-            other bond entries ``e^SEED_OFF_DIAGONAL`` smaller); ``identity``: no seeding
-            (every component at the marginals: Adam then splits them slowly; measured excess
-            over ε* after 1000 steps 0.041, where ``auto`` reaches 0.0049 at the same lr).
+        init: ``auto``: rank components at a k-means clustering of ``train_data`` (module
+            docstring; without data as ``identity``); ``identity``: every coordinate's factor
+            at the bump-smoothed marginal histogram of ``train_data`` (flat without data), all
+            components alike (Adam then splits them slowly).
         init_noise: std of the Gaussian noise on the log-cores at init (breaks the symmetry of
             the rank components).
-        seed: seed of that noise.
+        seed: seed of that noise and of the k-means draws.
         skip: ``auto`` / ``none`` only (module docstring).
         train_data: ``[N, *data_shape]``: the init sets every coordinate's factor to the
             bump-smoothed marginal histogram of the data (``None``: flat).
@@ -169,31 +193,41 @@ class DensityTT(nn.Module):
         lo, hi = _bounds(data_bounds, self.dim)
         hi = torch.maximum(hi, lo + 1e-6)
         grid = torch.linspace(0, 1, self.num_basis, dtype=torch.float64)
-        self.register_buffer("centres", lo[:, None] + grid[None, :] * (hi - lo)[:, None])
-        self.register_buffer("width", (hi - lo) / (self.num_basis - 1))  # h per coordinate
+        centres = lo[:, None] + grid[None, :] * (hi - lo)[:, None]  # [D, m]
+        width = ((hi - lo) / (self.num_basis - 1))[:, None].expand(-1, self.num_basis).clone()
         self.register_buffer("alpha_bar", torch.as_tensor(alpha_bar, dtype=torch.float64).cpu())
         self.ranks = [1] + [self.rank] * (self.dim - 1) + [1]
         g = torch.Generator().manual_seed(int(seed))
-        log_marginal = self._log_marginals(train_data)  # [D, m]
-        seeds = self._log_seeds(train_data, g) if init == "auto" else None  # [r, D, m]
+        log_marginal = self._log_marginals(train_data, centres, width)  # [D, m]
+        seeds = self._seed_points(train_data, g) if init == "auto" else None
+        if seeds is not None:
+            # rank component k starts as one bump per coordinate (bump k mod m), centred on its
+            # seed point with the spread of the training points nearest that seed
+            points, spread, share = seeds  # [r, D], [r, D], [r]
+            for k in range(min(self.rank, self.num_basis)):
+                centres[:, k], width[:, k] = points[k], spread[k]
         cores = []
         for d in range(self.dim):
             r0, r1 = self.ranks[d], self.ranks[d + 1]
             core = log_marginal[d][None, :, None].expand(r0, -1, r1).clone()
             if seeds is not None:
                 core = core + SEED_OFF_DIAGONAL
-                for k in range(self.rank):
-                    core[min(k, r0 - 1), :, min(k, r1 - 1)] = seeds[k, d]
+                for k in range(self.rank):  # the first core carries the cluster's share
+                    weight = math.log(share[k]) if d == 0 else 0.0
+                    core[min(k, r0 - 1), k % self.num_basis, min(k, r1 - 1)] = weight
             core += float(init_noise) * torch.randn(core.shape, generator=g, dtype=torch.float64)
             cores.append(nn.Parameter(core.float()))
         self.log_cores = nn.ParameterList(cores)
+        # the bumps are learned too: centre and log-width per coordinate and bump
+        self.centres = nn.Parameter(centres.float().clone())
+        self.log_width = nn.Parameter(width.log().float().clone())
         scale = AUTO_LR_SCALE if core_lr_scale == "auto" else float(core_lr_scale)
         if not scale > 0:
             raise UserError(f"eps_net.core_lr_scale={core_lr_scale}: use auto or a number > 0")
-        for core in self.log_cores:
-            core.lr_scale = scale
+        for p in self.parameters():
+            p.lr_scale = scale
 
-    def _log_marginals(self, train_data: torch.Tensor | None) -> torch.Tensor:
+    def _log_marginals(self, train_data, centres, width) -> torch.Tensor:
         """``[D, m]`` log of each coordinate's bump-smoothed histogram at the centres (+1 % of
         its peak, so no bump starts dead); zeros (flat) without data."""
         if train_data is None or len(train_data) == 0:
@@ -201,83 +235,122 @@ class DensityTT(nn.Module):
         x = train_data.reshape(len(train_data), -1).double().cpu()
         if x.shape[1] != self.dim:
             raise UserError(f"train_data has {x.shape[1]} coordinates, not {self.dim}")
-        z = (x.T[:, :, None] - self.centres[:, None, :]) / self.width[:, None, None]  # [D, N, m]
+        z = (x.T[:, :, None] - centres[:, None, :]) / width[:, None, :]  # [D, N, m]
         hist = torch.exp(-0.5 * z * z).mean(1)  # [D, m]
         return torch.log(hist + 1e-2 * hist.amax(1, keepdim=True))
 
-    def _log_seeds(self, train_data, g: torch.Generator) -> torch.Tensor | None:
-        """``[r, D, m]``: rank component k starts as a broad bump (std SEED_WIDTH) around a
-        training point drawn with the model's seed by k-means++ seeding (None: no data)."""
+    def _seed_points(self, train_data, g: torch.Generator):
+        """``(points [r, D], spread [r, D], share [r])`` of a k-means clustering (k = r) of up to
+        ``SEED_POOL`` training points: the best (smallest within-cluster sum of squares) of
+        ``SEED_RESTARTS`` runs of ``SEED_LLOYD_STEPS`` Lloyd steps from k-means++ draws made
+        with the model's seed; ``spread`` is each cluster's per-coordinate std, ``share`` its
+        share of the points (None: no data)."""
         if train_data is None or len(train_data) == 0:
             return None
         x = train_data.reshape(len(train_data), -1).double().cpu()
         x = x[torch.randperm(len(x), generator=g)[:SEED_POOL]]
-        # k-means++: each next point drawn with probability ∝ its squared distance to the
-        # nearest point drawn so far, so separated modes are all seeded (uniform draws of 12
-        # points miss a mode of weight 0.08 with probability 0.92^12 = 0.37)
-        chosen = [int(torch.randint(0, len(x), (1,), generator=g))]
-        nearest = ((x - x[chosen[0]]) ** 2).sum(1)
-        for _ in range(self.rank - 1):
-            chosen.append(int(torch.multinomial(nearest.clamp(min=1e-12), 1, generator=g)))
-            nearest = torch.minimum(nearest, ((x - x[chosen[-1]]) ** 2).sum(1))
-        points = x[chosen]  # [r, D]
-        z = (self.centres[None] - points[:, :, None]) / SEED_WIDTH  # [r, D, m]
-        return -0.5 * z * z
+        best, best_inertia = None, math.inf
+        for _ in range(SEED_RESTARTS):
+            # k-means++: each next point drawn with probability ∝ its squared distance to the
+            # nearest point drawn so far
+            chosen = [int(torch.randint(0, len(x), (1,), generator=g))]
+            nearest = ((x - x[chosen[0]]) ** 2).sum(1)
+            for _ in range(self.rank - 1):
+                chosen.append(int(torch.multinomial(nearest.clamp(min=1e-12), 1, generator=g)))
+                nearest = torch.minimum(nearest, ((x - x[chosen[-1]]) ** 2).sum(1))
+            points = x[chosen]  # [r, D]
+            for _ in range(SEED_LLOYD_STEPS):
+                owner = torch.cdist(x, points).argmin(1)
+                count = torch.bincount(owner, minlength=self.rank)[:, None]
+                total = torch.zeros_like(points).index_add_(0, owner, x)
+                # a seed left alone keeps its point
+                points = torch.where(count > 1, total / count.clamp(min=1), points)
+            distance, owner = torch.cdist(x, points).min(1)
+            inertia = float((distance**2).sum())
+            if inertia < best_inertia:
+                best, best_inertia = (points, owner), inertia
+        points, owner = best
+        spread = torch.full_like(points, SEED_WIDTH)
+        share = torch.zeros(self.rank, dtype=x.dtype)
+        for k in range(self.rank):
+            mine = x[owner == k]
+            share[k] = max(len(mine), 1) / len(x)
+            if len(mine) > 1:
+                spread[k] = mine.std(0).clamp(min=1e-2)
+        return points, spread, share
 
     # ---------------------------------------------------------------------------------- pieces
     def num_parameters(self) -> int:
-        return sum(c.numel() for c in self.log_cores)
+        return sum(p.numel() for p in self.parameters())
 
     def cores(self) -> list[torch.Tensor]:
         """The non-negative cores ``exp(θ_d)``, ``[r_{d-1}, m, r_d]``."""
         return [c.exp() for c in self.log_cores]
 
     def _bumps(self, x: torch.Tensor, t: torch.Tensor):
-        """``(log φ^t [N, D, m], ∂_x log φ^t [N, D, m])`` of the diffused bumps (no constants)."""
+        """``(log φ^t [N, D, m], ∂_x log φ^t [N, D, m])`` of the diffused, normalised bumps
+        (without the 2π constant)."""
         ab = self.alpha_bar.to(device=x.device)[t.long()].to(x.dtype)[:, None, None]  # [N, 1, 1]
-        a = ab.sqrt()
-        centres = self.centres.to(x.dtype)[None]  # [1, D, m]
-        s2 = ab * self.width.to(x.dtype)[None, :, None] ** 2 + (1 - ab)  # [N, D, 1]
-        diff = x[:, :, None] - a * centres
-        return -0.5 * diff * diff / s2, -diff / s2
+        h2 = (2 * self.log_width).exp()[None]  # [1, D, m]
+        s2 = ab * h2 + (1 - ab)
+        diff = x[:, :, None] - ab.sqrt() * self.centres[None]
+        return -0.5 * (diff * diff / s2 + s2.log()), -diff / s2
 
-    def _site_matrices(self, x: torch.Tensor, t: torch.Tensor, derivative: bool = True):
-        """Per site ``(M_d [N, r, r'], dM_d or None, log scale [N])`` (module docstring)."""
+    def _site_weights(self, x: torch.Tensor, t: torch.Tensor):
+        """``(w, dw)``, each ``[D, m, N]`` (samples last: the elementwise products below then run
+        along contiguous memory, 2-3x faster on a CPU than a batched product of ``N`` tiny
+        matrices): ``w_i = φ^t_{d,i}(x_d)`` divided by their largest (a per-site scale that
+        cancels) and ``dw_i = w_i ∂ log φ^t_{d,i}(x_d)``."""
         log_phi, dlog_phi = self._bumps(x, t)
-        top = log_phi.amax(-1, keepdim=True)
-        w = torch.exp(log_phi - top)  # [N, D, m], the largest 1
-        out = []
-        for d, core in enumerate(self.cores()):
-            M = torch.einsum("nm,amb->nab", w[:, d], core)
-            dM = torch.einsum("nm,amb->nab", w[:, d] * dlog_phi[:, d], core) if derivative else None
-            out.append((M, dM, top[:, d, 0]))
-        return out
+        w = torch.exp(log_phi - log_phi.detach().amax(-1, keepdim=True))  # [N, D, m]
+        return w.permute(1, 2, 0), (w * dlog_phi).permute(1, 2, 0)
 
     @staticmethod
-    def _normalise(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``v [N, r] >= 0`` divided by its (detached) sum, and that sum."""
-        total = v.detach().sum(-1, keepdim=True).clamp(min=torch.finfo(v.dtype).tiny)
-        return v / total, total[:, 0]
+    def _normalise(v: torch.Tensor) -> torch.Tensor:
+        """``v [r, N] >= 0`` divided by its (detached) sum per sample: a scale that every ratio
+        below cancels."""
+        return v / v.detach().sum(0, keepdim=True).clamp(min=torch.finfo(v.dtype).tiny)
+
+    @staticmethod
+    def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+        return num / den.clamp(min=torch.finfo(den.dtype).tiny)
 
     # ------------------------------------------------------------------------------- the model
     def score(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``∇_x log q_θ(x_t, t)``: ``[N, D]`` for flattened ``x_t [N, D]``."""
         N = x_t.shape[0]
         x = x_t.reshape(N, -1).to(self.log_cores[0].dtype)
-        sites = self._site_matrices(x, t)
-        one = torch.ones(N, 1, dtype=x.dtype, device=x.device)
-        lefts, left = [one], one
-        for M, _, _ in sites[:-1]:
-            left, _ = self._normalise(torch.einsum("na,nab->nb", left, M))
+        w, dw = self._site_weights(x, t)
+        D = self.dim
+        if D == 1:
+            core = self.log_cores[0].exp()[0, :, 0]  # [m]
+            return self._ratio(core @ dw[0], core @ w[0])[:, None]
+        first, last = self.log_cores[0].exp()[0].T, self.log_cores[-1].exp()[:, :, 0]  # [r, m]
+        a, da = first @ w[0], first @ dw[0]  # the first site's row vectors [r, N]
+        b, db = last @ w[-1], last @ dw[-1]  # the last site's column vectors [r, N]
+        sites = dM = ()
+        if D > 2:  # the middle sites' matrices [D-2, r, r, N], one batched product each
+            mid = torch.stack(list(self.log_cores[1:-1])).exp()  # [D-2, r, m, r]
+            r, m = mid.shape[1], mid.shape[2]
+            flat = mid.transpose(1, 2).reshape(D - 2, m, r * r).transpose(1, 2)
+            M = torch.bmm(flat, w[1:-1]).view(D - 2, r, r, N)
+            dM = torch.bmm(flat, dw[1:-1]).view(D - 2, r, r, N)
+            sites = M.unbind(0)  # one backward for all (indexing would zero-fill M per site)
+        # lefts[k]: the product of the sites left of middle site k (k = D-2: of the last
+        # site); rights[j]: of the last j + 1 sites, each up to a scale
+        left, right = self._normalise(a), self._normalise(b)
+        lefts, rights = [left], [right]
+        for j in range(D - 2):
+            left = self._normalise((left[:, None] * sites[j]).sum(0))
+            right = self._normalise((sites[-1 - j] * right[None]).sum(1))
             lefts.append(left)
-        right, cols = one, []
-        for d in range(self.dim - 1, -1, -1):
-            M, dM, _ = sites[d]
-            num = torch.einsum("na,nab,nb->n", lefts[d], dM, right)
-            den = torch.einsum("na,nab,nb->n", lefts[d], M, right)
-            cols.append(num / den.clamp(min=torch.finfo(x.dtype).tiny))
-            right, _ = self._normalise(torch.einsum("nab,nb->na", M, right))
-        return torch.stack(cols[::-1], dim=1)
+            rights.append(right)
+        cols = [self._ratio((da * rights[-1]).sum(0), (a * rights[-1]).sum(0))]
+        if D > 2:
+            outer = torch.stack(lefts[:-1])[:, :, None] * torch.stack(rights[-2::-1])[:, None]
+            cols += self._ratio((outer * dM).sum((1, 2)), (outer * M).sum((1, 2))).unbind(0)
+        cols.append(self._ratio((lefts[-1] * db).sum(0), (lefts[-1] * b).sum(0)))
+        return torch.stack(cols, dim=1)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``ε_θ(x_t, t) = -sqrt(1 - ᾱ_t) ∇ log q_θ``: ``[N, *data_shape]``."""
@@ -286,15 +359,18 @@ class DensityTT(nn.Module):
         return eps.to(x_t.dtype).reshape(x_t.shape)
 
     def log_density(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``log q_θ(x_t, t)`` up to a constant per ``t`` (``[N]``; the tests' autograd check)."""
+        """``log q_θ(x_t, t)`` up to a constant per ``t`` (``[N]``; the tests' autograd check):
+        a plain loop over the sites, kept independent of :meth:`score`'s scan."""
         N = x_t.shape[0]
         x = x_t.reshape(N, -1).to(self.log_cores[0].dtype)
+        log_phi, _ = self._bumps(x, t)
         left = torch.ones(N, 1, dtype=x.dtype, device=x.device)
         log = torch.zeros(N, dtype=x.dtype, device=x.device)
-        for M, _, top in self._site_matrices(x, t, derivative=False):
-            total = torch.einsum("na,nab->nb", left, M)
+        for d, core in enumerate(self.cores()):
+            top = log_phi[:, d].amax(-1, keepdim=True)
+            total = torch.einsum("na,nm,amb->nb", left, torch.exp(log_phi[:, d] - top), core)
             norm = total.sum(-1, keepdim=True)
-            left, log = total / norm, log + norm[:, 0].log() + top
+            left, log = total / norm, log + norm[:, 0].log() + top[:, 0]
         return log
 
     def flops_per_sample(self) -> int:
