@@ -11,7 +11,9 @@ training steps are sweeps):
   16,384 fresh pairs per sweep, 4 sweeps (the form the capacity diagnosis points to);
 * ``ftt_density``: ``eps_net=ftt eps_net.param=density`` with 8 learned bumps per coordinate
   and rank K, Adam for half the steps (its per-step cost is at or above the ResNet's beyond
-  D = 10: the cost question is asked in training time, not steps).
+  D = 10: the cost question is asked in training time, not steps);
+* ``ftt_density_start``: the same model at its k-means start (``init=auto``), not trained (one
+  step at ``ddpm.lr=0``): how much of the density arm's quality is the start's.
 
 Per run: parameters, train and sample seconds, final loss, the SW / Sinkhorn / MMD ratios to the
 exact predictor, mode share and the largest component-share gap. A run folder holding a finished
@@ -41,7 +43,7 @@ from benchmarks.tt_compare import finished_with  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["task=ddpm", "dataset=gmm", "logger=csv", "trainer.enable_progress_bar=false", "threads=1"]
-ARMS = ("resnet", "ftt_eps_adam", "ftt_eps_als", "ftt_density")
+ARMS = ("resnet", "ftt_eps_adam", "ftt_eps_als", "ftt_density", "ftt_density_start")
 KEYS = ["params", "train_s", "sample_s", "final_loss", "sw_ratio", "sinkhorn_ratio", "mmd_ratio"]
 KEYS += ["mode_share", "mode_share_oracle", "component_share_gap", "component_share_gap_oracle"]
 
@@ -68,8 +70,11 @@ def arm_args(arm: str, components: int, steps: int) -> list[str]:
             "eps_net.param=density",
             "eps_net.num_basis=8",
             f"eps_net.rank={components}",
-            f"ddpm.steps={steps // 2}",
+            f"ddpm.steps={max(1, steps // 2)}",
         ]
+    if arm == "ftt_density_start":  # the k-means start alone: one step at lr 0
+        density = arm_args("ftt_density", components, steps)[:-1]
+        return [*density, "ddpm.lr=0", "ddpm.steps=1"]
     raise SystemExit(f"unknown arm {arm!r}; use {', '.join(ARMS)}")
 
 

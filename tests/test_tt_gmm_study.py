@@ -38,4 +38,7 @@ def test_the_study_runs_every_arm_and_reuses_finished_runs(tmp_path):
     assert [c["sw_ratio"] for c in again] == [c["sw_ratio"] for c in cells]
     assert json.loads((tmp_path / "cells.json").read_text())[0]["arm"] == "resnet"
     density = next(c for c in cells if c["arm"] == "ftt_density")
-    assert "eps_net.param=density" in density["command"] and "eps_net.rank=6" in density["command"]
+    assert "eps_net.param=density" in density["command"] and "eps_net.rank=2" in density["command"]
+    assert "ddpm.steps=1 " in density["command"] + " "  # half of --steps 3, rounded down
+    start = next(c for c in cells if c["arm"] == "ftt_density_start")
+    assert "ddpm.lr=0" in start["command"] and "eps_net.rank=2" in start["command"]

@@ -88,10 +88,11 @@ SEED_LLOYD_STEPS = 25
 #: within-cluster sum of squares seeds the model (gmm D=20 K=8: one draw left two components
 #: unseeded)
 SEED_RESTARTS = 10
-#: core_lr_scale=auto: Adam steps the log-cores, centres and log-widths with 5 x ddpm.lr (a step
-#: on a log-core is a relative change of the entries). Chosen on gmm D=10 K=4, rank 8, 32 fixed
-#: bumps, k-means++ seeds, 1000 steps: excess over ε* 0.0049 at lr 2e-3, 0.0006 at 1e-2
-AUTO_LR_SCALE = 5.0
+#: core_lr_scale=auto: Adam steps every parameter with ddpm.lr (scale 1). From the k-means start
+#: a larger step undoes it: gmm D=20 K=8, 8 bumps, rank 8, 1000 steps: excess over ε* 0.0006 at
+#: step 0, then 0.0013 at lr 1e-2, 0.0005 at 2e-3, 0.0004 at 5e-4
+#: (benchmarks/tt_gmm_density_probe.py; docs/results/tt_beyond_2d.md)
+AUTO_LR_SCALE = 1.0
 #: optimisers that need a loss quadratic in each core (or a linear model of the full tensor)
 CORE_SOLVERS = ("als", "dmrg", "riemannian")
 
@@ -151,8 +152,8 @@ class DensityTT(nn.Module):
         train_data: ``[N, *data_shape]``: the init sets every coordinate's factor to the
             bump-smoothed marginal histogram of the data (``None``: flat).
         alpha_bar: ``[timesteps]`` ᾱ_t (required: the bumps are diffused with it).
-        core_lr_scale: adam/sgd step the log-cores with ``lr × this``; ``auto``:
-            ``AUTO_LR_SCALE`` (5).
+        core_lr_scale: adam/sgd step every parameter with ``lr × this``; ``auto``:
+            ``AUTO_LR_SCALE`` (1).
         **unused: the ε form's keys that mean nothing here (basis, degree, time, time_basis,
             output, skip_components, margin, name).
     """
