@@ -143,7 +143,7 @@ BAD = [
     (["task=ddpm", "dataset=swiss_roll", "ddpm.grad_clip=-1"], "ddpm.grad_clip must be a positive"),
     (["task=ddpm", "dataset=swiss_roll", "ddpm.clip_margin=-5"], "ddpm.clip_margin must be a finite number >= 0"),
     (["task=ddpm", "dataset=swiss_roll", "ddpm.eta=1.5"], "ddpm.eta must be a number in [0, 1], got 1.5"),
-    (["task=ddpm", "dataset=swiss_roll", "ddpm.lr=nan"], "ddpm.lr must be a positive number, got nan"),
+    (["task=ddpm", "dataset=swiss_roll", "ddpm.lr=nan"], "ddpm.lr must be a finite number >= 0, got nan"),
     (["task=ddpm", "dataset=swiss_roll", "ddpm.timesteps=1000000000"], "ddpm.timesteps must be a whole number in [1, 100000]"),
     (["task=ddpm", "dataset=swiss_roll", "ddpm.timesteps=1e9"], "ddpm.timesteps must be a whole number in [1, 100000], got 1000000000.0"),
     (["task=ddpm", "dataset=swiss_roll", "ddpm.sample_steps=5000"], "ddpm.sample_steps must be at most ddpm.timesteps (1000), got 5000"),  # relation

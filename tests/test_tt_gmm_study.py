@@ -42,3 +42,17 @@ def test_the_study_runs_every_arm_and_reuses_finished_runs(tmp_path):
     assert "ddpm.steps=1 " in density["command"] + " "  # half of --steps 3, rounded down
     start = next(c for c in cells if c["arm"] == "ftt_density_start")
     assert "ddpm.lr=0" in start["command"] and "eps_net.rank=2" in start["command"]
+
+
+@pytest.mark.slow
+def test_the_train_time_comparison_interleaves_the_two_arms_and_tabulates_them(tmp_path):
+    from benchmarks import tt_gmm_train_time
+
+    args = ["--cells", "2:2", "--repeats", "1", "--steps", "3", "--sample-steps", "10"]
+    rows = tt_gmm_train_time.main([*args, "--out", str(tmp_path), "--extra", *TOY])
+    assert [r["arm"] for r in rows] == ["resnet", "ftt_density"]
+    assert all(r["train_s"] > 0 and "ddpm.oracle=false" in r["command"] for r in rows)
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert len(table) == 3 and table[2].startswith("| 2 | 2 | ")
+    share = f"{rows[1]['params']:,} ({100 * rows[1]['params'] / rows[0]['params']:.0f} %)"
+    assert share in table[2]

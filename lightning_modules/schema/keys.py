@@ -103,7 +103,7 @@ KEYS: dict[str, Kind] = {
     "ddpm.epochs": count(),
     "ddpm.steps": count(null=True),
     "ddpm.batch_size": count(),
-    "ddpm.lr": positive(),
+    "ddpm.lr": nonneg(),  # 0: the start is evaluated untrained (PCA skip alone, k-means start)
     "ddpm.optimizer": one_of("adam", "sgd", "als", "dmrg", "riemannian"),
     "ddpm.momentum": MOMENTUM,
     "ddpm.weight_decay": nonneg(),
