@@ -80,9 +80,9 @@ SEED_WIDTH = 1.0
 #: over ε* of 0.012 (e^-4) against 0.0002 (e^-8); D=20 K=8: 0.024 against 0.0006
 SEED_OFF_DIAGONAL = -8.0
 SEED_POOL = 4096  # training points the k-means++ seeding draws from
-#: Lloyd (k-means) steps after the k-means++ draw: in 10-D a mixture 6 stds apart has points of
-#: one component 2.7 stds apart on average, so the draw alone often seeds two points in one
-#: component; k-means then splits them
+#: Lloyd (k-means) steps after the k-means++ draw: in 10-D two points of one component are on
+#: average σ sqrt(2D) = 4.5 component stds apart against 6 between the closest means, so the draw
+#: alone often seeds two points in one component; k-means then splits them
 SEED_LLOYD_STEPS = 25
 #: k-means++ draws, each followed by the Lloyd steps; the clustering with the smallest
 #: within-cluster sum of squares seeds the model (gmm D=20 K=8: one draw left two components
@@ -202,8 +202,8 @@ class DensityTT(nn.Module):
         log_marginal = self._log_marginals(train_data, centres, width)  # [D, m]
         seeds = self._seed_points(train_data, g) if init == "auto" else None
         if seeds is not None:
-            # rank component k starts as one bump per coordinate (bump k mod m), centred on its
-            # seed point with the spread of the training points nearest that seed
+            # rank component k starts as one bump per coordinate (bump k mod m) at k-means
+            # cluster k: its mean and per-coordinate std
             points, spread, share = seeds  # [r, D], [r, D], [r]
             for k in range(min(self.rank, self.num_basis)):
                 centres[:, k], width[:, k] = points[k], spread[k]
