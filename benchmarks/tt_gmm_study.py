@@ -64,16 +64,11 @@ def arm_args(arm: str, components: int, steps: int) -> list[str]:
             "als.sweeps=4",
             "ddpm.steps=1",
         ]
+    density = ["eps_net=ftt", "eps_net.param=density", "eps_net.num_basis=8"]
+    density.append(f"eps_net.rank={components}")
     if arm == "ftt_density":
-        return [
-            "eps_net=ftt",
-            "eps_net.param=density",
-            "eps_net.num_basis=8",
-            f"eps_net.rank={components}",
-            f"ddpm.steps={max(1, steps // 2)}",
-        ]
+        return [*density, f"ddpm.steps={max(1, steps // 2)}"]
     if arm == "ftt_density_start":  # the k-means start alone: one step at lr 0
-        density = arm_args("ftt_density", components, steps)[:-1]
         return [*density, "ddpm.lr=0", "ddpm.steps=1"]
     raise SystemExit(f"unknown arm {arm!r}; use {', '.join(ARMS)}")
 

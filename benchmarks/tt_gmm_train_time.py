@@ -5,7 +5,8 @@ CPU with whatever else runs, so two arms' times there can differ by the load. Th
 the two arms of the study's cost question (``resnet`` and ``ftt_density``, the study's own
 overrides) through ``train.py`` interleaved, A B A B ..., in one process at one thread, and prints
 the median ``train_s`` of each with the parameter counts. The exact predictor's comparison is
-switched off (``ddpm.oracle=false``): it costs sampling time, not training time.
+switched off (``ddpm.oracle=false``): it costs sampling time, not training time. A run folder
+holding a finished run of the same overrides is read, not rerun (the study's runner).
 
     python benchmarks/tt_gmm_train_time.py --out runs/tt_gmm_train_time     # D 10, 20; K 4, 8
     python benchmarks/tt_gmm_train_time.py --cells 10:4 --repeats 1 --out runs/quick
@@ -14,42 +15,30 @@ switched off (``ddpm.oracle=false``): it costs sampling time, not training time.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.tt_gmm_study import BASE, arm_args  # noqa: E402
+from benchmarks import tt_gmm_study  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("resnet", "ftt_density")
 
 
 def run_one(arm: str, dim: int, components: int, repeat: int, args) -> dict:
-    run_dir = args.out / f"{arm}_d{dim}_k{components}_rep{repeat}"
-    overrides = [
-        *BASE,
-        f"dataset.dim={dim}",
-        f"dataset.components={components}",
-        *arm_args(arm, components, args.steps),
-        f"ddpm.sample_steps={args.sample_steps}",
-        "ddpm.oracle=false",
-        "seed=0",
-        *args.extra,
-    ]
-    argv = [sys.executable, str(ROOT / "train.py"), *overrides, f"paths.output_dir={run_dir}"]
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit(f"{arm} D={dim} K={components}: {r.stderr.strip().splitlines()[-1]}")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    return {"arm": arm, "dim": dim, "components": components, "repeat": repeat,
-            "params": summary["params"], "train_s": summary["train_s"],
-            "command": "python train.py " + " ".join(overrides)}  # fmt: skip
+    """One run through the study's own runner (its overrides, command and reuse of a finished
+    run), seed 0, in ``<out>/rep<repeat>/`` so that repeats are separate runs."""
+    study_args = copy.copy(args)
+    study_args.out = args.out / f"rep{repeat}"
+    study_args.extra = [*args.extra, "ddpm.oracle=false"]
+    row = tt_gmm_study.run_one(arm, dim, components, 0, study_args)
+    if "error" in row:
+        raise SystemExit(f"{arm} D={dim} K={components}: {row['error']}")
+    return {"repeat": repeat, **{k: row[k] for k in ("arm", "dim", "components", "params")},
+            "train_s": row["train_s"], "command": row["command"]}  # fmt: skip
 
 
 def table(rows: list[dict]) -> str:

@@ -118,7 +118,7 @@ def refuse_init(init: str) -> str:
     """The one line that refuses ``eps_net.init=init`` (linear, random) for the density form."""
     return (
         f"eps_net.init={init} does not apply to eps_net.param=density; use auto (rank "
-        "components seeded at training points) or identity (all at the data's marginals)"
+        "components at a k-means clustering of the data) or identity (all at its marginals)"
     )
 
 
