@@ -77,6 +77,21 @@ class MixtureEps:
         return (-s2.sqrt() * score).to(x.dtype)
 
 
+def log_normal_mass(hi: Tensor, lo: Tensor) -> Tensor:
+    """``log(Φ(hi) - Φ(lo))`` for ``hi > lo`` elementwise, on the side of 0 where the tails are
+    accurate (any float dtype; differentiable: each branch is fed only values it is accurate on).
+    The log of a diffused box's mass: :class:`BoxesEps` and the density TT's box bumps."""
+    flip = lo > 0
+    hi, lo = torch.where(flip, -lo, hi), torch.where(flip, -hi, lo)
+    log_hi, log_lo = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)
+    d = (log_lo - log_hi).clamp(max=-torch.finfo(hi.dtype).tiny)
+    # log(1 - e^d): log(-expm1(d)) near 0, log1p(-e^d) far from it
+    near = d > -math.log(2)
+    d_near, d_far = torch.where(near, d, -math.log(2)), torch.where(near, -math.log(2), d)
+    log1mexp = torch.where(near, torch.log(-torch.expm1(d_near)), torch.log1p(-d_far.exp()))
+    return log_hi + log1mexp
+
+
 class BoxesEps:
     """ε* of the uniform density on equally weighted boxes ``bounds`` [K, D, 2] (lo, hi)."""
 
@@ -84,25 +99,12 @@ class BoxesEps:
         self.bounds = torch.as_tensor(bounds, dtype=torch.float64)
         self.alpha_bar = torch.as_tensor(alpha_bar).double()
 
-    @staticmethod
-    def _log_cdf_diff(hi: Tensor, lo: Tensor) -> Tensor:
-        """log(Φ(hi) - Φ(lo)) for hi > lo, on the side of 0 where the tails are accurate."""
-        flip = lo > 0
-        hi, lo = torch.where(flip, -lo, hi), torch.where(flip, -hi, lo)
-        log_hi, log_lo = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)
-        d = (log_lo - log_hi).clamp(max=-1e-300)
-        # log(1 - e^d), each branch fed only the values it is accurate (and differentiable) on
-        near = d > -math.log(2)
-        d_near, d_far = torch.where(near, d, -math.log(2)), torch.where(near, -math.log(2), d)
-        log1mexp = torch.where(near, torch.log(-torch.expm1(d_near)), torch.log1p(-d_far.exp()))
-        return log_hi + log1mexp
-
     def log_density(self, y: Tensor, a: Tensor, s: Tensor) -> Tensor:
         """log p_t(y) up to a constant; ``a``, ``s`` per row ``[N, 1]``."""
         bounds = self.bounds.to(y.device)
         lo, hi = bounds[None, :, :, 0], bounds[None, :, :, 1]  # [1, K, D]
         z, a, s = y[:, None, :], a[:, :, None], s[:, :, None]
-        terms = self._log_cdf_diff((z - a * lo) / s, (z - a * hi) / s).sum(2)  # [N, K]
+        terms = log_normal_mass((z - a * lo) / s, (z - a * hi) / s).sum(2)  # [N, K]
         return torch.logsumexp(terms, dim=1)
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:

@@ -48,8 +48,11 @@ def splines_exceed_degree(data: dict) -> str | None:
 
 
 def density_takes_gradient_optimisers(data: dict) -> str | None:
-    """``eps_net.param=density``: adam/sgd only, no Gaussian skip (lightning_modules/tt/density)."""
+    """``eps_net.param=density``: adam/sgd only, no Gaussian skip (lightning_modules/tt/density);
+    ``eps_net.init=histogram`` is the density form's alone."""
     if get(data, "eps_net.param") != "density":
+        if get(data, "eps_net.init") == "histogram":
+            return "eps_net.init=histogram needs eps_net.param=density"
         return None
     from lightning_modules.tt.density import (
         CORE_SOLVERS,
@@ -64,7 +67,7 @@ def density_takes_gradient_optimisers(data: dict) -> str | None:
     if skip not in (None, "auto", "none"):
         return refuse_skip(skip)
     init = get(data, "eps_net.init")
-    if init not in (None, "auto", "identity"):
+    if init not in (None, "auto", "identity", "histogram"):
         return refuse_init(init)
     return None
 

@@ -68,10 +68,16 @@ import math
 import torch
 from torch import nn
 
+from lightning_modules.diffusion.oracles import log_normal_mass
 from lightning_modules.errors import UserError
 from lightning_modules.tt.ftt import FunctionalTT, _bounds
 
 PARAMS = ("eps", "density")
+#: the bump shapes: gaussian N(c, h²); box: uniform on [c - h/2, c + h/2] (diffused: a normal-CDF
+#: difference), whose edges stay sharp where the data's do (the checkerboard)
+BUMPS = ("gaussian", "box")
+#: the keys only the density form reads (the ε form is built without them)
+DENSITY_KEYS = ("bump",)
 #: init=auto: the width (data units: the task standardises) of a component whose k-means
 #: cluster holds a single point
 SEED_WIDTH = 1.0
@@ -79,6 +85,10 @@ SEED_WIDTH = 1.0
 #: e^-4 the leaks between components add up over the sites: gmm D=10 K=4 starts at an excess
 #: over ε* of 0.012 (e^-4) against 0.0002 (e^-8); D=20 K=8: 0.024 against 0.0006
 SEED_OFF_DIAGONAL = -8.0
+#: init=histogram: empty cells, and every core entry off the histogram's, start e^this of the
+#: largest (at e^-8 the 63 off-diagonal entries of each row of the first core would spread 2 % of
+#: the mass as a product of the marginals, 1 point of the checkerboard's share)
+HISTOGRAM_FLOOR = -12.0
 SEED_POOL = 4096  # training points the k-means++ seeding draws from
 #: Lloyd (k-means) steps after the k-means++ draw: in 10-D two points of one component are on
 #: average σ sqrt(2D) = 4.5 component stds apart against 6 between the closest means, so the draw
@@ -118,14 +128,15 @@ def refuse_init(init: str) -> str:
     """The one line that refuses ``eps_net.init=init`` (linear, random) for the density form."""
     return (
         f"eps_net.init={init} does not apply to eps_net.param=density; use auto (rank "
-        "components at a k-means clustering of the data) or identity (all at its marginals)"
+        "components at a k-means clustering of the data), histogram (2-D data: the data's "
+        "histogram on the bump grid) or identity (all at its marginals)"
     )
 
 
 def build_ftt(param: str = "eps", **options) -> nn.Module:
     """``eps_net=ftt``: the ε form (:class:`~.ftt.FunctionalTT`) or the density form."""
     if param == "eps":
-        return FunctionalTT(**options)
+        return FunctionalTT(**{k: v for k, v in options.items() if k not in DENSITY_KEYS})
     if param == "density":
         return DensityTT(**options)
     raise UserError(f"eps_net.param={param!r}: use {' or '.join(PARAMS)}")
@@ -140,11 +151,15 @@ class DensityTT(nn.Module):
         data_bounds: ``(lo, hi)`` per-coordinate range of the training data: the bump centres
             span it (``None``: ``[-1, 1]``).
         num_basis: bumps per coordinate ``m`` (>= 2).
+        bump: ``gaussian`` (centres on ``m`` equally spaced points spanning the data's range,
+            widths the spacing) or ``box`` (``m`` boxes tiling the range).
         rank: TT rank of every inner bond (a K-component mixture needs K).
         init: ``auto``: rank components at a k-means clustering of ``train_data`` (module
             docstring; without data as ``identity``); ``identity``: every coordinate's factor
             at the bump-smoothed marginal histogram of ``train_data`` (flat without data), all
-            components alike (Adam then splits them slowly).
+            components alike (Adam then splits them slowly); ``histogram`` (2-D data, ``rank >=
+            num_basis``): ``q_0`` starts as the data's histogram on the bump grid (with boxes
+            the histogram density itself), a rank-``m`` matrix written as cores ``I`` and ``H``.
         init_noise: std of the Gaussian noise on the log-cores at init (breaks the symmetry of
             the rank components).
         seed: seed of that noise and of the k-means draws.
@@ -174,13 +189,16 @@ class DensityTT(nn.Module):
         train_data: torch.Tensor | None = None,
         alpha_bar: torch.Tensor | None = None,
         core_lr_scale: float | str = "auto",
+        bump: str = "gaussian",
         **unused,
     ):
         super().__init__()
         if skip not in ("auto", "none"):
             raise UserError(refuse_skip(skip))
-        if init not in ("auto", "identity"):
+        if init not in ("auto", "identity", "histogram"):
             raise UserError(refuse_init(init))
+        if bump not in BUMPS:
+            raise UserError(f"eps_net.bump={bump!r}: use {' or '.join(BUMPS)}")
         if int(num_basis) < 2:
             raise UserError(f"eps_net.num_basis={num_basis}: the density form needs >= 2 bumps")
         if int(rank) < 1:
@@ -190,12 +208,22 @@ class DensityTT(nn.Module):
         self.data_shape = tuple(int(s) for s in data_shape)
         self.dim = math.prod(self.data_shape)
         self.timesteps, self.num_basis, self.rank = int(timesteps), int(num_basis), int(rank)
-        self.skip = None
+        if init == "histogram" and (self.dim != 2 or self.rank < self.num_basis):
+            raise UserError(
+                f"eps_net.init=histogram needs 2-D data and eps_net.rank >= eps_net.num_basis "
+                f"(here D = {self.dim}, rank {self.rank}, {self.num_basis} bumps); use init=auto"
+            )
+        self.skip, self.bump = None, bump
         lo, hi = _bounds(data_bounds, self.dim)
         hi = torch.maximum(hi, lo + 1e-6)
-        grid = torch.linspace(0, 1, self.num_basis, dtype=torch.float64)
+        m = self.num_basis
+        if bump == "box":  # m boxes tiling [lo, hi]: centres at the cells' midpoints
+            grid = (torch.arange(m, dtype=torch.float64) + 0.5) / m
+            spacing = (hi - lo) / m
+        else:  # m centres from lo to hi
+            grid, spacing = torch.linspace(0, 1, m, dtype=torch.float64), (hi - lo) / (m - 1)
         centres = lo[:, None] + grid[None, :] * (hi - lo)[:, None]  # [D, m]
-        width = ((hi - lo) / (self.num_basis - 1))[:, None].expand(-1, self.num_basis).clone()
+        width = spacing[:, None].expand(-1, m).clone()
         self.register_buffer("alpha_bar", torch.as_tensor(alpha_bar, dtype=torch.float64).cpu())
         self.ranks = [1] + [self.rank] * (self.dim - 1) + [1]
         g = torch.Generator().manual_seed(int(seed))
@@ -205,18 +233,28 @@ class DensityTT(nn.Module):
             # rank component k starts as one bump per coordinate (bump k mod m) at k-means
             # cluster k: its mean and per-coordinate std
             points, spread, share = seeds  # [r, D], [r, D], [r]
+            # a uniform of std σ is σ sqrt(12) wide
+            spread = spread * math.sqrt(12) if bump == "box" else spread
             for k in range(min(self.rank, self.num_basis)):
                 centres[:, k], width[:, k] = points[k], spread[k]
+        if init == "histogram":
+            starts = self._histogram_cores(train_data, centres, width)
+        else:
+            starts = []
+            for d in range(self.dim):
+                r0, r1 = self.ranks[d], self.ranks[d + 1]
+                core = log_marginal[d][None, :, None].expand(r0, -1, r1).clone()
+                if seeds is not None:
+                    core = core + SEED_OFF_DIAGONAL
+                    for k in range(self.rank):  # the first core carries the cluster's share
+                        weight = math.log(share[k]) if d == 0 else 0.0
+                        core[min(k, r0 - 1), k % m, min(k, r1 - 1)] = weight
+                starts.append(core)
         cores = []
-        for d in range(self.dim):
-            r0, r1 = self.ranks[d], self.ranks[d + 1]
-            core = log_marginal[d][None, :, None].expand(r0, -1, r1).clone()
-            if seeds is not None:
-                core = core + SEED_OFF_DIAGONAL
-                for k in range(self.rank):  # the first core carries the cluster's share
-                    weight = math.log(share[k]) if d == 0 else 0.0
-                    core[min(k, r0 - 1), k % self.num_basis, min(k, r1 - 1)] = weight
-            core += float(init_noise) * torch.randn(core.shape, generator=g, dtype=torch.float64)
+        for core in starts:
+            core = core + float(init_noise) * torch.randn(
+                core.shape, generator=g, dtype=torch.float64
+            )
             cores.append(nn.Parameter(core.float()))
         self.log_cores = nn.ParameterList(cores)
         # the bumps are learned too: centre and log-width per coordinate and bump
@@ -239,6 +277,34 @@ class DensityTT(nn.Module):
         z = (x.T[:, :, None] - centres[:, None, :]) / width[:, None, :]  # [D, N, m]
         hist = torch.exp(-0.5 * z * z).mean(1)  # [D, m]
         return torch.log(hist + 1e-2 * hist.amax(1, keepdim=True))
+
+    def _shape(self, x: torch.Tensor, centres, width) -> torch.Tensor:
+        """``[N, D, m]``: each bump's shape at ``x [N, D]`` at t = 0, peak 1 (box: 1 for the
+        nearest centre, the cell that holds ``x`` when the boxes tile the range, its ends
+        included; gaussian: ``exp(-z²/2)``)."""
+        z = (x[:, :, None] - centres[None]) / width[None]
+        if self.bump == "box":
+            return nn.functional.one_hot(z.abs().argmin(-1), self.num_basis).to(x.dtype)
+        return torch.exp(-0.5 * z * z)
+
+    def _histogram_cores(self, train_data, centres, width) -> list[torch.Tensor]:
+        """init=histogram: the log-cores of ``q_0 = Σ_ij H_ij φ_1i(x_1) φ_2j(x_2)``, ``H`` the
+        data's share per pair of bumps (with boxes: per cell, so ``q_0`` is the histogram
+        density), floored at ``e^HISTOGRAM_FLOOR`` of its largest entry; cores ``[1, m, r]``
+        (the identity on the first ``m`` bonds) and ``[r, m, 1]`` (``H`` in its first ``m``
+        rows), every other entry at the floor."""
+        if train_data is None or len(train_data) == 0:
+            raise UserError("eps_net.init=histogram needs the training data")
+        x = train_data.reshape(len(train_data), -1).double().cpu()
+        shape = self._shape(x, centres, width)  # [N, 2, m]
+        hist = shape[:, 0].T @ shape[:, 1] / len(x)  # [m, m]
+        log_hist = hist.clamp(min=math.exp(HISTOGRAM_FLOOR) * float(hist.max())).log()
+        m, r = self.num_basis, self.rank
+        first = torch.full((1, m, r), HISTOGRAM_FLOOR, dtype=x.dtype)
+        first[0, :, :m] = torch.where(torch.eye(m, dtype=torch.bool), 0.0, first[0, :, :m])
+        last = torch.full((r, m, 1), float(log_hist.min()), dtype=x.dtype)
+        last[:m, :, 0] = log_hist
+        return [first, last]
 
     def _seed_points(self, train_data, g: torch.Generator):
         """``(points [r, D], spread [r, D], share [r])`` of a k-means clustering (k = r) of up to
@@ -292,10 +358,25 @@ class DensityTT(nn.Module):
         """``(log φ^t [N, D, m], ∂_x log φ^t [N, D, m])`` of the diffused, normalised bumps
         (without the 2π constant)."""
         ab = self.alpha_bar.to(device=x.device)[t.long()].to(x.dtype)[:, None, None]  # [N, 1, 1]
+        if self.bump == "box":
+            return self._box_bumps(x, ab)
         h2 = (2 * self.log_width).exp()[None]  # [1, D, m]
         s2 = ab * h2 + (1 - ab)
         diff = x[:, :, None] - ab.sqrt() * self.centres[None]
         return -0.5 * (diff * diff / s2 + s2.log()), -diff / s2
+
+    def _box_bumps(self, x: torch.Tensor, ab: torch.Tensor):
+        """:meth:`_bumps` for boxes: the diffused box ``[c - h/2, c + h/2]`` has density
+        ``(Φ(u_hi) - Φ(u_lo)) / (a h)``, ``u_hi = (y - a (c - h/2)) / s`` and ``u_lo = (y - a (c +
+        h/2)) / s`` (``s = sqrt(1 - ᾱ)``), and log-derivative ``(φ(u_hi) - φ(u_lo)) / (s (Φ(u_hi)
+        - Φ(u_lo)))``, both in log space (``1 / a`` is a per-sample scale and dropped)."""
+        a, s = ab.sqrt(), (1 - ab).sqrt()
+        h = self.log_width.exp()[None]  # [1, D, m]
+        u_hi = (x[:, :, None] - a * (self.centres[None] - h / 2)) / s
+        u_lo = (x[:, :, None] - a * (self.centres[None] + h / 2)) / s
+        log_mass = log_normal_mass(u_hi, u_lo)
+        dlog = (-0.5 * u_hi * u_hi - log_mass).exp() - (-0.5 * u_lo * u_lo - log_mass).exp()
+        return log_mass - h.log(), dlog / (s * math.sqrt(2 * math.pi))
 
     def _site_weights(self, x: torch.Tensor, t: torch.Tensor):
         """``(w, dw)``, each ``[D, m, N]`` (samples last: the elementwise products below then run
@@ -385,6 +466,6 @@ class DensityTT(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"dim={self.dim}, param=density, bumps={self.num_basis}, "
+            f"dim={self.dim}, param=density, {self.bump} bumps={self.num_basis}, "
             f"ranks={self.ranks[1:-1]}, params={self.num_parameters():,}"
         )
