@@ -14,6 +14,13 @@ diffused bumps ``φ^t_{d,i}(y) = N(y; a c_{d,i}, a² h_{d,i}² + 1 - a²)`` (``a
 one set of cores defines the density at every noise level, with no time parameters, and ``q_t``
 is exactly what the forward process makes of ``q_0``.
 
+**Box bumps** (``bump=box``): ``φ_{d,i}`` uniform on ``[c - h/2, c + h/2]``, the ``m`` boxes
+tiling the data's range at the start. The diffused box is a difference of normal CDFs,
+``φ^t(y) = (Φ((y - a(c - h/2)) / s) - Φ((y - a(c + h/2)) / s)) / (a h)`` (``s² = 1 - a²``),
+evaluated in log space (:func:`~lightning_modules.diffusion.oracles.log_normal_mass`, the
+checkerboard oracle's): a sum of them keeps a density's sharp edges sharp at small ``t``, where
+Gaussian bumps blur them (the checkerboard's squares).
+
 **Why rank K is exact for a mixture.** ``Σ_k w_k Π_d N(x_d; μ_kd, σ²)`` is a TT of rank ``K``
 (diagonal cores, the weights in the first), and the diffusion keeps that form at every ``t``.
 With learned bumps it is exact with ``m = K`` bumps per coordinate (bump k at ``μ_kd`` with
@@ -30,7 +37,10 @@ points in the first core; every other core entry starts ``e^SEED_OFF_DIAGONAL`` 
 separated mixture with ``rank = K`` this start is already close to the exact predictor
 (``benchmarks/tt_gmm_density_probe.py`` reports the excess at step 0); Adam then fits every
 parameter to the DDPM loss. ``identity``: every component at the data's bump-smoothed marginal
-histograms on the grid.
+histograms on the grid. ``histogram`` (2-D data, ``rank >= m``): ``q_0`` starts as the data's
+2-D histogram on the bump grid, ``H_ij`` = the share of points in bump pair ``(i, j)`` (with
+boxes, in the cell), written exactly as a rank-``m`` train (first core the identity, second
+``H``); in 2-D a rank-``m`` train holds any non-negative ``m × m`` grid.
 
 **Why q ≥ 0 this way.** ``exp`` of free parameters keeps every core entry positive and the bumps
 are positive, so ``q_t > 0`` everywhere (``log q`` is finite, no clamping is needed and the
