@@ -114,6 +114,15 @@ def test_the_histogram_start_and_the_bump_are_refused_where_they_cannot_apply(co
     cfg = compose("task=ddpm", "dataset=moons", "eps_net=ftt", "eps_net.init=histogram")
     with pytest.raises(UserError, match="eps_net.init=histogram needs eps_net.param=density"):
         validate(cfg, composed=True)
+    density = ("task=ddpm", "eps_net=ftt", "eps_net.param=density", "eps_net.init=histogram")
+    for overrides, message in (
+        (("dataset=moons", "eps_net.rank=4"), r"rank >= eps_net.num_basis \(16\), got 4"),
+        (("dataset=gmm", "eps_net.rank=16"), "needs 2-D data, got dataset.dim=10"),
+        (("dataset=tabular", "eps_net.rank=16"), "needs 2-D data, got TabularDataModule"),
+    ):
+        with pytest.raises(UserError, match=message):
+            validate(compose(*density, *overrides), composed=True)
+    validate(compose(*density, "dataset=moons", "eps_net.rank=16"), composed=True)
     cfg = compose("task=ddpm", "dataset=moons", "eps_net=ftt", "eps_net.bump=triangle")
     with pytest.raises(UserError, match="eps_net.bump"):
         validate(cfg, composed=True)

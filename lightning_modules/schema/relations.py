@@ -69,6 +69,28 @@ def density_takes_gradient_optimisers(data: dict) -> str | None:
     init = get(data, "eps_net.init")
     if init not in (None, "auto", "identity", "histogram"):
         return refuse_init(init)
+    if init == "histogram":
+        return histogram_start_fits(data)
+    return None
+
+
+#: datamodules whose samples are never 2-D (images, PCA latents, the tabular sets)
+NOT_TWO_D = ("datamodules.cifar", "datamodules.tabular")
+
+
+def histogram_start_fits(data: dict) -> str | None:
+    """``eps_net.init=histogram``: ``rank >= num_basis`` and 2-D data, where the config says the
+    dimension (``dataset.dim``; images are not 2-D); the model refuses what only the data shows."""
+    rank, bumps = get(data, "eps_net.rank"), get(data, "eps_net.num_basis")
+    if rank is not None and bumps is not None and rank < bumps:
+        return (
+            f"eps_net.init=histogram needs eps_net.rank >= eps_net.num_basis ({bumps}), got "
+            f"{rank}: a 2-D histogram on m x m bumps is a rank-m train"
+        )
+    target, dim = str(get(data, "dataset._target_") or ""), get(data, "dataset.dim")
+    if (dim is not None and dim != 2) or target.startswith(NOT_TWO_D):
+        shown = f"dataset.dim={dim}" if dim is not None else target.rsplit(".", 1)[-1]
+        return f"eps_net.init=histogram needs 2-D data, got {shown}; use eps_net.init=auto"
     return None
 
 
