@@ -96,8 +96,8 @@ SEED_WIDTH = 1.0
 #: over ε* of 0.012 (e^-4) against 0.0002 (e^-8); D=20 K=8: 0.024 against 0.0006
 SEED_OFF_DIAGONAL = -8.0
 #: init=histogram: empty cells, and every core entry off the histogram's, start e^this of the
-#: largest (at e^-8 the 63 off-diagonal entries of each row of the first core would spread 2 % of
-#: the mass as a product of the marginals, 1 point of the checkerboard's share)
+#: largest (at e^-8 the 63 off-diagonal entries of each row of the first core, 64 bumps, would
+#: spread 63 e^-8 = 2 % of the mass as a product of the marginals)
 HISTOGRAM_FLOOR = -12.0
 SEED_POOL = 4096  # training points the k-means++ seeding draws from
 #: Lloyd (k-means) steps after the k-means++ draw: in 10-D two points of one component are on
@@ -466,7 +466,8 @@ class DensityTT(nn.Module):
         return log
 
     def flops_per_sample(self) -> int:
-        """Analytic FLOPs of one ε: the bumps (~8 per bump), ``M`` and ``dM`` (2 m r r' each),
+        """Analytic FLOPs of one ε: the bumps (~8 per bump; a box's two log-CDFs count as the
+        same, so boxes are undercounted), ``M`` and ``dM`` (2 m r r' each),
         the two passes and the two bilinear forms per site (~6 r r')."""
         per_site = [
             8 * self.num_basis + 4 * self.num_basis * r0 * r1 + 6 * r0 * r1
