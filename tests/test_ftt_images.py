@@ -10,6 +10,7 @@ from lightning_modules.diffusion.schedules import NoiseSchedule
 from lightning_modules.diffusion.skip import GaussianSkip, fit_skip
 from lightning_modules.diffusion.steppers import make_stepper
 from lightning_modules.errors import UserError
+from lightning_modules.tt.density import DENSITY_KEYS
 from lightning_modules.tt.ftt import FunctionalTT
 from lightning_modules.tt.steppers import make_tt_stepper
 from tests.helpers import assert_close_scaled
@@ -30,6 +31,8 @@ def _ftt(x, schedule, **overrides):
     cfg = OmegaConf.to_container(OmegaConf.load(CONF))
     cfg.pop("_target_")
     assert cfg.pop("param") == "eps"  # the ε form is the default and the class built here
+    for key in DENSITY_KEYS:  # the density form's own keys (the factory drops them too)
+        cfg.pop(key)
     cfg.update(time_basis=None, seed=0, output="core", **overrides)
     return FunctionalTT(
         data_shape=tuple(x.shape[1:]),
