@@ -110,11 +110,10 @@ METHODS["FTT density + Adam"] = [
 # the same size with box bumps (sharp edges stay sharp) from the data's 2-D histogram on the
 # 64 x 64 grid of boxes (with rank 64 exactly the histogram density); the start alone, untrained
 # (ddpm.lr=0); and Gaussian bumps from the same start (which of the two changes does the work)
-HISTOGRAM = ["eps_net=ftt", "eps_net.param=density", "eps_net.num_basis=64", "eps_net.rank=64"]
-HISTOGRAM += ["eps_net.init=histogram"]
-METHODS["FTT density, boxes + Adam"] = [*HISTOGRAM, "eps_net.bump=box", "ddpm.steps=4000"]
-METHODS["FTT density, boxes, untrained"] = [*HISTOGRAM, "eps_net.bump=box", "ddpm.lr=0"]
-METHODS["FTT density, boxes, untrained"] += ["ddpm.steps=1"]
+HISTOGRAM = [*METHODS["FTT density + Adam"][:4], "eps_net.init=histogram"]
+BOXES = [*HISTOGRAM, "eps_net.bump=box"]
+METHODS["FTT density, boxes + Adam"] = [*BOXES, "ddpm.steps=4000"]
+METHODS["FTT density, boxes, untrained"] = [*BOXES, "ddpm.lr=0", "ddpm.steps=1"]
 METHODS["FTT density, Gaussians + Adam"] = [*HISTOGRAM, "ddpm.steps=4000"]
 TOY_METHODS = list(METHODS)[:6]  # the default: the arms of the 2-D suite
 BANDED = ["sw", "sinkhorn", "mmd"]

@@ -237,7 +237,9 @@ class DensityTT(nn.Module):
         self.register_buffer("alpha_bar", torch.as_tensor(alpha_bar, dtype=torch.float64).cpu())
         self.ranks = [1] + [self.rank] * (self.dim - 1) + [1]
         g = torch.Generator().manual_seed(int(seed))
-        log_marginal = self._log_marginals(train_data, centres, width)  # [D, m]
+        # on the grid, before the k-means start moves its bumps (the histogram start needs none)
+        histogram = init == "histogram"
+        log_marginal = None if histogram else self._log_marginals(train_data, centres, width)
         seeds = self._seed_points(train_data, g) if init == "auto" else None
         if seeds is not None:
             # rank component k starts as one bump per coordinate (bump k mod m) at k-means
@@ -247,7 +249,7 @@ class DensityTT(nn.Module):
             spread = spread * math.sqrt(12) if bump == "box" else spread
             for k in range(min(self.rank, self.num_basis)):
                 centres[:, k], width[:, k] = points[k], spread[k]
-        if init == "histogram":
+        if histogram:
             starts = self._histogram_cores(train_data, centres, width)
         else:
             starts = []
@@ -386,7 +388,7 @@ class DensityTT(nn.Module):
         u_lo = (x[:, :, None] - a * (self.centres[None] + h / 2)) / s
         log_mass = log_normal_mass(u_hi, u_lo)
         dlog = (-0.5 * u_hi * u_hi - log_mass).exp() - (-0.5 * u_lo * u_lo - log_mass).exp()
-        return log_mass - h.log(), dlog / (s * math.sqrt(2 * math.pi))
+        return log_mass - self.log_width[None], dlog / (s * math.sqrt(2 * math.pi))
 
     def _site_weights(self, x: torch.Tensor, t: torch.Tensor):
         """``(w, dw)``, each ``[D, m, N]`` (samples last: the elementwise products below then run
